@@ -1,0 +1,253 @@
+"""``regctl``: the command line of raft-registry.
+
+Every command talks to the cluster through the public client.  Exit codes:
+0 success; 1 the cluster refused the request (its error code is printed);
+2 bad usage; 3 the cluster could not be reached or did not answer in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from registry.client import DEFAULT_ENDPOINTS, SyncClient
+from registry.config import NodeConfig, parse_hostport
+from registry.errors import RegistryError
+
+from .output import emit, table
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Ctx:
+    endpoints: list[str]
+    output: str
+    token: str | None
+    timeout_s: float
+
+    def client(self) -> SyncClient:
+        return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s)
+
+
+def fail(err: RegistryError) -> None:
+    click.echo(f"error: {err.code}: {err.message}" + (f" (hint: {err.hint})" if err.hint else ""), err=True)
+    sys.exit(EXIT_UNAVAILABLE if err.retryable else EXIT_REFUSED)
+
+
+def handles_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RegistryError as err:
+            fail(err)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--endpoints", envvar="REGCTL_ENDPOINTS", default=",".join(DEFAULT_ENDPOINTS), show_default=True,
+              help="Comma-separated API addresses (env REGCTL_ENDPOINTS).")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--token", envvar="REGCTL_TOKEN", default=None, help="API token (env REGCTL_TOKEN).")
+@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
+              help="Seconds to keep retrying a request across nodes.")
+@click.pass_context
+def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, timeout_s: float) -> None:
+    """raft-registry: a Raft-replicated service registry."""
+    eps = [e.strip() for e in endpoints.split(",") if e.strip()]
+    for endpoint in eps:
+        try:
+            parse_hostport(endpoint, what="endpoint")
+        except RegistryError as err:
+            raise click.UsageError(err.message) from None
+    if not eps:
+        raise click.UsageError("--endpoints is empty")
+    ctx.obj = Ctx(eps, output, token, timeout_s)
+
+
+# -- server / up ----------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--id", "node_id", required=True, help="Node id (unique in the cluster).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--raft", "raft_addr", required=True, help="This node's Raft HOST:PORT.")
+@click.option("--peers", default="", help="Comma-separated Raft HOST:PORT of the other nodes.")
+@click.option("--api", "api_addr", default="127.0.0.1:7001", show_default=True, help="Client API HOST:PORT.")
+@click.option("--http", "http_addr", default="127.0.0.1:7201", show_default=True,
+              help="HTTP HOST:PORT for /metrics, /healthz, /readyz.")
+@click.option("--peer-api", "peer_apis", multiple=True, help="RAFT=API address of a peer, for leader hints.")
+@click.option("--cluster-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File holding the Raft cluster key (or env REGCTL_CLUSTER_KEY).")
+@click.option("--dev", is_flag=True, help="Run without a cluster key (INSECURE: Raft traffic is unauthenticated).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
+           peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
+           log_level: str) -> None:
+    """Run one registry node in the foreground."""
+    from registry.node import run_node
+
+    key: str | None = None
+    if cluster_key_file is not None:
+        try:
+            key = cluster_key_file.read_text().strip()
+        except OSError as err:
+            raise click.UsageError(f"cannot read cluster key file: {err}") from None
+    elif os.environ.get("REGCTL_CLUSTER_KEY"):
+        key = os.environ["REGCTL_CLUSTER_KEY"].strip()
+    try:
+        api_host, api_port = parse_hostport(api_addr, what="--api")
+        http_host, http_port = parse_hostport(http_addr, what="--http")
+        peer_list = tuple(p.strip() for p in peers.split(",") if p.strip() and p.strip() != raft_addr)
+        pairs = []
+        for item in peer_apis:
+            raft, sep, api = item.partition("=")
+            if not sep:
+                raise click.UsageError(f"--peer-api must be RAFT=API, got {item!r}")
+            pairs.append((raft, api))
+        config = NodeConfig(
+            node_id=node_id, data_dir=data_dir, raft_addr=raft_addr, peers=peer_list,
+            api_host=api_host, api_port=api_port, http_host=http_host, http_port=http_port,
+            peer_apis=tuple(pairs), cluster_key=key, dev=dev, log_format=log_format, log_level=log_level.upper(),
+        )
+        config.validate()
+    except RegistryError as err:
+        raise click.UsageError(err.message) from None
+    run_node(config)
+
+
+from .up import up  # noqa: E402
+
+cli.add_command(up)
+
+
+# -- status ----------------------------------------------------------------------
+
+STATUS_KEYS = ("id", "role", "term", "commit_index", "applied_index", "revision", "api", "reachable")
+
+
+@cli.command()
+@click.pass_obj
+@handles_errors
+def status(obj: Ctx) -> None:
+    """Every node: role, term, commit and applied index, revision."""
+    with obj.client() as client:
+        nodes = client.cluster_status()
+    data = [{k: n.get(k) for k in (*STATUS_KEYS, "leader", "error")} for n in nodes]
+    rows = [[n.get(k) if n.get("reachable") or k in ("api", "reachable") else "-" for k in STATUS_KEYS]
+            for n in data]
+    emit(obj.output, data, table(rows, [k.upper() for k in STATUS_KEYS]))
+    if not any(n.get("reachable") for n in data):
+        sys.exit(EXIT_UNAVAILABLE)
+
+
+# -- service ---------------------------------------------------------------------
+
+
+@cli.group()
+def service() -> None:
+    """Register, deregister, list and read services."""
+
+
+def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--meta must be KEY=VALUE, got {item!r}")
+        meta[key] = value
+    return meta
+
+
+@service.command("register")
+@click.argument("name")
+@click.option("--address", required=True, help="HOST:PORT of the instance.")
+@click.option("--id", "instance_id", default=None, help="Instance id (default NAME-HOST-PORT).")
+@click.option("--meta", multiple=True, help="KEY=VALUE metadata, repeatable.")
+@click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
+@click.option("--weight", type=int, default=1, show_default=True)
+@click.pass_obj
+@handles_errors
+def service_register(obj: Ctx, name: str, address: str, instance_id: str | None, meta: tuple[str, ...],
+                     tags: tuple[str, ...], weight: int) -> None:
+    """Register an instance of service NAME."""
+    try:
+        host, port = parse_hostport(address, what="--address")
+    except RegistryError as err:
+        raise click.UsageError(err.message) from None
+    instance_id = instance_id or f"{name}-{host}-{port}"
+    with obj.client() as client:
+        result = client.register(name, instance_id, host, port, meta=_parse_meta(meta), tags=tags, weight=weight)
+    emit(obj.output, {"service": name, "id": instance_id, **result},
+         f"registered {name}/{instance_id} at revision {result['revision']}")
+
+
+@service.command("deregister")
+@click.argument("name")
+@click.argument("instance_id")
+@click.pass_obj
+@handles_errors
+def service_deregister(obj: Ctx, name: str, instance_id: str) -> None:
+    """Remove instance INSTANCE_ID of service NAME."""
+    with obj.client() as client:
+        result = client.deregister(name, instance_id)
+    emit(obj.output, {"service": name, "id": instance_id, **result},
+         f"deregistered {name}/{instance_id} at revision {result['revision']}")
+
+
+CONSISTENCY = click.Choice(["linearizable", "stale"])
+
+
+@service.command("list")
+@click.option("--consistency", type=CONSISTENCY, default="linearizable", show_default=True)
+@click.pass_obj
+@handles_errors
+def service_list(obj: Ctx, consistency: str) -> None:
+    """All services with instance counts."""
+    with obj.client() as client:
+        revision, services = client.list_services(consistency=consistency)
+    rows = [[s["name"], s["instances"], s["passing"], ",".join(s.get("tags", []))] for s in services]
+    emit(obj.output, {"revision": revision, "services": services},
+         table(rows, ["NAME", "INSTANCES", "PASSING", "TAGS"]) + f"\nrevision: {revision}")
+
+
+@service.command("get")
+@click.argument("name")
+@click.option("--consistency", type=CONSISTENCY, default="linearizable", show_default=True)
+@click.option("--min-revision", type=int, default=None, help="Wait until the node has applied this revision.")
+@click.pass_obj
+@handles_errors
+def service_get(obj: Ctx, name: str, consistency: str, min_revision: int | None) -> None:
+    """One service and its instances."""
+    with obj.client() as client:
+        revision, body = client.get_service(name, consistency=consistency, min_revision=min_revision)
+    rows = [
+        [i["id"], i["address"], i["port"], i["status"], i["weight"], ",".join(i.get("tags", [])),
+         ",".join(f"{k}={v}" for k, v in sorted(i.get("meta", {}).items()))]
+        for i in body["instances"]
+    ]
+    emit(obj.output, {"revision": revision, **body},
+         table(rows, ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META"]) + f"\nrevision: {revision}")
+
+
+def main() -> None:
+    cli(prog_name="regctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The request handlers of a node: one table from op name to handler.
+
+This module knows what each op means (write through the proposer, read
+through a barrier or locally); it knows nothing about sockets or frames,
+so the asyncio server in ``server.py`` stays a thin shell around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .commands import validate_command
+from .errors import BadRequest, InvalidArgument, Timeout, UnknownOp
+from .proposer import Proposer
+from .replication import RaftNode, StateHolder
+from .state import RegistryState
+
+__all__ = ["RegistryAPI", "NodeInfo", "WRITE_OPS", "READ_OPS"]
+
+#: Ops a client may propose.  Internal commands (barrier, lease_expire,
+#: leader_epoch) are absent on purpose: only the node itself issues them.
+WRITE_OPS = frozenset(
+    {
+        "register",
+        "deregister",
+        "service_put",
+        "service_delete",
+        "set_status",
+        "lease_grant",
+        "lease_revoke",
+        "key_put",
+        "key_delete",
+        "lock_acquire",
+        "lock_release",
+    }
+)
+
+#: Largest min_revision wait, in seconds: past it the client gets TIMEOUT.
+MIN_REVISION_WAIT_S_MAX = 10.0
+
+_READ_COMMON = {"consistency", "min_revision"}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    node_id: str
+    api_addr: str
+    raft_addr: str
+    http_addr: str
+    #: raft address -> API address of every configured node, for leader hints.
+    api_by_raft: dict[str, str]
+
+
+Handler = Callable[[dict[str, Any]], Awaitable[tuple[int, Any]]]
+
+
+class RevisionWaiters:
+    """Futures waiting for the local state to reach a revision.
+
+    The Raft thread calls ``applied(revision)`` after each batch; it costs one
+    comparison unless someone waits, so followers pay nothing for it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self._lowest: int | None = None
+
+    def applied(self, revision: int) -> None:  # Raft thread
+        lowest = self._lowest
+        if lowest is not None and revision >= lowest:
+            self._loop.call_soon_threadsafe(self._wake, revision)
+
+    def _wake(self, revision: int) -> None:
+        still = []
+        for wanted, future in self._waiting:
+            if wanted <= revision:
+                if not future.done():
+                    future.set_result(None)
+            elif not future.done():
+                still.append((wanted, future))
+        self._waiting = still
+        self._lowest = min((w for w, _ in still), default=None)
+
+    async def wait(self, revision: int, current: Callable[[], int], timeout_s: float) -> None:
+        if current() >= revision:
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._waiting.append((revision, future))
+        self._lowest = revision if self._lowest is None else min(self._lowest, revision)
+        # The revision may have arrived between the check and the registration.
+        if current() >= revision:
+            self._wake(current())
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise Timeout(
+                f"this node has not applied revision {revision} within {timeout_s:g}s "
+                f"(it is at {current()}); try another node"
+            ) from None
+
+
+class RegistryAPI:
+    def __init__(
+        self,
+        info: NodeInfo,
+        holder: StateHolder,
+        raft: RaftNode,
+        proposer: Proposer,
+        waiters: RevisionWaiters,
+        request_timeout_s: float,
+    ) -> None:
+        self.info = info
+        self._holder = holder
+        self._raft = raft
+        self._proposer = proposer
+        self._waiters = waiters
+        self._timeout_s = request_timeout_s
+        self._handlers: dict[str, Handler] = {
+            "status": self._status,
+            "service_get": self._reader(lambda s, a: s.get_service(_str(a, "name")), {"name"}),
+            "service_list": self._reader(lambda s, a: s.list_services(), set()),
+            "instance_get": self._reader(
+                lambda s, a: s.get_instance(_str(a, "service"), _str(a, "id")), {"service", "id"}
+            ),
+            "lease_get": self._reader(lambda s, a: s.get_lease(_int(a, "lease")), {"lease"}),
+            "lease_list": self._reader(lambda s, a: s.list_leases(), set()),
+            "key_get": self._reader(lambda s, a: s.get_key(_str(a, "key")), {"key"}),
+            "key_list": self._reader(lambda s, a: s.list_keys(_str(a, "prefix", "")), {"prefix"}),
+            "lock_get": self._reader(lambda s, a: s.get_lock(_str(a, "name")), {"name"}),
+        }
+        for op in WRITE_OPS:
+            self._handlers[op] = self._writer(op)
+
+    @property
+    def ops(self) -> set[str]:
+        return set(self._handlers)
+
+    @property
+    def revision(self) -> int:
+        return self._holder.state.revision
+
+    def add_handler(self, op: str, handler: Handler) -> None:
+        self._handlers[op] = handler
+
+    async def handle(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise UnknownOp(f"unknown op {op!r}")
+        return await handler(args)
+
+    # -- writes -------------------------------------------------------------
+
+    def _writer(self, op: str) -> Handler:
+        async def write(args: dict[str, Any]) -> tuple[int, Any]:
+            if "op" in args or "now_ms" in args:
+                raise BadRequest("fields 'op' and 'now_ms' are set by the node, not the client")
+            command = dict(args)
+            command["op"] = op
+            # Time enters the state machine only here, stamped by the node
+            # that proposes; the state machine never reads a clock.
+            command["now_ms"] = int(time.time() * 1000)
+            command = validate_command(command)
+            result = await self._proposer.write(command)
+            return int(result["revision"]), result
+
+        return write
+
+    # -- reads --------------------------------------------------------------
+
+    def _reader(self, fn: Callable[[RegistryState, dict[str, Any]], Any], allowed: set[str]) -> Handler:
+        allowed_all = allowed | _READ_COMMON
+
+        async def read(args: dict[str, Any]) -> tuple[int, Any]:
+            unknown = set(args) - allowed_all
+            if unknown:
+                raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+            consistency = args.get("consistency", "linearizable")
+            if consistency not in ("linearizable", "stale"):
+                raise InvalidArgument("consistency must be 'linearizable' or 'stale'")
+            min_revision = args.get("min_revision", 0)
+            if not isinstance(min_revision, int) or isinstance(min_revision, bool) or min_revision < 0:
+                raise BadRequest("min_revision must be a non-negative integer")
+            if consistency == "linearizable":
+                await self._proposer.barrier()
+            if min_revision:
+                await self._waiters.wait(
+                    min_revision, lambda: self._holder.state.revision, min(self._timeout_s, MIN_REVISION_WAIT_S_MAX)
+                )
+            with self._holder.lock:
+                state = self._holder.state
+                return state.revision, fn(state, args)
+
+        return read
+
+    async def _status(self, args: dict[str, Any]) -> tuple[int, Any]:
+        st = self._raft.raft_status()
+        revision = self._holder.state.revision
+        leader_api = self.info.api_by_raft.get(st.leader) if st.leader else None
+        if st.leader == self.info.raft_addr:
+            leader_api = self.info.api_addr
+        return revision, {
+            "id": self.info.node_id,
+            "role": st.role,
+            "term": st.term,
+            "commit_index": st.commit_index,
+            "applied_index": st.applied_index,
+            "revision": revision,
+            "leader": st.leader,
+            "leader_api": leader_api,
+            "has_quorum": st.has_quorum,
+            "api": self.info.api_addr,
+            "raft": self.info.raft_addr,
+            "http": self.info.http_addr,
+            "peers": st.peers_connected,
+            "log_len": st.log_len,
+        }
+
+
+def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = args.get(key, default)
+    if value is None:
+        raise BadRequest(f"missing field {key!r}")
+    if not isinstance(value, str):
+        raise BadRequest(f"field {key!r} must be a string")
+    return value
+
+
+def _int(args: dict[str, Any], key: str) -> int:
+    value = args.get(key)
+    if value is None:
+        raise BadRequest(f"missing field {key!r}")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadRequest(f"field {key!r} must be an integer")
+    return value

@@ -1,0 +1,485 @@
+"""The Python client: async, with a small sync wrapper.
+
+Theory of operation
+-------------------
+A ``Client`` knows several endpoints and keeps one connection at a time.
+Requests on it are multiplexed by request id, so one client can have many
+in flight.  When the connection breaks, or a node answers with a retryable
+error (``UNAVAILABLE``, ``NOT_LEADER``, ``TIMEOUT``), the client moves to the
+next endpoint and retries until its deadline.
+
+Retrying a write is safe because every write carries a client request id
+(``rid``) that the state machine remembers: a retry of a write that did
+apply returns the first outcome instead of applying again.
+
+The client remembers the highest revision it has seen.  Stale reads ask the
+node for at least that revision (``min_revision``), so what a client sees
+never goes backwards, across reconnects and node changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from .config import parse_hostport
+from .errors import ProtocolError, RegistryError, Timeout, Unavailable
+from .protocol import (
+    Bye,
+    ClientConnection,
+    Closed,
+    Hello,
+    HelloOk,
+    NeedData,
+    PROTOCOL_VERSION,
+    Request,
+    Response,
+    StreamEnd,
+    StreamEvent,
+)
+
+__all__ = ["Client", "SyncClient", "ConnectionFailed", "DEFAULT_ENDPOINTS"]
+
+#: What ``regctl up`` starts with its defaults, so a newcomer needs no flags.
+DEFAULT_ENDPOINTS = ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
+
+#: Ops that change state; the client stamps a request id on each.
+_WRITES = frozenset(
+    {
+        "register", "deregister", "service_put", "service_delete", "set_status", "lease_grant",
+        "lease_revoke", "key_put", "key_delete", "lock_acquire", "lock_release",
+    }
+)
+_READ_BUFFER_BYTES = 1 << 16
+
+
+class ConnectionFailed(Unavailable):
+    """No endpoint could be reached (a client-side error, never on the wire)."""
+
+    code = "UNAVAILABLE"
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+
+class _Connection:
+    """One TCP connection to one node, with its codec and the requests in flight."""
+
+    def __init__(self, endpoint: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 frame_bytes_max: int) -> None:
+        self.endpoint = endpoint
+        self._reader = reader
+        self._writer = writer
+        self._codec = ClientConnection(frame_bytes_max=frame_bytes_max)
+        self._pending: dict[int, asyncio.Future[Response]] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._ids = itertools.count(1)
+        self._reader_task: asyncio.Task[None] | None = None
+        self.node = ""
+        self.closed = False
+        self.close_reason: RegistryError | None = None
+
+    @classmethod
+    async def open(cls, endpoint: str, token: str | None, client_name: str, timeout_s: float,
+                   frame_bytes_max: int) -> _Connection:
+        host, port = parse_hostport(endpoint, what="endpoint")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        conn = cls(endpoint, reader, writer, frame_bytes_max)
+        try:
+            writer.write(conn._codec.send(Hello(version=PROTOCOL_VERSION, token=token, client=client_name)))
+            hello = await asyncio.wait_for(conn._read_hello(), timeout_s)
+        except BaseException:
+            writer.close()
+            raise
+        conn.node = hello.node
+        conn._reader_task = asyncio.get_running_loop().create_task(conn._read_loop())
+        return conn
+
+    async def _read_hello(self) -> HelloOk:
+        while True:
+            event = self._codec.next_event()
+            if isinstance(event, NeedData):
+                data = await self._reader.read(_READ_BUFFER_BYTES)
+                self._codec.receive_data(data)
+                if not data:
+                    raise ConnectionFailed(f"{self.endpoint} closed the connection during hello")
+                continue
+            if isinstance(event, HelloOk):
+                return event
+            if isinstance(event, Bye):
+                raise event.error
+            raise ProtocolError(f"expected hello_ok from {self.endpoint}, got {event!r:.80}")
+
+    async def _read_loop(self) -> None:
+        reason: RegistryError = ConnectionFailed(f"connection to {self.endpoint} closed")
+        try:
+            while True:
+                data = await self._reader.read(_READ_BUFFER_BYTES)
+                self._codec.receive_data(data)
+                while True:
+                    event = self._codec.next_event()
+                    if isinstance(event, NeedData):
+                        break
+                    if isinstance(event, Closed):
+                        raise ConnectionFailed(f"connection to {self.endpoint} closed")
+                    self._dispatch(event)
+                if not data:
+                    break
+        except RegistryError as err:
+            reason = err
+        except (OSError, asyncio.IncompleteReadError) as err:
+            reason = ConnectionFailed(f"connection to {self.endpoint} failed: {err}")
+        except asyncio.CancelledError:
+            pass
+        self._fail_all(reason)
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, Response):
+            future = self._pending.pop(event.id, None)
+            if future is not None and not future.done():
+                future.set_result(event)
+            else:
+                stream = self._streams.pop(event.id, None)
+                if stream is not None:  # a stream refused before it started
+                    stream.queue.put_nowait(("end", event.error))
+        elif isinstance(event, StreamEvent):
+            stream = self._streams.get(event.id)
+            if stream is not None:
+                stream.queue.put_nowait(("item", event.body))
+        elif isinstance(event, StreamEnd):
+            stream = self._streams.pop(event.id, None)
+            if stream is not None:
+                stream.queue.put_nowait(("end", event.error))
+        elif isinstance(event, Bye):
+            raise event.error
+
+    def _fail_all(self, reason: RegistryError) -> None:
+        self.closed = True
+        self.close_reason = reason
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(reason)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.queue.put_nowait(("end", reason))
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+    async def request(self, op: str, args: dict[str, Any]) -> Response:
+        if self.closed:
+            raise self.close_reason or ConnectionFailed("connection closed")
+        req_id = next(self._ids)
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = future
+        try:
+            self._writer.write(self._codec.send(Request(id=req_id, op=op, args=args)))
+        except BaseException:
+            self._pending.pop(req_id, None)
+            raise
+        try:
+            return await future
+        finally:
+            self._pending.pop(req_id, None)
+
+    def open_stream(self, op: str, args: dict[str, Any]) -> tuple[int, _Stream]:
+        if self.closed:
+            raise self.close_reason or ConnectionFailed("connection closed")
+        req_id = next(self._ids)
+        stream = _Stream()
+        self._streams[req_id] = stream
+        self._writer.write(self._codec.send(Request(id=req_id, op=op, args=args)))
+        return req_id, stream
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader_task
+        self._fail_all(ConnectionFailed("client closed"))
+
+
+class Client:
+    def __init__(
+        self,
+        endpoints: Sequence[str] = DEFAULT_ENDPOINTS,
+        *,
+        token: str | None = None,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 1.0,
+        client_name: str = "regctl",
+        frame_bytes_max: int = 1 << 24,
+        shuffle: bool = False,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is required")
+        for endpoint in endpoints:
+            parse_hostport(endpoint, what="endpoint")
+        self.endpoints = list(endpoints)
+        if shuffle:
+            random.shuffle(self.endpoints)
+        self.token = token
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.client_name = client_name
+        self.frame_bytes_max = frame_bytes_max
+        #: Highest revision any response has carried: reads never go below it.
+        self.revision_seen = 0
+        self._conn: _Connection | None = None
+        self._next = 0
+        self._connect_lock: asyncio.Lock | None = None
+        self._rid_prefix = os.urandom(6).hex()
+        self._rid_counter = itertools.count(1)
+
+    @property
+    def endpoint(self) -> str | None:
+        return self._conn.endpoint if self._conn is not None and not self._conn.closed else None
+
+    def new_request_id(self) -> str:
+        return f"{self._rid_prefix}-{next(self._rid_counter)}"
+
+    async def _connection(self) -> _Connection:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._conn is not None and not self._conn.closed:
+                return self._conn
+            errors: list[str] = []
+            for _ in range(len(self.endpoints)):
+                endpoint = self.endpoints[self._next % len(self.endpoints)]
+                self._next += 1
+                try:
+                    self._conn = await _Connection.open(
+                        endpoint, self.token, self.client_name, self.connect_timeout_s, self.frame_bytes_max
+                    )
+                    return self._conn
+                except (OSError, TimeoutError, ConnectionFailed) as err:
+                    errors.append(f"{endpoint}: {err or type(err).__name__}")
+            raise ConnectionFailed("no endpoint reachable: " + "; ".join(errors))
+
+    def _drop(self, conn: _Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
+            asyncio.get_running_loop().create_task(conn.close())
+
+    async def call(self, op: str, args: dict[str, Any] | None = None, *, timeout_s: float | None = None,
+                   retry: bool = True) -> tuple[int, Any]:
+        """Send one request; return (revision, body). Retries retryable failures on other nodes."""
+        args = dict(args or {})
+        if op in _WRITES and "rid" not in args:
+            args["rid"] = self.new_request_id()
+        if args.get("consistency") == "stale" and "min_revision" not in args and self.revision_seen:
+            args["min_revision"] = self.revision_seen
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        backoff_s = 0.02
+        last: RegistryError | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise last or Timeout(f"{op} timed out")
+            conn: _Connection | None = None
+            try:
+                conn = await asyncio.wait_for(self._connection(), remaining)
+                response = await asyncio.wait_for(conn.request(op, args), max(remaining, 0.001))
+            except TimeoutError:
+                last = Timeout(f"{op}: no answer within the client timeout; outcome unknown")
+                if conn is not None:
+                    self._drop(conn)
+                if not retry:
+                    raise last from None
+                continue
+            except (OSError, ConnectionFailed) as err:
+                last = err if isinstance(err, RegistryError) else ConnectionFailed(str(err))
+                if conn is not None:
+                    self._drop(conn)
+                if not retry:
+                    raise last from None
+                await asyncio.sleep(min(backoff_s, max(0.0, deadline - time.monotonic())))
+                backoff_s = min(backoff_s * 2, 0.5)
+                continue
+            except ProtocolError:
+                if conn is not None:
+                    self._drop(conn)
+                raise
+            if response.revision > self.revision_seen:
+                self.revision_seen = response.revision
+            if response.error is None:
+                return response.revision, response.body
+            err = response.error
+            if err.retryable and retry:
+                last = err
+                # This node cannot serve it now (no quorum, lagging): try the next.
+                self._drop(conn)
+                await asyncio.sleep(min(backoff_s, max(0.0, deadline - time.monotonic())))
+                backoff_s = min(backoff_s * 2, 0.5)
+                continue
+            raise err
+
+    async def stream(self, op: str, args: dict[str, Any]) -> AsyncIterator[Any]:
+        """Open one stream on the current node; yields items until it ends. No resume here."""
+        conn = await self._connection()
+        req_id, stream = conn.open_stream(op, args)
+        try:
+            while True:
+                kind, value = await stream.queue.get()
+                if kind == "item":
+                    yield value
+                    continue
+                if value is not None:
+                    if isinstance(value, ConnectionFailed) or value.retryable:
+                        self._drop(conn)
+                    raise value
+                return
+        finally:
+            if not conn.closed and req_id in conn._streams:
+                conn._streams.pop(req_id, None)
+                with contextlib.suppress(Exception):
+                    from .protocol import Cancel
+
+                    conn._writer.write(conn._codec.send(Cancel(id=req_id)))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- convenience --------------------------------------------------------
+
+    async def register(self, service: str, instance_id: str, address: str, port: int, *,
+                       meta: dict[str, str] | None = None, tags: Sequence[str] = (), weight: int = 1,
+                       status: str = "passing", lease: int | None = None,
+                       if_mod_revision: int | None = None) -> dict[str, Any]:
+        args: dict[str, Any] = {"service": service, "id": instance_id, "address": address, "port": port,
+                                "meta": dict(meta or {}), "tags": list(tags), "weight": weight, "status": status}
+        if lease is not None:
+            args["lease"] = lease
+        if if_mod_revision is not None:
+            args["if_mod_revision"] = if_mod_revision
+        _, body = await self.call("register", args)
+        result: dict[str, Any] = body
+        return result
+
+    async def deregister(self, service: str, instance_id: str) -> dict[str, Any]:
+        _, body = await self.call("deregister", {"service": service, "id": instance_id})
+        result: dict[str, Any] = body
+        return result
+
+    async def get_service(self, name: str, *, consistency: str = "linearizable",
+                          min_revision: int | None = None) -> tuple[int, dict[str, Any]]:
+        args: dict[str, Any] = {"name": name, "consistency": consistency}
+        if min_revision is not None:
+            args["min_revision"] = min_revision
+        revision, body = await self.call("service_get", args)
+        return revision, body
+
+    async def list_services(self, *, consistency: str = "linearizable") -> tuple[int, list[dict[str, Any]]]:
+        revision, body = await self.call("service_list", {"consistency": consistency})
+        return revision, body
+
+    async def node_status(self, endpoint: str) -> dict[str, Any]:
+        """Status of one node, asked directly (no failover: the point is that node)."""
+        conn = await _Connection.open(endpoint, self.token, self.client_name, self.connect_timeout_s,
+                                      self.frame_bytes_max)
+        try:
+            response = await asyncio.wait_for(conn.request("status", {}), self.connect_timeout_s * 2)
+        finally:
+            await conn.close()
+        if response.error is not None:
+            raise response.error
+        status: dict[str, Any] = response.body
+        return status
+
+    async def cluster_status(self) -> list[dict[str, Any]]:
+        """Status of every endpoint; unreachable ones say so instead of failing the call."""
+
+        async def one(endpoint: str) -> dict[str, Any]:
+            try:
+                status = await self.node_status(endpoint)
+                status["reachable"] = True
+                return status
+            except (OSError, TimeoutError, RegistryError) as err:
+                return {"api": endpoint, "reachable": False, "error": str(err) or type(err).__name__}
+
+        return list(await asyncio.gather(*(one(e) for e in self.endpoints)))
+
+
+class SyncClient:
+    """Blocking wrapper for scripts and the CLI: one private event loop."""
+
+    def __init__(self, endpoints: Sequence[str] = DEFAULT_ENDPOINTS, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self.client = Client(endpoints, **kwargs)
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    def call(self, op: str, args: dict[str, Any] | None = None, **kwargs: Any) -> tuple[int, Any]:
+        result: tuple[int, Any] = self._run(self.client.call(op, args, **kwargs))
+        return result
+
+    def register(self, service: str, instance_id: str, address: str, port: int, **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._run(self.client.register(service, instance_id, address, port, **kwargs))
+        return result
+
+    def deregister(self, service: str, instance_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._run(self.client.deregister(service, instance_id))
+        return result
+
+    def get_service(self, name: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        result: tuple[int, dict[str, Any]] = self._run(self.client.get_service(name, **kwargs))
+        return result
+
+    def list_services(self, **kwargs: Any) -> tuple[int, list[dict[str, Any]]]:
+        result: tuple[int, list[dict[str, Any]]] = self._run(self.client.list_services(**kwargs))
+        return result
+
+    def node_status(self, endpoint: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._run(self.client.node_status(endpoint))
+        return result
+
+    def cluster_status(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._run(self.client.cluster_status())
+        return result
+
+    def stream(self, op: str, args: dict[str, Any]) -> Any:
+        agen = self.client.stream(op, args)
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())
+
+    @property
+    def revision_seen(self) -> int:
+        return self.client.revision_seen
+
+    def close(self) -> None:
+        try:
+            self._run(self.client.close())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

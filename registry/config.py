@@ -1,0 +1,145 @@
+"""Node configuration: one frozen value built at the edge (CLI, env) and passed down.
+
+``NodeConfig.validate()`` checks each field and the relations between them
+(heartbeat < election timeout, read timeout > election timeout, ...), so a
+node refuses to start with a setting that would make it flap rather than
+discovering it under load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidArgument
+
+__all__ = ["NodeConfig", "RaftTiming", "parse_hostport", "format_hostport"]
+
+
+def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` too) or raise InvalidArgument naming ``what``."""
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise InvalidArgument(f"{what} must be HOST:PORT, got {text!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise InvalidArgument(f"{what} port must be 1..65535, got {port}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RaftTiming:
+    """pysyncobj timers, tuned for a failover in about a second.
+
+    pysyncobj's defaults ship entries only every 100 ms and keep a cut-off
+    leader in office for 30 s; these values were measured on a 2-core machine
+    with three nodes on loopback (see README "Performance").
+    """
+
+    #: Heartbeat period; must stay well under the election timeout.
+    heartbeat_s: float = 0.05
+    #: Followers start an election after a random timeout in [min, max].
+    election_timeout_min_s: float = 0.4
+    election_timeout_max_s: float = 0.8
+    #: A leader that heard from no majority for this long steps down.
+    leader_fallback_s: float = 1.0
+    #: TCP connect timeout and reconnect period between peers.
+    connect_timeout_s: float = 1.0
+    reconnect_period_s: float = 0.3
+    #: Compaction: snapshot after this many log entries or this many seconds.
+    #: Entries are whole batches, so 10k entries can hold millions of writes.
+    compaction_entries: int = 10_000
+    compaction_period_s: float = 600.0
+
+    def validate(self) -> None:
+        if not 0 < self.heartbeat_s < self.election_timeout_min_s / 3:
+            raise InvalidArgument("heartbeat_s must be positive and under a third of election_timeout_min_s")
+        if not self.election_timeout_min_s < self.election_timeout_max_s:
+            raise InvalidArgument("election_timeout_min_s must be below election_timeout_max_s")
+        if self.leader_fallback_s < self.election_timeout_min_s:
+            raise InvalidArgument("leader_fallback_s must be at least election_timeout_min_s")
+        if self.compaction_entries < 2:
+            raise InvalidArgument("compaction_entries must be at least 2")
+        if self.compaction_period_s <= 0 or self.connect_timeout_s <= 0 or self.reconnect_period_s <= 0:
+            raise InvalidArgument("timeouts and periods must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    data_dir: Path
+    raft_addr: str
+    peers: tuple[str, ...]
+    api_host: str = "127.0.0.1"
+    api_port: int = 7001
+    http_host: str = "127.0.0.1"
+    http_port: int = 7201
+    #: Shared secret for Raft traffic. pysyncobj unpickles what peers send, so
+    #: an unauthenticated Raft port is remote code execution: required unless dev.
+    cluster_key: str | None = None
+    #: (raft address, API address) of every other node, for NOT_LEADER hints.
+    peer_apis: tuple[tuple[str, str], ...] = ()
+    dev: bool = False
+    raft: RaftTiming = field(default_factory=RaftTiming)
+    #: Group commit: at most this many commands in one Raft entry, and at most
+    #: this many entries in flight; the next batch forms while these commit.
+    batch_commands_max: int = 2048
+    batch_inflight_max: int = 2
+    #: Pending proposals above this are refused (LIMIT_EXCEEDED) instead of
+    #: growing memory without bound while the cluster has no leader.
+    proposals_pending_max: int = 50_000
+    #: How long a write or linearizable read waits for commit before TIMEOUT.
+    request_timeout_s: float = 5.0
+    #: Largest frame accepted from a client, in bytes.
+    frame_bytes_max: int = 1 << 20
+    #: Clients allowed at once; more are closed at accept.
+    connections_max: int = 10_000
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        self.raft.validate()
+        if not self.node_id or len(self.node_id) > 64:
+            raise InvalidArgument("node id must be 1..64 characters")
+        parse_hostport(self.raft_addr, what="raft address")
+        for peer in self.peers:
+            parse_hostport(peer, what="peer address")
+        if self.raft_addr in self.peers:
+            raise InvalidArgument("peers must not include this node's own raft address")
+        if len(set(self.peers)) != len(self.peers):
+            raise InvalidArgument("peers contain a duplicate")
+        if not self.dev and not self.cluster_key:
+            raise InvalidArgument(
+                "a cluster key is required (--cluster-key-file or REGCTL_CLUSTER_KEY); "
+                "only --dev runs without one, and then anyone who can reach the Raft port can run code"
+            )
+        if self.cluster_key is not None and len(self.cluster_key) < 16:
+            raise InvalidArgument("cluster key must be at least 16 characters")
+        if self.request_timeout_s <= self.raft.election_timeout_max_s:
+            raise InvalidArgument("request_timeout_s must exceed the election timeout, or every failover times out")
+        if not 1 <= self.batch_commands_max <= 100_000:
+            raise InvalidArgument("batch_commands_max must be 1..100000")
+        if not 1 <= self.batch_inflight_max <= 64:
+            raise InvalidArgument("batch_inflight_max must be 1..64")
+        if not 4096 <= self.frame_bytes_max <= 64 << 20:
+            raise InvalidArgument("frame_bytes_max must be 4 KiB..64 MiB")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgument("log format must be text or json")
+
+    @property
+    def api_addr(self) -> str:
+        return format_hostport(self.api_host, self.api_port)
+
+    @property
+    def http_addr(self) -> str:
+        return format_hostport(self.http_host, self.http_port)
+
+    def replace(self, **changes: object) -> NodeConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,178 @@
+"""Group commit: many concurrent client commands, one Raft entry.
+
+Theory of operation
+-------------------
+Every write (and every linearizable read) that arrives on the asyncio loop
+joins the *forming* batch.  While fewer than ``batch_inflight_max`` batches
+are in flight, the forming batch is sealed at the end of the current loop
+iteration and handed to pysyncobj as one entry.  Otherwise it keeps growing
+until an in-flight batch commits.  So an idle node proposes a lone command
+at once (low latency), and a busy one packs hundreds per entry (throughput),
+with no timer anywhere.
+
+Reads share barriers: a linearizable read only needs *some* entry proposed
+after it arrived to commit before it reads local state, so all reads waiting
+in one forming batch ride on that batch; a batch with reads and no writes
+carries a single ``barrier`` no-op.  A partitioned or deposed leader cannot
+commit, so its reads time out instead of answering stale.
+
+Results come back from the Raft thread with one ``call_soon_threadsafe`` per
+batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgpack
+
+from .errors import CODES, LimitExceeded, RegistryError, Timeout
+from .metrics import NodeMetrics
+from .replication import submit_error
+
+__all__ = ["Proposer", "Submitter"]
+
+log = logging.getLogger("registry.proposer")
+
+_BARRIER = {"op": "barrier"}
+
+
+class Submitter(Protocol):
+    def submit(self, batch: bytes, done: Callable[[Any, int], None]) -> None: ...
+
+
+class _Waiter:
+    __slots__ = ("command", "future")
+
+    def __init__(self, command: dict[str, Any] | None, future: asyncio.Future[Any]) -> None:
+        self.command = command
+        self.future = future
+
+
+class Proposer:
+    def __init__(
+        self,
+        submitter: Submitter,
+        loop: asyncio.AbstractEventLoop,
+        metrics: NodeMetrics,
+        *,
+        batch_commands_max: int,
+        batch_inflight_max: int,
+        pending_max: int,
+        timeout_s: float,
+    ) -> None:
+        self._submitter = submitter
+        self._loop = loop
+        self._metrics = metrics
+        self._batch_max = batch_commands_max
+        self._inflight_max = batch_inflight_max
+        self._pending_max = pending_max
+        self._timeout_s = timeout_s
+        self._pending: deque[_Waiter] = deque()
+        self._inflight = 0
+        self._flush_scheduled = False
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def write(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Commit one command; return its result or raise its error."""
+        outcome = await self._enqueue(command)
+        if outcome[0]:
+            result: dict[str, Any] = outcome[1]
+            return result
+        raise CODES.get(outcome[1], RegistryError)(outcome[2])
+
+    async def barrier(self) -> None:
+        """Return once an entry proposed after this call has committed and applied here."""
+        await self._enqueue(None)
+
+    async def _enqueue(self, command: dict[str, Any] | None) -> Any:
+        if self._closed:
+            raise Timeout("node is shutting down")
+        if len(self._pending) >= self._pending_max:
+            raise LimitExceeded(f"more than {self._pending_max} proposals pending on this node; retry later")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.append(_Waiter(command, future))
+        self._schedule_flush()
+        try:
+            return await asyncio.wait_for(future, self._timeout_s)
+        except TimeoutError:
+            raise Timeout(
+                f"not committed within {self._timeout_s:g}s (no quorum or no leader?); "
+                "outcome unknown, a retry with the same request id is safe"
+            ) from None
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._inflight < self._inflight_max:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._pending and self._inflight < self._inflight_max:
+            self._send_one()
+
+    def _send_one(self) -> None:
+        waiters: list[_Waiter] = []
+        commands: list[dict[str, Any]] = []
+        while self._pending and len(commands) < self._batch_max:
+            waiter = self._pending.popleft()
+            if waiter.future.done():  # its caller gave up; do not propose it
+                continue
+            waiters.append(waiter)
+            if waiter.command is not None:
+                commands.append(waiter.command)
+        if not waiters:
+            return
+        batch = msgpack.packb(commands or [_BARRIER], use_bin_type=True)
+        self._inflight += 1
+        started = time.perf_counter()
+        self._metrics.batch_commands.observe(len(commands))
+        self._metrics.proposals.inc()
+
+        def done(outcomes: Any, reason: int) -> None:  # Raft thread
+            self._loop.call_soon_threadsafe(self._complete, waiters, outcomes, reason, started)
+
+        try:
+            self._submitter.submit(batch, done)
+        except Exception as err:  # noqa: BLE001 - pysyncobj raised synchronously
+            log.exception("submit failed")
+            self._inflight -= 1
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(Timeout(f"submit failed: {err}"))
+
+    def _complete(self, waiters: list[_Waiter], outcomes: Any, reason: int, started: float) -> None:
+        self._inflight -= 1
+        self._metrics.proposal_seconds.observe(time.perf_counter() - started)
+        if reason != 0 or not isinstance(outcomes, list):
+            err = submit_error(reason)
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(err)
+        else:
+            index = 0
+            for waiter in waiters:
+                outcome: Any = None
+                if waiter.command is not None:
+                    outcome = outcomes[index] if index < len(outcomes) else (False, "INTERNAL", "missing outcome")
+                    index += 1
+                if not waiter.future.done():
+                    waiter.future.set_result(outcome)
+        if self._pending:
+            self._schedule_flush()
+
+    def close(self) -> None:
+        self._closed = True
+        while self._pending:
+            waiter = self._pending.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(Timeout("node is shutting down"))

@@ -1,0 +1,277 @@
+"""Replication: the only module that imports pysyncobj.
+
+Theory of operation
+-------------------
+``RaftNode`` is a pysyncobj ``SyncObj`` with one replicated method,
+``apply_batch(batch)``: ``batch`` is msgpack bytes holding a list of
+commands, and applying it is one call into ``RegistryState.apply`` per
+command.  A batch is one Raft entry; the proposer (``proposer.py``) packs
+many concurrent client commands into it (group commit), because pysyncobj's
+cost is per entry (it pickles, zlibs and unpickles each one).
+
+Threads.  pysyncobj runs one background thread that polls sockets, runs
+Raft, applies entries and calls callbacks.  ``RegistryState`` is mutated
+only there, under ``StateHolder.lock``; the asyncio thread takes the same
+lock to read.  Results reach asyncio through the callback given to
+``submit``, which the proposer turns into one ``call_soon_threadsafe``.
+
+Snapshots.  pysyncobj's own snapshot pickles the SyncObj and gzip-9s it,
+and without a dump file it keeps the snapshot in memory only, so a restart
+after compaction silently lost all data.  We give it a dump file and our
+own ``serializer``/``deserializer``: a msgpack envelope with a CRC32 that
+holds ``RegistryState.snapshot()`` plus the two log entries and the cluster
+pysyncobj needs to resume.  Nothing we own is ever pickled.
+
+Security.  pysyncobj unpickles every message a peer sends, so an open Raft
+port is remote code execution.  With a cluster key, pysyncobj encrypts and
+authenticates every message (Fernet); without one the node refuses to start
+unless ``dev`` is set (``NodeConfig.validate``).
+
+Durability.  pysyncobj's journal is an mmap'd file that is never fsynced:
+acknowledged writes survive ``kill -9`` of any or all nodes (the page cache
+outlives the process) but not a power loss or kernel crash of a majority.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+
+from .config import NodeConfig
+from .errors import BadRequest, Internal, RegistryError, Timeout, Unavailable
+from .state import RegistryState
+
+__all__ = ["StateHolder", "RaftNode", "BatchOutcome", "Listener", "RaftStatus", "submit_error"]
+
+log = logging.getLogger("registry.replication")
+
+SNAPSHOT_FORMAT = 1
+#: Magic prefix of our dump files, so a foreign or pickled file is refused.
+SNAPSHOT_MAGIC = b"RREGSNP1"
+
+#: One outcome per command in a batch: (True, result dict) or (False, code, message).
+BatchOutcome = list[tuple[Any, ...]]
+#: Called in the Raft thread after each applied batch: (revision, events).
+Listener = Callable[[int, list[dict[str, Any]]], None]
+
+
+class StateHolder:
+    """The node's current ``RegistryState`` and the lock that guards it.
+
+    A follower that installs a snapshot from the leader gets a whole new
+    state object, so readers must go through the holder, never keep the state.
+    """
+
+    def __init__(self, state: RegistryState | None = None) -> None:
+        self.lock = threading.Lock()
+        self.state = state if state is not None else RegistryState()
+        #: Bumped whenever the state object is replaced wholesale (snapshot
+        #: install): watchers of the old object must resync.
+        self.generation = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RaftStatus:
+    node: str
+    role: str
+    term: int
+    leader: str | None
+    commit_index: int
+    applied_index: int
+    has_quorum: bool
+    peers_connected: dict[str, bool]
+    log_len: int
+
+
+_ROLES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+def submit_error(reason: int) -> RegistryError:
+    """Map a pysyncobj failure reason to our error, saying whether the outcome is known."""
+    if reason == FAIL_REASON.QUEUE_FULL:
+        return Unavailable("raft proposal queue is full; retry later")
+    if reason == FAIL_REASON.MISSING_LEADER:
+        return Unavailable("no raft leader at the moment; retry")
+    if reason in (FAIL_REASON.DISCARDED, FAIL_REASON.NOT_LEADER, FAIL_REASON.LEADER_CHANGED):
+        # The entry may or may not survive the new leader's log: unknown.
+        return Timeout("leader changed before the proposal was acknowledged; outcome unknown, retry is safe")
+    if reason == FAIL_REASON.REQUEST_DENIED:
+        return Unavailable("raft request denied")
+    return Timeout(f"proposal outcome unknown (pysyncobj reason {reason})")
+
+
+class RaftNode(SyncObj):  # type: ignore[misc]
+    """pysyncobj node whose whole replicated surface is ``apply_batch``."""
+
+    def __init__(self, config: NodeConfig, holder: StateHolder) -> None:
+        self._holder = holder
+        self._listeners: list[Listener] = []
+        self._on_restore: list[Callable[[], None]] = []
+        data_dir = Path(config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        timing = config.raft
+        conf = SyncObjConf(
+            password=config.cluster_key,
+            # Ship every entry at once instead of waiting for the periodic
+            # tick: our own group commit does the batching.
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=timing.heartbeat_s,
+            raftMinTimeout=timing.election_timeout_min_s,
+            raftMaxTimeout=timing.election_timeout_max_s,
+            leaderFallbackTimeout=timing.leader_fallback_s,
+            connectionTimeout=timing.connect_timeout_s,
+            connectionRetryTime=timing.reconnect_period_s,
+            logCompactionMinEntries=timing.compaction_entries,
+            logCompactionMinTime=timing.compaction_period_s,
+            journalFile=str(data_dir / "raft.journal"),
+            fullDumpFile=str(data_dir / "raft.snapshot"),
+            serializer=self._save_snapshot,
+            deserializer=self._load_snapshot,
+            commandsWaitLeader=True,
+            dynamicMembershipChange=True,
+            # Snapshots are ours (msgpack); pysyncobj must not fork to pickle.
+            useFork=False,
+        )
+        super().__init__(config.raft_addr, list(config.peers), conf)
+
+    # -- the replicated surface -------------------------------------------------
+
+    @replicated  # type: ignore[misc]
+    def apply_batch(self, batch: bytes) -> BatchOutcome:
+        return self._apply_batch(batch)
+
+    def _apply_batch(self, batch: bytes) -> BatchOutcome:
+        try:
+            commands = msgpack.unpackb(batch, raw=False)
+        except Exception:  # noqa: BLE001 - a corrupt entry must not kill the Raft thread
+            log.error("undecodable raft entry of %d bytes skipped", len(batch))
+            return []
+        if not isinstance(commands, list):
+            log.error("raft entry is not a list of commands; skipped")
+            return []
+        outcomes: BatchOutcome = []
+        events: list[dict[str, Any]] = []
+        holder = self._holder
+        with holder.lock:
+            state = holder.state
+            for command in commands:
+                try:
+                    applied = state.apply(command)
+                except RegistryError as err:
+                    outcomes.append((False, err.code, err.message))
+                    continue
+                except Exception as err:  # noqa: BLE001 - a bug in apply must not stop replication
+                    log.exception("state machine raised a non-registry error")
+                    outcomes.append((False, Internal.code, f"internal error: {type(err).__name__}"))
+                    continue
+                outcomes.append((True, applied.result))
+                if applied.events:
+                    events.extend(applied.events)
+            revision = state.revision
+        for listener in self._listeners:
+            try:
+                listener(revision, events)
+            except Exception:  # noqa: BLE001
+                log.exception("apply listener failed")
+        return outcomes
+
+    # -- used by the proposer and the server ------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def add_restore_hook(self, hook: Callable[[], None]) -> None:
+        self._on_restore.append(hook)
+
+    def submit(self, batch: bytes, done: Callable[[Any, int], None]) -> None:
+        """Queue one batch; ``done(outcomes, fail_reason)`` runs in the Raft thread."""
+        self.apply_batch(batch, callback=done)
+
+    def raft_status(self) -> RaftStatus:
+        raw = self.getStatus()
+        peers = {
+            key[len("partner_node_status_server_"):]: value == 2
+            for key, value in raw.items()
+            if key.startswith("partner_node_status_server_")
+        }
+        leader = raw.get("leader")
+        return RaftStatus(
+            node=str(self.selfNode.id),
+            role=_ROLES.get(int(raw.get("state", 0)), "unknown"),
+            term=int(raw.get("raft_term", 0)),
+            leader=str(leader.id) if leader is not None else None,
+            commit_index=int(raw.get("commit_idx", 0)),
+            applied_index=int(raw.get("last_applied", 0)),
+            has_quorum=bool(raw.get("has_quorum", False)),
+            peers_connected=peers,
+            log_len=int(raw.get("log_len", 0)),
+        )
+
+    # -- snapshots (called by pysyncobj in the Raft thread) ----------------------
+
+    def _save_snapshot(self, filename: str, raft_data: Sequence[Any]) -> None:
+        last_entry, prev_entry, cluster = raft_data
+        with self._holder.lock:
+            state_bytes = self._holder.state.snapshot()
+        body = msgpack.packb(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "state": state_bytes,
+                "last": list(last_entry),
+                "prev": list(prev_entry),
+                "cluster": sorted(str(node.id) for node in cluster),
+            },
+            use_bin_type=True,
+        )
+        with open(filename, "wb") as f:
+            f.write(SNAPSHOT_MAGIC)
+            f.write(zlib.crc32(body).to_bytes(4, "big"))
+            f.write(body)
+            f.flush()
+            # pysyncobj renames this file over the old snapshot and then drops
+            # journal entries: the bytes must be on disk before that happens.
+            os.fsync(f.fileno())
+        log.info("snapshot written: %d bytes, raft index %s", len(body), last_entry[1])
+
+    def _load_snapshot(self, filename: str) -> tuple[Any, Any, set[Any]]:
+        envelope = read_snapshot_file(filename)
+        state = RegistryState.restore(envelope["state"])
+        with self._holder.lock:
+            self._holder.state = state
+            self._holder.generation += 1
+        for hook in self._on_restore:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001
+                log.exception("restore hook failed")
+        log.info("snapshot loaded: revision %d, raft index %s", state.revision, envelope["last"][1])
+        last = tuple(envelope["last"])
+        prev = tuple(envelope["prev"])
+        cluster = {TCPNode(node_id) for node_id in envelope["cluster"]}
+        return last, prev, cluster
+
+
+def read_snapshot_file(filename: str) -> dict[str, Any]:
+    """Read and check one of our snapshot files; raise BadRequest if it is not one."""
+    with open(filename, "rb") as f:
+        data = f.read()
+    if not data.startswith(SNAPSHOT_MAGIC) or len(data) < len(SNAPSHOT_MAGIC) + 4:
+        raise BadRequest(f"{filename}: not a raft-registry snapshot (bad magic)")
+    crc = int.from_bytes(data[len(SNAPSHOT_MAGIC) : len(SNAPSHOT_MAGIC) + 4], "big")
+    body = data[len(SNAPSHOT_MAGIC) + 4 :]
+    if zlib.crc32(body) != crc:
+        raise BadRequest(f"{filename}: snapshot checksum mismatch (corrupt file)")
+    envelope = msgpack.unpackb(body, raw=False)
+    if not isinstance(envelope, dict) or envelope.get("format") != SNAPSHOT_FORMAT:
+        raise BadRequest(f"{filename}: unsupported snapshot format")
+    return envelope

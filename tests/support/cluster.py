@@ -1,0 +1,206 @@
+"""Real node processes for integration tests: start, kill, pause, restart.
+
+Every node is a ``regctl server`` process of the *installed* package, on
+loopback ports chosen per cluster.  ``Cluster.close()`` kills whatever is
+left, and the fixture calls it even when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from registry.client import SyncClient
+from registry.errors import RegistryError
+
+T = TypeVar("T")
+
+#: Test clusters use ports in this range, away from regctl up's 7000s.
+PORT_RANGE = (20_000, 40_000)
+
+
+def wait_until(cond: Callable[[], T], deadline_s: float, what: str = "condition", interval_s: float = 0.05) -> T:
+    """Poll ``cond`` until it returns a truthy value or the deadline passes (then fail with ``what``)."""
+    end = time.monotonic() + deadline_s
+    last_err: BaseException | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except (RegistryError, OSError, AssertionError) as err:
+            last_err = err
+        if time.monotonic() >= end:
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}; last error: {last_err!r}")
+        time.sleep(interval_s)
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def regctl_executable() -> str:
+    path = shutil.which("regctl")
+    if path is None:
+        raise RuntimeError("regctl is not installed: run `pip install '.[test]'` first")
+    return path
+
+
+@dataclass
+class NodeProc:
+    node_id: str
+    api: str
+    raft: str
+    http: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=Path)
+
+
+class Cluster:
+    def __init__(self, root: Path, size: int = 3, *, key: str | None = "test-cluster-key-0123456789",
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.key = key
+        self.extra_args = extra_args
+        for _ in range(100):
+            base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 300, 10)
+            ports = [base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]
+            if _ports_free(ports):
+                break
+        else:
+            raise RuntimeError("no free port range for a test cluster")
+        self.base = base
+        self.nodes = [
+            NodeProc(f"n{i}", f"127.0.0.1:{base + i}", f"127.0.0.1:{base + 100 + i}",
+                     f"127.0.0.1:{base + 200 + i}", root / f"n{i}")
+            for i in range(1, size + 1)
+        ]
+        self.key_file = root / "cluster.key"
+        if key is not None:
+            root.mkdir(parents=True, exist_ok=True)
+            self.key_file.write_text(key)
+        self._clients: list[SyncClient] = []
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [n.api for n in self.nodes]
+
+    def node(self, node_id: str) -> NodeProc:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def command(self, node: NodeProc) -> list[str]:
+        cmd = [regctl_executable(), "server", "--id", node.node_id, "--data-dir", str(node.data_dir),
+               "--raft", node.raft, "--peers", ",".join(n.raft for n in self.nodes if n is not node),
+               "--api", node.api, "--http", node.http, *self.extra_args]
+        for n in self.nodes:
+            if n is not node:
+                cmd += ["--peer-api", f"{n.raft}={n.api}"]
+        if self.key is not None:
+            cmd += ["--cluster-key-file", str(self.key_file)]
+        else:
+            cmd += ["--dev"]
+        return cmd
+
+    def start_node(self, node: NodeProc) -> None:
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        node.log_path = node.data_dir / "node.log"
+        with open(node.log_path, "ab") as log:
+            node.proc = subprocess.Popen(self.command(node), stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start(self, wait: bool = True) -> Cluster:
+        for node in self.nodes:
+            self.start_node(node)
+        if wait:
+            self.wait_leader()
+        return self
+
+    def client(self, endpoints: list[str] | None = None, **kwargs: Any) -> SyncClient:
+        kwargs.setdefault("timeout_s", 10.0)
+        kwargs.setdefault("connect_timeout_s", 0.5)
+        client = SyncClient(endpoints or self.endpoints, **kwargs)
+        self._clients.append(client)
+        return client
+
+    def status(self, node: NodeProc) -> dict[str, Any]:
+        with SyncClient([node.api], timeout_s=1.0, connect_timeout_s=0.3) as c:
+            return c.node_status(node.api)
+
+    def leader(self) -> NodeProc | None:
+        """The node that says it leads and that a majority agrees on, or None."""
+        votes: dict[str, int] = {}
+        leaders = []
+        for node in self.nodes:
+            if node.proc is None or node.proc.poll() is not None:
+                continue
+            try:
+                st = self.status(node)
+            except (RegistryError, OSError):
+                continue
+            if st.get("leader"):
+                votes[st["leader"]] = votes.get(st["leader"], 0) + 1
+            if st.get("role") == "leader":
+                leaders.append(node)
+        for node in leaders:
+            if votes.get(node.raft, 0) > len(self.nodes) // 2:
+                return node
+        return None
+
+    def wait_leader(self, deadline_s: float = 20.0) -> NodeProc:
+        return wait_until(self.leader, deadline_s, "a leader")
+
+    def kill(self, node: NodeProc) -> None:
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGCONT)
+            node.proc.kill()
+            node.proc.wait()
+
+    def pause(self, node: NodeProc) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, node: NodeProc) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGCONT)
+
+    def stop(self, node: NodeProc) -> int:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGCONT)
+        node.proc.terminate()
+        return node.proc.wait(timeout=15)
+
+    def close(self) -> None:
+        for client in self._clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)
+                node.proc.kill()
+                node.proc.wait()
+
+    def logs(self) -> str:
+        out = []
+        for node in self.nodes:
+            if node.log_path.exists():
+                out.append(f"--- {node.node_id} ---\n" + node.log_path.read_text(errors="replace")[-4000:])
+        return "\n".join(out)
