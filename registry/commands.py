@@ -1,0 +1,217 @@
+"""Command schemas and ``validate_command``: untrusted dict -> normalised command.
+
+A command is a map with an ``"op"`` key naming the operation plus that op's
+fields.  Every op additionally accepts ``"rid"`` (client request id, for
+de-duplication) and ``"now_ms"`` (wall clock stamped by the proposer; the
+state machine never reads a clock itself).
+
+``validate_command`` is pure and total: for any input it returns a *new* dict
+or raises a ``BadRequest`` subclass.  The returned dict
+
+* has exactly the keys ``op``, ``rid``, ``now_ms`` and every field of the op's
+  schema, defaults filled in (``rid``/``now_ms`` are ``None`` when absent);
+* shares no mutable object with the input (meta maps and tag lists are
+  rebuilt), so the state machine may store its parts without copying;
+* is canonical (meta sorted by key, duplicate tags and lease ids dropped) and
+  is a fixed point: ``validate_command(validate_command(c)) == validate_command(c)``.
+
+Errors, checked in this order so the first problem is reported:
+unknown field -> ``BadRequest`` naming it; missing required field or wrong
+Python type -> ``BadRequest`` naming the field and the expected type; bad
+value -> ``InvalidName`` / ``InvalidArgument`` from :mod:`registry.model`.
+An optional field given as ``None`` (msgpack nil) takes its default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from . import model
+from .errors import BadRequest, UnknownOp
+
+__all__ = ["FieldSpec", "SCHEMAS", "OPS", "validate_command"]
+
+Kind = Literal["str", "int", "int?", "map<str,str>", "list<str>", "list<int>"]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One field of a command schema."""
+
+    kind: Kind
+    #: Check (and normalise) the value once its Python type is right.
+    check: Callable[[str, Any], Any]
+    required: bool = False
+    #: Factory for the default of an optional field (a factory, so mutable
+    #: defaults are never shared between commands).
+    default: Callable[[], Any] = lambda: None
+
+
+def _type_error(field: str, kind: str, value: Any) -> BadRequest:
+    expected = "int or nil" if kind == "int?" else kind
+    return BadRequest(f"field {field!r} must be {expected}, got {type(value).__name__}")
+
+
+def _coerce(field: str, kind: Kind, value: Any) -> Any:
+    """Check the Python type of ``value`` and return a fresh, exact-typed copy.
+
+    bool is rejected where int is expected: it is an int subclass in Python but
+    never a meaningful port, TTL or revision.  Subclasses of str/int are
+    converted to the exact type so they pack like any other value.
+    """
+    if kind == "str":
+        if isinstance(value, str):
+            return value if type(value) is str else str.__str__(value)
+    elif kind == "int" or kind == "int?":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if type(value) is int else int(value)
+        if value is None and kind == "int?":
+            return None
+    elif kind == "map<str,str>":
+        if isinstance(value, dict):
+            out: dict[str, str] = {}
+            for k, v in value.items():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise _type_error(field, kind, value)
+                out[str.__str__(k)] = str.__str__(v)
+            return out
+    elif kind == "list<str>":
+        if isinstance(value, list | tuple):
+            if not all(isinstance(x, str) for x in value):
+                raise _type_error(field, kind, value)
+            return [str.__str__(x) for x in value]
+    elif kind == "list<int>":
+        if isinstance(value, list | tuple):
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+                raise _type_error(field, kind, value)
+            return [int(x) for x in value]
+    raise _type_error(field, kind, value)
+
+
+def _f(kind: Kind, check: Callable[[str, Any], Any], default: Callable[[], Any] | None = None) -> FieldSpec:
+    """Optional field (``default`` omitted means default ``None``)."""
+    return FieldSpec(kind, check, required=False, default=default or (lambda: None))
+
+
+def _r(kind: Kind, check: Callable[[str, Any], Any]) -> FieldSpec:
+    """Required field."""
+    return FieldSpec(kind, check, required=True)
+
+
+# Fields every op accepts.
+_COMMON: Final[dict[str, FieldSpec]] = {
+    "rid": _f("str", model.check_rid),
+    "now_ms": _f("int?", model.check_now_ms),
+}
+
+_META = _f("map<str,str>", model.check_meta, dict)
+_TAGS = _f("list<str>", model.check_tags, list)
+_LEASE_OPT = _f("int?", model.check_optional_lease_id)
+_GUARD = _f("int?", model.check_guard)
+
+#: op -> field -> spec (without the common fields).
+_OP_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
+    "service_put": {"name": _r("str", model.check_name), "meta": _META, "tags": _TAGS},
+    "service_delete": {"name": _r("str", model.check_name)},
+    "register": {
+        "service": _r("str", model.check_name),
+        "id": _r("str", model.check_name),
+        "address": _r("str", model.check_address),
+        "port": _r("int", model.check_port),
+        "meta": _META,
+        "tags": _TAGS,
+        "weight": _f("int", model.check_weight, lambda: model.WEIGHT_DEFAULT),
+        "status": _f("str", model.check_status, lambda: model.STATUS_DEFAULT),
+        "lease": _LEASE_OPT,
+        "if_mod_revision": _GUARD,
+    },
+    "deregister": {"service": _r("str", model.check_name), "id": _r("str", model.check_name)},
+    "set_status": {
+        "service": _r("str", model.check_name),
+        "id": _r("str", model.check_name),
+        "status": _r("str", model.check_status),
+        "note": _f("str", model.check_note, str),
+    },
+    # now_ms is required here: it becomes the lease's granted_ms.
+    "lease_grant": {"ttl_ms": _r("int", model.check_ttl_ms), "now_ms": _r("int", model.check_now_ms)},
+    "lease_revoke": {"lease": _r("int", model.check_lease_id)},
+    "lease_expire": {
+        "leases": _r("list<int>", model.check_lease_list),
+        "epoch": _r("int", model.check_epoch),
+    },
+    "leader_epoch": {"epoch": _r("int", model.check_epoch)},
+    "key_put": {
+        "key": _r("str", model.check_key),
+        "value": _r("str", model.check_value),
+        "lease": _LEASE_OPT,
+        "if_mod_revision": _GUARD,
+    },
+    "key_delete": {"key": _r("str", model.check_key), "if_mod_revision": _GUARD},
+    "lock_acquire": {
+        "name": _r("str", model.check_key),
+        "lease": _r("int", model.check_lease_id),
+        "holder": _f("str", model.check_holder, str),
+    },
+    "lock_release": {"name": _r("str", model.check_key), "lease": _r("int", model.check_lease_id)},
+    "barrier": {},
+}
+
+#: op -> complete schema, common fields included (op-specific specs win).
+SCHEMAS: Final[dict[str, dict[str, FieldSpec]]] = {
+    op: {**_COMMON, **fields} for op, fields in _OP_FIELDS.items()
+}
+
+#: Every op the state machine serves.
+OPS: Final = frozenset(SCHEMAS)
+
+
+#: op -> (allowed field names, flattened field specs): the hot path of every
+#: apply, so attribute lookups are hoisted out of the per-command loop.
+_CompiledField = tuple[str, Kind, Callable[[str, Any], Any], bool, Callable[[], Any]]
+_COMPILED: Final[dict[str, tuple[frozenset[str], tuple[_CompiledField, ...]]]] = {
+    op: (
+        frozenset(schema) | {"op"},
+        tuple((name, f.kind, f.check, f.required, f.default) for name, f in schema.items()),
+    )
+    for op, schema in SCHEMAS.items()
+}
+
+
+def _quote(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def validate_command(cmd: Any) -> dict[str, Any]:
+    """Check ``cmd`` against its op's schema; return a new, normalised dict or raise."""
+    if not isinstance(cmd, dict):
+        raise BadRequest(f"command must be a map, got {type(cmd).__name__}")
+    if "op" not in cmd:
+        raise BadRequest("missing field 'op'")
+    op = cmd["op"]
+    if not isinstance(op, str):
+        raise _type_error("op", "str", op)
+    compiled = _COMPILED.get(op)
+    if compiled is None:
+        raise UnknownOp(f"unknown op {_quote(op)}")
+    allowed, fields = compiled
+    if not allowed.issuperset(cmd):
+        # Name the first offending field in the command's own order.
+        unknown = next(name for name in cmd if name not in allowed)
+        raise BadRequest(f"unknown field {_quote(unknown)} for op {op!r}")
+    out: dict[str, Any] = {"op": op}
+    for name, kind, check, required, default in fields:
+        value = cmd.get(name)
+        if value is None:
+            if required:
+                raise BadRequest(f"missing field {name!r} ({kind}) for op {op!r}")
+            out[name] = default()
+            continue
+        # Fast path for the exact scalar types; everything else is coerced.
+        vtype = type(value)
+        if not ((vtype is str and kind == "str") or (vtype is int and kind[:3] == "int")):
+            value = _coerce(name, kind, value)
+        out[name] = check(name, value)
+    return out
