@@ -7,7 +7,6 @@ Every command talks to the cluster through the public client.  Exit codes:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -19,9 +18,10 @@ from typing import Any, TypeVar
 import click
 
 from registry.client import DEFAULT_ENDPOINTS, SyncClient
-from registry.config import NodeConfig, parse_hostport
+from registry.config import NodeConfig, RaftTiming, parse_hostport
 from registry.errors import RegistryError
 
+from .durations import Duration
 from .output import emit, table
 
 EXIT_REFUSED = 1
@@ -96,9 +96,11 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
 @click.option("--dev", is_flag=True, help="Run without a cluster key (INSECURE: Raft traffic is unauthenticated).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option("--compaction-entries", type=click.IntRange(min=2), default=None, hidden=True,
+              help="Snapshot the Raft log after this many entries (tests use a low value).")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
-           log_level: str) -> None:
+           log_level: str, compaction_entries: int | None) -> None:
     """Run one registry node in the foreground."""
     from registry.node import run_node
 
@@ -125,6 +127,8 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
             api_host=api_host, api_port=api_port, http_host=http_host, http_port=http_port,
             peer_apis=tuple(pairs), cluster_key=key, dev=dev, log_format=log_format, log_level=log_level.upper(),
         )
+        if compaction_entries is not None:
+            config = config.replace(raft=RaftTiming(compaction_entries=compaction_entries))
         config.validate()
     except RegistryError as err:
         raise click.UsageError(err.message) from None
@@ -181,20 +185,40 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--meta", multiple=True, help="KEY=VALUE metadata, repeatable.")
 @click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
 @click.option("--weight", type=int, default=1, show_default=True)
+@click.option("--ttl", type=Duration(), default=None,
+              help="Attach the instance to a new lease of this TTL (e.g. 10s): it goes when the lease does.")
+@click.option("--keepalive", is_flag=True,
+              help="With --ttl: stay in the foreground renewing the lease; deregister on Ctrl-C.")
 @click.pass_obj
 @handles_errors
 def service_register(obj: Ctx, name: str, address: str, instance_id: str | None, meta: tuple[str, ...],
-                     tags: tuple[str, ...], weight: int) -> None:
+                     tags: tuple[str, ...], weight: int, ttl: int | None, keepalive: bool) -> None:
     """Register an instance of service NAME."""
+    from .leases import Stopper, keep_alive
+
     try:
         host, port = parse_hostport(address, what="--address")
     except RegistryError as err:
         raise click.UsageError(err.message) from None
+    if keepalive and ttl is None:
+        raise click.UsageError("--keepalive needs --ttl")
     instance_id = instance_id or f"{name}-{host}-{port}"
+    stopper = Stopper() if keepalive else None
     with obj.client() as client:
-        result = client.register(name, instance_id, host, port, meta=_parse_meta(meta), tags=tags, weight=weight)
-    emit(obj.output, {"service": name, "id": instance_id, **result},
-         f"registered {name}/{instance_id} at revision {result['revision']}")
+        lease_id = client.lease_grant(ttl) if ttl is not None else None
+        result = client.register(name, instance_id, host, port, meta=_parse_meta(meta), tags=tags, weight=weight,
+                                 lease=lease_id)
+        emit(obj.output, {"service": name, "id": instance_id, "lease": lease_id, **result},
+             f"registered {name}/{instance_id} at revision {result['revision']}"
+             + (f" on lease {lease_id} (ttl {(ttl or 0) / 1000:g}s)" if lease_id is not None else ""))
+        if stopper is None or lease_id is None or ttl is None:
+            return
+        click.echo("keeping it alive; Ctrl-C to deregister", err=True)
+        lost = keep_alive(client, lease_id, ttl, stopper)
+        if lost is not None:
+            fail(lost)
+        client.lease_revoke(lease_id)
+        click.echo(f"deregistered {name}/{instance_id}", err=True)
 
 
 @service.command("deregister")
@@ -243,6 +267,9 @@ def service_get(obj: Ctx, name: str, consistency: str, min_revision: int | None)
     ]
     emit(obj.output, {"revision": revision, **body},
          table(rows, ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META"]) + f"\nrevision: {revision}")
+
+
+from . import leases  # noqa: E402,F401  (registers the lease, lock and elect commands)
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str) -
     try:
         for m in members:
             m.data_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(m.data_dir / "node.log", "ab")  # noqa: SIM115 - owned by the child
+            log_file = open(m.data_dir / "node.log", "ab")
             procs[m.node_id] = subprocess.Popen(
                 node_command(m, members, key_file, log_format), stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -19,7 +19,7 @@ from .proposer import Proposer
 from .replication import RaftNode, StateHolder
 from .state import RegistryState
 
-__all__ = ["RegistryAPI", "NodeInfo", "WRITE_OPS", "READ_OPS"]
+__all__ = ["RegistryAPI", "NodeInfo", "RevisionWaiters", "WRITE_OPS"]
 
 #: Ops a client may propose.  Internal commands (barrier, lease_expire,
 #: leader_epoch) are absent on purpose: only the node itself issues them.
@@ -61,8 +61,8 @@ Handler = Callable[[dict[str, Any]], Awaitable[tuple[int, Any]]]
 class RevisionWaiters:
     """Futures waiting for the local state to reach a revision.
 
-    The Raft thread calls ``applied(revision)`` after each batch; it costs one
-    comparison unless someone waits, so followers pay nothing for it.
+    The node calls ``applied(revision)`` on the loop after each applied batch;
+    it costs one comparison unless someone waits.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -70,10 +70,10 @@ class RevisionWaiters:
         self._waiting: list[tuple[int, asyncio.Future[None]]] = []
         self._lowest: int | None = None
 
-    def applied(self, revision: int) -> None:  # Raft thread
+    def applied(self, revision: int) -> None:
         lowest = self._lowest
         if lowest is not None and revision >= lowest:
-            self._loop.call_soon_threadsafe(self._wake, revision)
+            self._wake(revision)
 
     def _wake(self, revision: int) -> None:
         still = []

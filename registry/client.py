@@ -25,19 +25,19 @@ import itertools
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any, cast
 
 from .config import parse_hostport
 from .errors import ProtocolError, RegistryError, Timeout, Unavailable
 from .protocol import (
+    PROTOCOL_VERSION,
     Bye,
     ClientConnection,
     Closed,
     Hello,
     HelloOk,
     NeedData,
-    PROTOCOL_VERSION,
     Request,
     Response,
     StreamEnd,
@@ -315,15 +315,18 @@ class Client:
                 self.revision_seen = response.revision
             if response.error is None:
                 return response.revision, response.body
-            err = response.error
-            if err.retryable and retry:
-                last = err
-                # This node cannot serve it now (no quorum, lagging): try the next.
+            refused = response.error
+            if refused.retryable and retry:
+                last = refused
+                # This node cannot serve it now (no quorum, lagging, not the
+                # leader): go where the hint points, else to the next node.
+                if refused.hint and refused.hint in self.endpoints:
+                    self._next = self.endpoints.index(refused.hint)
                 self._drop(conn)
                 await asyncio.sleep(min(backoff_s, max(0.0, deadline - time.monotonic())))
                 backoff_s = min(backoff_s * 2, 0.5)
                 continue
-            raise err
+            raise refused
 
     async def stream(self, op: str, args: dict[str, Any]) -> AsyncIterator[Any]:
         """Open one stream on the current node; yields items until it ends. No resume here."""
@@ -392,6 +395,20 @@ class Client:
         revision, body = await self.call("service_list", {"consistency": consistency})
         return revision, body
 
+    async def lease_grant(self, ttl_ms: int) -> int:
+        _, body = await self.call("lease_grant", {"ttl_ms": ttl_ms})
+        return int(body["lease"])
+
+    async def lease_keepalive(self, lease: int) -> int:
+        """Renew a lease once (served by the leader); return its TTL in ms."""
+        _, body = await self.call("lease_keepalive", {"lease": lease})
+        return int(body["ttl_ms"])
+
+    async def lease_revoke(self, lease: int) -> dict[str, Any]:
+        _, body = await self.call("lease_revoke", {"lease": lease})
+        result: dict[str, Any] = body
+        return result
+
     async def node_status(self, endpoint: str) -> dict[str, Any]:
         """Status of one node, asked directly (no failover: the point is that node)."""
         conn = await _Connection.open(endpoint, self.token, self.client_name, self.connect_timeout_s,
@@ -449,6 +466,16 @@ class SyncClient:
         result: tuple[int, list[dict[str, Any]]] = self._run(self.client.list_services(**kwargs))
         return result
 
+    def lease_grant(self, ttl_ms: int) -> int:
+        return int(self._run(self.client.lease_grant(ttl_ms)))
+
+    def lease_keepalive(self, lease: int) -> int:
+        return int(self._run(self.client.lease_keepalive(lease)))
+
+    def lease_revoke(self, lease: int) -> dict[str, Any]:
+        result: dict[str, Any] = self._run(self.client.lease_revoke(lease))
+        return result
+
     def node_status(self, endpoint: str) -> dict[str, Any]:
         result: dict[str, Any] = self._run(self.client.node_status(endpoint))
         return result
@@ -458,7 +485,7 @@ class SyncClient:
         return result
 
     def stream(self, op: str, args: dict[str, Any]) -> Any:
-        agen = self.client.stream(op, args)
+        agen = cast(AsyncGenerator[Any, None], self.client.stream(op, args))
         try:
             while True:
                 try:

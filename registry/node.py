@@ -12,6 +12,7 @@ import uvloop
 from .api import NodeInfo, RegistryAPI, RevisionWaiters
 from .config import NodeConfig
 from .http import HTTPServer
+from .lease_service import LeaseService
 from .logs import configure_logging
 from .metrics import NodeMetrics
 from .proposer import Proposer
@@ -34,6 +35,8 @@ class Node:
         self._server: APIServer | None = None
         self._http: HTTPServer | None = None
         self._proposer: Proposer | None = None
+        self.leases: LeaseService | None = None
+        self._waiters: RevisionWaiters | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -45,8 +48,17 @@ class Node:
                 config.raft_addr,
             )
         self.raft = raft = RaftNode(config, self.holder)
-        waiters = RevisionWaiters(loop)
-        raft.add_listener(lambda revision, events: waiters.applied(revision))
+        self._waiters = waiters = RevisionWaiters(loop)
+        # One hand-off per applied batch, in apply order: everything that
+        # reacts to applied events runs on the loop, never in the Raft thread.
+        def applied(revision: int, events: list[dict[str, Any]]) -> None:
+            loop.call_soon_threadsafe(self._on_applied, revision, events)
+
+        def restored() -> None:
+            loop.call_soon_threadsafe(self._on_restore)
+
+        raft.add_listener(applied)
+        raft.add_restore_hook(restored)
         self._proposer = Proposer(
             raft,
             loop,
@@ -64,6 +76,10 @@ class Node:
             api_by_raft=dict(config.peer_apis),
         )
         self.api = RegistryAPI(info, self.holder, raft, self._proposer, waiters, config.request_timeout_s)
+        self.leases = LeaseService(raft, self.holder, self._proposer, self.metrics, self._leader_api)
+        self.api.add_handler("lease_keepalive", self.leases.keepalive)
+        self.api.add_handler("lease_ttl", self.leases.time_to_live)
+        self.leases.start()
         self._server = APIServer(
             self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max
         )
@@ -75,6 +91,26 @@ class Node:
             "node %s serving: api %s, raft %s, http %s, data %s",
             config.node_id, config.api_addr, config.raft_addr, config.http_addr, config.data_dir,
         )
+
+    def _on_applied(self, revision: int, events: list[dict[str, Any]]) -> None:
+        if self._waiters is not None:
+            self._waiters.applied(revision)
+        if events and self.leases is not None:
+            self.leases.on_events(events)
+
+    def _on_restore(self) -> None:
+        if self.leases is not None:
+            self.leases.on_restore()
+
+    def _leader_api(self) -> str | None:
+        if self.raft is None:
+            return None
+        leader = self.raft.raft_status().leader
+        if leader is None:
+            return None
+        if leader == self.config.raft_addr:
+            return self.config.api_addr
+        return dict(self.config.peer_apis).get(leader)
 
     def _refresh_metrics(self) -> None:
         if self.raft is None:
@@ -99,6 +135,8 @@ class Node:
         }
 
     async def stop(self) -> None:
+        if self.leases is not None:
+            await self.leases.stop()
         if self._server is not None:
             await self._server.stop()
         if self._http is not None:

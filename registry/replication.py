@@ -146,14 +146,14 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
     # -- the replicated surface -------------------------------------------------
 
-    @replicated  # type: ignore[misc]
+    @replicated  # type: ignore[untyped-decorator]
     def apply_batch(self, batch: bytes) -> BatchOutcome:
         return self._apply_batch(batch)
 
     def _apply_batch(self, batch: bytes) -> BatchOutcome:
         try:
             commands = msgpack.unpackb(batch, raw=False)
-        except Exception:  # noqa: BLE001 - a corrupt entry must not kill the Raft thread
+        except Exception:
             log.error("undecodable raft entry of %d bytes skipped", len(batch))
             return []
         if not isinstance(commands, list):
@@ -170,7 +170,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 except RegistryError as err:
                     outcomes.append((False, err.code, err.message))
                     continue
-                except Exception as err:  # noqa: BLE001 - a bug in apply must not stop replication
+                except Exception as err:
                     log.exception("state machine raised a non-registry error")
                     outcomes.append((False, Internal.code, f"internal error: {type(err).__name__}"))
                     continue
@@ -181,7 +181,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         for listener in self._listeners:
             try:
                 listener(revision, events)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("apply listener failed")
         return outcomes
 
@@ -252,7 +252,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         for hook in self._on_restore:
             try:
                 hook()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("restore hook failed")
         log.info("snapshot loaded: revision %d, raft index %s", state.revision, envelope["last"][1])
         last = tuple(envelope["last"])

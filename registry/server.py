@@ -143,9 +143,9 @@ class _ClientProtocol(asyncio.Protocol):
                 self.write_event(HelloOk(version=event.version, node=self._server.api.info.node_id,
                                          revision=self._server.api.revision))
             elif isinstance(event, Cancel):
-                task = self._tasks.pop(event.id, None)
-                if task is not None:
-                    task.cancel()
+                cancelled = self._tasks.pop(event.id, None)
+                if cancelled is not None:
+                    cancelled.cancel()
                     self.write_event(StreamEnd(event.id, None))
             elif isinstance(event, BadMessage):
                 if event.id is not None:
@@ -179,7 +179,7 @@ class _ClientProtocol(asyncio.Protocol):
         except RegistryError as err:
             code = err.code
             self._reply_error(req, err, stream=req.op in server.streams)
-        except Exception as err:  # noqa: BLE001 - a bug must cost one request, not the node
+        except Exception as err:
             code = Internal.code
             log.exception("request %s failed", req.op)
             self._reply_error(req, Internal(f"internal error: {type(err).__name__}"), stream=req.op in server.streams)

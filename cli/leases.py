@@ -1,0 +1,208 @@
+"""``regctl lease ...``, ``regctl lock``, ``regctl elect``: leases and coordination."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import click
+
+from registry.client import SyncClient
+from registry.errors import NotFound, RegistryError
+
+from .durations import Duration
+from .main import EXIT_REFUSED, Ctx, cli, fail, handles_errors
+from .output import emit, table
+
+
+@cli.group()
+def lease() -> None:
+    """Grant, keep alive, revoke and list leases."""
+
+
+@lease.command("grant")
+@click.argument("ttl", type=Duration())
+@click.pass_obj
+@handles_errors
+def lease_grant(obj: Ctx, ttl: int) -> None:
+    """Grant a lease of TTL (e.g. 10s); prints its id."""
+    with obj.client() as client:
+        lease_id = client.lease_grant(ttl)
+    emit(obj.output, {"lease": lease_id, "ttl_ms": ttl}, f"lease {lease_id} granted, ttl {ttl / 1000:g}s")
+
+
+class Stopper:
+    """Turns SIGINT/SIGTERM into a flag the foreground loops poll."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGTERM, self._stop)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopped = True
+
+    def sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stopped and time.monotonic() < end:
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
+def keep_alive(client: SyncClient, lease_id: int, ttl_ms: int, stopper: Stopper,
+               while_running: Callable[[], bool] = lambda: True) -> RegistryError | None:
+    """Renew every third of the TTL until stopped; return the error that ended it, if any."""
+    interval_s = max(0.1, ttl_ms / 3000.0)
+    while not stopper.stopped and while_running():
+        try:
+            client.lease_keepalive(lease_id)
+        except NotFound as err:
+            return err
+        except RegistryError as err:
+            # Unavailable for longer than the client's own retries: the lease
+            # may still live (a new leader restarts its countdown); keep trying.
+            click.echo(f"warning: keepalive failed: {err.code}: {err.message}", err=True)
+        stopper.sleep(interval_s)
+    return None
+
+
+@lease.command("keepalive")
+@click.argument("lease_id", type=int)
+@click.pass_obj
+@handles_errors
+def lease_keepalive(obj: Ctx, lease_id: int) -> None:
+    """Keep LEASE_ID alive in the foreground until Ctrl-C (exit 1 if the lease is lost)."""
+    stopper = Stopper()
+    with obj.client() as client:
+        ttl = client.lease_keepalive(lease_id)
+        click.echo(f"keeping lease {lease_id} alive (ttl {ttl / 1000:g}s); Ctrl-C to stop", err=True)
+        err = keep_alive(client, lease_id, ttl, stopper)
+    if err is not None:
+        fail(err)
+
+
+@lease.command("revoke")
+@click.argument("lease_id", type=int)
+@click.pass_obj
+@handles_errors
+def lease_revoke(obj: Ctx, lease_id: int) -> None:
+    """Revoke LEASE_ID; everything attached to it goes in one revision."""
+    with obj.client() as client:
+        result = client.lease_revoke(lease_id)
+    emit(obj.output, {"lease": lease_id, **result},
+         f"lease {lease_id} revoked at revision {result['revision']} "
+         f"({result.get('instances', 0)} instance(s), {result.get('keys', 0)} key(s), "
+         f"{result.get('locks', 0)} lock(s))")
+
+
+@lease.command("list")
+@click.pass_obj
+@handles_errors
+def lease_list(obj: Ctx) -> None:
+    """Every live lease."""
+    with obj.client() as client:
+        revision, leases = client.call("lease_list", {})
+    rows = [[item["lease"], item["ttl_ms"] / 1000, item.get("instances", 0), item.get("keys", 0),
+             item.get("locks", 0)] for item in leases]
+    emit(obj.output, {"revision": revision, "leases": leases},
+         table(rows, ["LEASE", "TTL_S", "INSTANCES", "KEYS", "LOCKS"]) + f"\nrevision: {revision}")
+
+
+@lease.command("ttl")
+@click.argument("lease_id", type=int)
+@click.pass_obj
+@handles_errors
+def lease_ttl(obj: Ctx, lease_id: int) -> None:
+    """Time left on LEASE_ID, and what is attached to it."""
+    with obj.client() as client:
+        revision, body = client.call("lease_ttl", {"lease": lease_id})
+    emit(obj.output, {"revision": revision, **body},
+         f"lease {lease_id}: {body['remaining_ms'] / 1000:.1f}s of {body['ttl_ms'] / 1000:g}s left")
+
+
+def _hold_lock(obj: Ctx, name: str, ttl: int, holder: str, wait: bool,
+               run: Callable[[SyncClient, int, int, Stopper], int]) -> None:
+    stopper = Stopper()
+    with obj.client() as client:
+        lease_id = client.lease_grant(ttl)
+        try:
+            token = None
+            while not stopper.stopped:
+                try:
+                    _, body = client.call("lock_acquire", {"name": name, "lease": lease_id, "holder": holder})
+                    token = int(body["token"])
+                    break
+                except RegistryError as err:
+                    if err.code != "CONFLICT" or not wait:
+                        raise
+                # Waiting for the holder: keep our own lease alive meanwhile.
+                client.lease_keepalive(lease_id)
+                stopper.sleep(0.2)
+            if token is None:
+                return
+            code = run(client, lease_id, token, stopper)
+        finally:
+            try:
+                client.lease_revoke(lease_id)
+            except RegistryError:
+                pass
+    sys.exit(code)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--ttl", type=Duration(), default="10s", show_default=True, help="Lease TTL of the lock.")
+@click.option("--no-wait", is_flag=True, help="Fail at once (exit 1) if the lock is held.")
+@click.pass_obj
+@handles_errors
+def lock(obj: Ctx, name: str, command: tuple[str, ...], ttl: int, no_wait: bool) -> None:
+    """Run COMMAND while holding lock NAME; stop it if the lock is lost.
+
+    The fencing token is in $REGCTL_LOCK_TOKEN. Exit code: the command's, or 1
+    if the lock was lost (the command was terminated).
+    """
+
+    def run(client: SyncClient, lease_id: int, token: int, stopper: Stopper) -> int:
+        click.echo(f"lock {name} acquired, fencing token {token}", err=True)
+        env = {**os.environ, "REGCTL_LOCK_TOKEN": str(token), "REGCTL_LOCK_LEASE": str(lease_id)}
+        proc = subprocess.Popen(list(command), env=env)
+        lost = keep_alive(client, lease_id, ttl, stopper, lambda: proc.poll() is None)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if lost is not None:
+                click.echo(f"error: lock {name} lost ({lost.message}); command terminated", err=True)
+                return EXIT_REFUSED
+            return 130 if stopper.stopped else int(proc.returncode or 0)
+        return int(proc.returncode)
+
+    _hold_lock(obj, name, ttl, " ".join(command)[:128], not no_wait, run)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--value", default="", help="What to announce as leader (e.g. this host's address).")
+@click.option("--ttl", type=Duration(), default="10s", show_default=True)
+@click.pass_obj
+@handles_errors
+def elect(obj: Ctx, name: str, value: str, ttl: int) -> None:
+    """Campaign for leadership of NAME; hold it until Ctrl-C or until it is lost."""
+
+    def run(client: SyncClient, lease_id: int, token: int, stopper: Stopper) -> int:
+        emit(obj.output, {"elected": name, "value": value, "token": token, "lease": lease_id},
+             f"elected leader of {name} (token {token}); Ctrl-C to resign")
+        lost = keep_alive(client, lease_id, ttl, stopper)
+        if lost is not None:
+            click.echo(f"error: leadership of {name} lost: {lost.message}", err=True)
+            return EXIT_REFUSED
+        return 0
+
+    _hold_lock(obj, f"election/{name}", ttl, value or "candidate", True, run)
