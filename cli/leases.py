@@ -206,3 +206,51 @@ def elect(obj: Ctx, name: str, value: str, ttl: int) -> None:
         return 0
 
     _hold_lock(obj, f"election/{name}", ttl, value or "candidate", True, run)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--prefix", default=None, help="Watch every service (and key) whose name starts with this.")
+@click.option("--all", "watch_all", is_flag=True, help="Watch everything, leases and locks too.")
+@click.option("--from-revision", type=int, default=None, help="Start at this revision (default: now).")
+@click.option("--list", "list_first", is_flag=True, help="First print the current state, then the changes.")
+@click.pass_obj
+@handles_errors
+def watch(obj: Ctx, name: str | None, prefix: str | None, watch_all: bool, from_revision: int | None,
+          list_first: bool) -> None:
+    """Print changes to service NAME (or --prefix P, or --all) until Ctrl-C. JSON lines with -o json."""
+    import json
+
+    if (name is not None) + (prefix is not None) + watch_all != 1:
+        raise click.UsageError("give exactly one of NAME, --prefix or --all")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    with obj.client() as client:
+        try:
+            for item in client.watch(service=name, prefix=prefix, all=watch_all, start_revision=from_revision,
+                                     list_first=list_first):
+                kind = item.get("type")
+                if obj.output == "json":
+                    items = item["events"] if kind == "events" else [item]
+                    for one in items:
+                        click.echo(json.dumps(one, sort_keys=True, default=str))
+                    continue
+                if kind == "events":
+                    for ev in item["events"]:
+                        after = ev.get("after") or ev.get("before") or {}
+                        what = f"{ev.get('service') or ''}/{ev.get('id') or ''}".strip("/")
+                        detail = ""
+                        if ev["kind"] == "instance" and after:
+                            detail = f" {after.get('address')}:{after.get('port')} {after.get('status')}"
+                        click.echo(f"{ev['revision']:>8}  {ev['type']:<6} {ev['kind']:<8} {what}{detail}")
+                elif kind == "snapshot":
+                    click.echo(f"-- snapshot at revision {item['revision']} ({item['reason']}): "
+                               f"{len(item['services'])} service(s)")
+                    for svc in item["services"]:
+                        for inst in svc["instances"]:
+                            click.echo(f"{item['revision']:>8}  exists {'instance':<8} {svc['service']['name']}/"
+                                       f"{inst['id']} {inst['address']}:{inst['port']} {inst['status']}")
+                elif kind == "created":
+                    click.echo(f"-- watching from revision {item['revision'] + 1}", err=True)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass

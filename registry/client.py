@@ -351,6 +351,71 @@ class Client:
 
                     conn._writer.write(conn._codec.send(Cancel(id=req_id)))
 
+    async def watch(
+        self,
+        *,
+        service: str | None = None,
+        prefix: str | None = None,
+        all: bool = False,
+        start_revision: int | None = None,
+        list_first: bool = False,
+        progress_ms: int | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Watch a selection; yields stream items (created, events, snapshot, progress).
+
+        Hides reconnects: when the node goes away, the watch resumes on another
+        node from the last revision it delivered + 1, so events arrive in order,
+        without gaps or duplicates; a node that has not applied that far waits
+        until it has.  Runs until the caller stops iterating.
+        """
+        selector: dict[str, Any] = {}
+        if service is not None:
+            selector["service"] = service
+        if prefix is not None:
+            selector["prefix"] = prefix
+        if all:
+            selector["all"] = True
+        next_revision = start_revision
+        first = True
+        announced = False
+        backoff_s = 0.05
+        while True:
+            args = dict(selector)
+            if next_revision is not None:
+                args["start_revision"] = next_revision
+            if list_first and first:
+                args["list"] = True
+            if progress_ms is not None:
+                args["progress_ms"] = progress_ms
+            try:
+                async for item in self.stream("watch", args):
+                    backoff_s = 0.05
+                    kind = item.get("type")
+                    if kind == "snapshot" and item.get("reason") == "list":
+                        first = False
+                    if kind == "events" and item["events"]:
+                        next_revision = int(item["events"][-1]["revision"]) + 1
+                    elif kind in ("snapshot", "progress"):
+                        next_revision = max(next_revision or 0, int(item["revision"]) + 1)
+                    elif kind == "created" and next_revision is None:
+                        next_revision = int(item["revision"]) + 1
+                    if next_revision is not None and next_revision - 1 > self.revision_seen:
+                        self.revision_seen = next_revision - 1
+                    if kind == "created":
+                        if announced:
+                            continue  # a resume, not news to the caller
+                        announced = True
+                        if not list_first:
+                            first = False
+                    yield item
+            except (OSError, ConnectionFailed, Unavailable):
+                pass
+            # The stream ended (node gone or shutting down): resume elsewhere.
+            if self._conn is not None:
+                self._drop(self._conn)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 1.0)
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
@@ -493,7 +558,23 @@ class SyncClient:
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(agen.aclose())
+            # Interrupted mid-step (Ctrl-C): the generator may still be running.
+            with contextlib.suppress(RuntimeError, RegistryError, OSError):
+                self._run(agen.aclose())
+
+    def watch(self, **kwargs: Any) -> Any:
+        """Blocking generator over ``Client.watch``."""
+        agen = cast(AsyncGenerator[Any, None], self.client.watch(**kwargs))
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            # Interrupted mid-step (Ctrl-C): the generator may still be running.
+            with contextlib.suppress(RuntimeError, RegistryError, OSError):
+                self._run(agen.aclose())
 
     @property
     def revision_seen(self) -> int:

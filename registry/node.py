@@ -18,6 +18,8 @@ from .metrics import NodeMetrics
 from .proposer import Proposer
 from .replication import RaftNode, StateHolder
 from .server import APIServer
+from .watch import WatchHub
+from .watch_service import WatchService
 
 __all__ = ["Node", "run_node"]
 
@@ -36,6 +38,7 @@ class Node:
         self._http: HTTPServer | None = None
         self._proposer: Proposer | None = None
         self.leases: LeaseService | None = None
+        self.watches: WatchService | None = None
         self._waiters: RevisionWaiters | None = None
 
     async def start(self) -> None:
@@ -59,6 +62,10 @@ class Node:
 
         raft.add_listener(applied)
         raft.add_restore_hook(restored)
+        with self.holder.lock:
+            # Read after the listener is in place: every later batch reaches the hub.
+            start_revision = self.holder.state.revision
+        self.watches = WatchService(WatchHub(start_revision), self.holder, self.metrics)
         self._proposer = Proposer(
             raft,
             loop,
@@ -83,7 +90,9 @@ class Node:
         self._server = APIServer(
             self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max
         )
+        self._server.add_stream("watch", self.watches.watch)
         self._server.known_ops.update(self.api.ops)
+        self._server.known_ops.add("watch")
         self._http = HTTPServer(self.metrics, self._refresh_metrics, self._readiness)
         await self._server.start(config.api_host, config.api_port)
         await self._http.start(config.http_host, config.http_port)
@@ -95,10 +104,14 @@ class Node:
     def _on_applied(self, revision: int, events: list[dict[str, Any]]) -> None:
         if self._waiters is not None:
             self._waiters.applied(revision)
+        if self.watches is not None:
+            self.watches.publish(revision, events)
         if events and self.leases is not None:
             self.leases.on_events(events)
 
     def _on_restore(self) -> None:
+        if self.watches is not None:
+            self.watches.restored()
         if self.leases is not None:
             self.leases.on_restore()
 
