@@ -7,6 +7,7 @@ Every command talks to the cluster through the public client.  Exit codes:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -98,9 +99,14 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--compaction-entries", type=click.IntRange(min=2), default=None, hidden=True,
               help="Snapshot the Raft log after this many entries (tests use a low value).")
+@click.option("--watch-history-events", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Events kept in the watch history for resumes (tests use a low value).")
+@click.option("--watch-queue-events", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Events queued per watcher before it is resynced (tests use a low value).")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
-           log_level: str, compaction_entries: int | None) -> None:
+           log_level: str, compaction_entries: int | None, watch_history_events: int | None,
+           watch_queue_events: int | None) -> None:
     """Run one registry node in the foreground."""
     from registry.node import run_node
 
@@ -129,6 +135,12 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         )
         if compaction_entries is not None:
             config = config.replace(raft=RaftTiming(compaction_entries=compaction_entries))
+        limits = config.watch_limits
+        if watch_history_events is not None:
+            limits = dataclasses.replace(limits, history_events_max=watch_history_events)
+        if watch_queue_events is not None:
+            limits = dataclasses.replace(limits, queue_events_max=watch_queue_events)
+        config = config.replace(watch_limits=limits)
         config.validate()
     except RegistryError as err:
         raise click.UsageError(err.message) from None
@@ -269,7 +281,7 @@ def service_get(obj: Ctx, name: str, consistency: str, min_revision: int | None)
          table(rows, ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META"]) + f"\nrevision: {revision}")
 
 
-from . import leases  # noqa: E402,F401  (registers the lease, lock and elect commands)
+from . import leases, ops  # noqa: E402,F401  (register the lease, lock, elect, watch, snapshot commands)
 
 
 def main() -> None:

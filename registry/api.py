@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .backup import encode_backup
 from .commands import validate_command
 from .errors import BadRequest, InvalidArgument, Timeout, UnknownOp
 from .proposer import Proposer
@@ -38,6 +39,9 @@ WRITE_OPS = frozenset(
         "lock_release",
     }
 )
+
+#: Backup bytes per stream item: well under the 1 MiB frame limit.
+BACKUP_CHUNK_BYTES = 256 << 10
 
 #: Largest min_revision wait, in seconds: past it the client gets TIMEOUT.
 MIN_REVISION_WAIT_S_MAX = 10.0
@@ -132,6 +136,10 @@ class RegistryAPI:
             "key_get": self._reader(lambda s, a: s.get_key(_str(a, "key")), {"key"}),
             "key_list": self._reader(lambda s, a: s.list_keys(_str(a, "prefix", "")), {"prefix"}),
             "lock_get": self._reader(lambda s, a: s.get_lock(_str(a, "name")), {"name"}),
+            # Every service with its instances, in one consistent read.
+            "service_dump": self._reader(
+                lambda s, a: [s.get_service(item["name"]) for item in s.list_services()], set()
+            ),
         }
         for op in WRITE_OPS:
             self._handlers[op] = self._writer(op)
@@ -196,6 +204,21 @@ class RegistryAPI:
                 return state.revision, fn(state, args)
 
         return read
+
+    async def snapshot_save(self, args: dict[str, Any], sink: Any) -> None:
+        """Stream a consistent backup: chunks, then the revision and checksum."""
+        if args:
+            raise BadRequest(f"unknown field(s) {', '.join(sorted(args))}")
+        await self._proposer.barrier()
+        with self._holder.lock:
+            state = self._holder.state
+            revision = state.revision
+            state_bytes = state.snapshot()
+        data = encode_backup(state_bytes, revision, int(time.time() * 1000))
+        for offset in range(0, len(data), BACKUP_CHUNK_BYTES):
+            sink.send({"type": "chunk", "data": data[offset : offset + BACKUP_CHUNK_BYTES]})
+            await sink.drain()
+        sink.send({"type": "done", "revision": revision, "bytes": len(data)})
 
     async def _status(self, args: dict[str, Any]) -> tuple[int, Any]:
         st = self._raft.raft_status()

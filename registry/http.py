@@ -1,16 +1,70 @@
-"""HTTP next to the API port: /metrics, /healthz, /readyz (aiohttp)."""
+"""HTTP next to the API port (aiohttp): metrics, health, and read-only JSON.
+
+- ``/metrics``: Prometheus text format.
+- ``/healthz``: the process answers; ``/readyz``: a leader is known and this
+  node has applied everything committed (503 otherwise).
+- ``/v1/status``, ``/v1/services``, ``/v1/services/{name}``: JSON for people
+  and tools; ``?consistency=stale`` reads locally, the default is
+  linearizable.  Each answer carries ``X-Regctl-Revision``.
+- ``/v1/sd``: Prometheus ``http_sd_configs`` targets, one group per passing
+  instance, labelled with service, instance id, node-independent metadata.
+
+Every JSON endpoint goes through the same op handlers as the binary API, so
+the two can never disagree; errors map to HTTP statuses by error code.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .errors import RegistryError, error_to_wire
 from .metrics import NodeMetrics
 
-__all__ = ["HTTPServer"]
+__all__ = ["HTTPServer", "HTTP_STATUS_BY_CODE", "sd_targets"]
+
+Handle = Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]
+
+HTTP_STATUS_BY_CODE = {
+    "BAD_REQUEST": 400,
+    "UNKNOWN_OP": 400,
+    "INVALID_NAME": 400,
+    "INVALID_ARGUMENT": 400,
+    "LIMIT_EXCEEDED": 429,
+    "NOT_FOUND": 404,
+    "CONFLICT": 409,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "UNAVAILABLE": 503,
+    "NOT_LEADER": 503,
+    "TIMEOUT": 504,
+}
+
+
+def sd_targets(services: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Prometheus HTTP SD groups: exactly the passing instances."""
+    groups: list[dict[str, Any]] = []
+    for svc in services:
+        name = svc["service"]["name"]
+        for inst in svc["instances"]:
+            if inst["status"] != "passing":
+                continue
+            host = inst["address"]
+            target = f"[{host}]:{inst['port']}" if ":" in host else f"{host}:{inst['port']}"
+            labels = {
+                "__meta_regctl_service": name,
+                "__meta_regctl_instance": inst["id"],
+                "__meta_regctl_tags": "," + ",".join(inst["tags"]) + "," if inst["tags"] else "",
+            }
+            for key, value in inst["meta"].items():
+                # Prometheus label names allow [a-zA-Z0-9_] only.
+                safe = "".join(c if c.isalnum() or c == "_" else "_" for c in key)
+                labels[f"__meta_regctl_meta_{safe}"] = value
+            groups.append({"targets": [target], "labels": labels})
+    return groups
 
 
 class HTTPServer:
@@ -19,15 +73,21 @@ class HTTPServer:
         metrics: NodeMetrics,
         refresh: Callable[[], None],
         readiness: Callable[[], tuple[bool, dict[str, Any]]],
+        handle: Handle | None = None,
     ) -> None:
         self._metrics = metrics
         self._refresh = refresh
         self._readiness = readiness
+        self._handle = handle
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._get_metrics)
         self.app.router.add_get("/healthz", self._get_healthz)
         self.app.router.add_get("/readyz", self._get_readyz)
+        self.app.router.add_get("/v1/status", self._get_status)
+        self.app.router.add_get("/v1/services", self._get_services)
+        self.app.router.add_get("/v1/services/{name}", self._get_service)
+        self.app.router.add_get("/v1/sd", self._get_sd)
 
     async def _get_metrics(self, request: web.Request) -> web.Response:
         self._refresh()
@@ -41,6 +101,31 @@ class HTTPServer:
     async def _get_readyz(self, request: web.Request) -> web.Response:
         ready, detail = self._readiness()
         return web.json_response({"ready": ready, **detail}, status=200 if ready else 503)
+
+    async def _call(self, request: web.Request, op: str, args: dict[str, Any],
+                    shape: Callable[[Any], Any] = lambda body: body) -> web.Response:
+        if self._handle is None:
+            return web.json_response({"code": "UNAVAILABLE", "message": "starting"}, status=503)
+        consistency = request.query.get("consistency")
+        if consistency is not None and op != "status":
+            args = {**args, "consistency": consistency}
+        try:
+            revision, body = await self._handle(op, args)
+        except RegistryError as err:
+            return web.json_response(error_to_wire(err), status=HTTP_STATUS_BY_CODE.get(err.code, 500))
+        return web.json_response(shape(body), headers={"X-Regctl-Revision": str(revision)})
+
+    async def _get_status(self, request: web.Request) -> web.Response:
+        return await self._call(request, "status", {})
+
+    async def _get_services(self, request: web.Request) -> web.Response:
+        return await self._call(request, "service_list", {})
+
+    async def _get_service(self, request: web.Request) -> web.Response:
+        return await self._call(request, "service_get", {"name": request.match_info["name"]})
+
+    async def _get_sd(self, request: web.Request) -> web.Response:
+        return await self._call(request, "service_dump", {}, sd_targets)
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from .api import NodeInfo, RegistryAPI, RevisionWaiters
+from .backup import load_seed
 from .config import NodeConfig
 from .http import HTTPServer
 from .lease_service import LeaseService
@@ -50,7 +52,16 @@ class Node:
                 "%s can run code on this host. Never use --dev outside a laptop.",
                 config.raft_addr,
             )
+        seed = load_seed(Path(config.data_dir))
+        if seed is not None:
+            # A data dir made by `regctl snapshot restore`: start from its state.
+            self.holder.state = seed
+            log.info("starting from restored backup at revision %d", seed.revision)
         self.raft = raft = RaftNode(config, self.holder)
+        if seed is not None:
+            # Make our own snapshot (which includes the seed) soon, so nodes
+            # that join later receive the seeded state, not an empty log.
+            raft.forceLogCompaction()
         self._waiters = waiters = RevisionWaiters(loop)
         # One hand-off per applied batch, in apply order: everything that
         # reacts to applied events runs on the loop, never in the Raft thread.
@@ -65,7 +76,7 @@ class Node:
         with self.holder.lock:
             # Read after the listener is in place: every later batch reaches the hub.
             start_revision = self.holder.state.revision
-        self.watches = WatchService(WatchHub(start_revision), self.holder, self.metrics)
+        self.watches = WatchService(WatchHub(start_revision, config.watch_limits), self.holder, self.metrics)
         self._proposer = Proposer(
             raft,
             loop,
@@ -91,9 +102,10 @@ class Node:
             self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max
         )
         self._server.add_stream("watch", self.watches.watch)
+        self._server.add_stream("snapshot_save", self.api.snapshot_save)
         self._server.known_ops.update(self.api.ops)
-        self._server.known_ops.add("watch")
-        self._http = HTTPServer(self.metrics, self._refresh_metrics, self._readiness)
+        self._server.known_ops.update({"watch", "snapshot_save"})
+        self._http = HTTPServer(self.metrics, self._refresh_metrics, self._readiness, self.api.handle)
         await self._server.start(config.api_host, config.api_port)
         await self._http.start(config.http_host, config.http_port)
         log.info(
