@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidArgument
+from .watch import HubLimits
 
 __all__ = ["NodeConfig", "RaftTiming", "parse_hostport", "format_hostport"]
 
@@ -103,9 +104,12 @@ class NodeConfig:
     connections_max: int = 10_000
     log_format: str = "text"
     log_level: str = "INFO"
+    #: Watch hub bounds: history kept for resumes, and each watcher's queue.
+    watch_limits: HubLimits = field(default_factory=HubLimits)
 
     def validate(self) -> None:
         self.raft.validate()
+        self.watch_limits.validate()
         if not self.node_id or len(self.node_id) > 64:
             raise InvalidArgument("node id must be 1..64 characters")
         parse_hostport(self.raft_addr, what="raft address")
