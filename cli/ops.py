@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from registry.backup import decode_backup, seed_data_dir, write_atomic
-from registry.errors import BadRequest, Internal
+from registry.client import SyncClient
+from registry.errors import BadRequest, Internal, RegistryError
 
 from .main import Ctx, cli, handles_errors
-from .output import emit
+from .output import emit, table
 
 
 @cli.group()
@@ -70,3 +72,84 @@ def snapshot_restore(obj: Ctx, file: Path, data_dir: Path, nodes: int | None) ->
         meta = seed_data_dir(data, d)
     emit(obj.output, {"revision": meta.get("revision"), "data_dirs": [str(d) for d in dirs]},
          f"restored revision {meta.get('revision')} into {', '.join(map(str, dirs))}")
+
+
+@cli.group()
+def member() -> None:
+    """List, add and remove cluster members; transfer leadership. Members are named by Raft HOST:PORT."""
+
+
+@member.command("list")
+@click.pass_obj
+@handles_errors
+def member_list(obj: Ctx) -> None:
+    """Every member as the leader sees it (connected, how far its log matches)."""
+    with obj.client() as client:
+        _, body = client.call("member_list", {})
+        # Ask the leader when we can: only it knows how far each log matches.
+        if body.get("leader") and not any(m["self"] and m["leader"] for m in body["members"]):
+            leader_api = next((m["api"] for m in body["members"] if m["leader"] and m["api"]), None)
+            if leader_api:
+                with SyncClient([leader_api], token=obj.token, timeout_s=obj.timeout_s) as leader_client:
+                    try:
+                        _, body = leader_client.call("member_list", {})
+                    except RegistryError:
+                        pass
+    rows = [[m["raft"], m.get("api") or "", "leader" if m["leader"] else "follower",
+             "yes" if m["connected"] else "no", m.get("match_index") if m.get("match_index") is not None else ""]
+            for m in body["members"]]
+    emit(obj.output, body, table(rows, ["RAFT", "API", "ROLE", "CONNECTED", "MATCH_INDEX"]))
+
+
+@member.command("add")
+@click.argument("raft")
+@click.option("--api", default=None, help="The new member's API HOST:PORT (for leader hints and listings).")
+@click.pass_obj
+@handles_errors
+def member_add(obj: Ctx, raft: str, api: str | None) -> None:
+    """Add the node at Raft address RAFT (start it first, with --peers listing the current members)."""
+    args = {"raft": raft, **({"api": api} if api else {})}
+    with obj.client() as client:
+        revision, _ = client.call("member_add", args, retry=False)
+    emit(obj.output, {"added": raft, "revision": revision}, f"added member {raft}")
+
+
+@member.command("remove")
+@click.argument("raft")
+@click.pass_obj
+@handles_errors
+def member_remove(obj: Ctx, raft: str) -> None:
+    """Remove the member at Raft address RAFT."""
+    with obj.client() as client:
+        revision, _ = client.call("member_remove", {"raft": raft}, retry=False)
+    emit(obj.output, {"removed": raft, "revision": revision}, f"removed member {raft}")
+
+
+@member.command("transfer-leader")
+@click.argument("raft", required=False)
+@click.pass_obj
+@handles_errors
+def member_transfer_leader(obj: Ctx, raft: str | None) -> None:
+    """Ask the leader to hand leadership to RAFT (default: the most caught-up follower)."""
+    import time
+
+    with obj.client() as client:
+        _, before = client.call("member_list", {})
+        client.call("member_transfer_leader", {"raft": raft} if raft else {})
+        # pysyncobj only promises the request was sent: confirm the outcome.
+        deadline = time.monotonic() + 5.0
+        leader = before.get("leader")
+        while time.monotonic() < deadline:
+            try:
+                _, now = client.call("member_list", {})
+                leader = now.get("leader")
+            except RegistryError:
+                leader = None
+            if leader and leader != before.get("leader") and (raft is None or leader == raft):
+                break
+            time.sleep(0.1)
+    moved = leader is not None and leader != before.get("leader") and (raft is None or leader == raft)
+    emit(obj.output, {"requested": raft, "leader": leader, "transferred": moved},
+         f"leader is now {leader}" if moved else f"transfer did not complete; leader is {leader}")
+    if not moved:
+        sys.exit(1)

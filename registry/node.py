@@ -13,9 +13,11 @@ import uvloop
 from .api import NodeInfo, RegistryAPI, RevisionWaiters
 from .backup import load_seed
 from .config import NodeConfig
+from .errors import RegistryError
 from .http import HTTPServer
 from .lease_service import LeaseService
 from .logs import configure_logging
+from .membership import MEMBER_KEY_PREFIX, MembershipService
 from .metrics import NodeMetrics
 from .proposer import Proposer
 from .replication import RaftNode, StateHolder
@@ -98,6 +100,12 @@ class Node:
         self.api.add_handler("lease_keepalive", self.leases.keepalive)
         self.api.add_handler("lease_ttl", self.leases.time_to_live)
         self.leases.start()
+        self.members = MembershipService(raft, self.holder, self._proposer, self._leader_api, config.api_addr,
+                                         dict(config.peer_apis))
+        self.api.add_handler("member_list", self.members.list)
+        self.api.add_handler("member_add", self.members.add)
+        self.api.add_handler("member_remove", self.members.remove)
+        self.api.add_handler("member_transfer_leader", self.members.transfer_leader)
         self._server = APIServer(
             self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max
         )
@@ -135,7 +143,14 @@ class Node:
             return None
         if leader == self.config.raft_addr:
             return self.config.api_addr
-        return dict(self.config.peer_apis).get(leader)
+        known = dict(self.config.peer_apis).get(leader)
+        if known is None:
+            with self.holder.lock:
+                try:
+                    known = str(self.holder.state.get_key(MEMBER_KEY_PREFIX + leader)["value"])
+                except RegistryError:
+                    known = None
+        return known
 
     def _refresh_metrics(self) -> None:
         if self.raft is None:

@@ -1,0 +1,166 @@
+"""Cluster membership at run time: list, add, remove, transfer leadership.
+
+pysyncobj changes membership one node at a time (no joint consensus) and
+refuses a change while another is uncommitted; we report that refusal as
+``CONFLICT``.  A joining node must already run, started with ``--peers``
+listing the current members; it catches up from the leader's snapshot plus
+log.  The API address of an added node is kept in the replicated key
+``_cluster/members/<raft address>`` so every node can hand out leader hints.
+
+``transferLeadership`` touches pysyncobj internals, so it runs in the Raft
+thread through a one-shot tick callback, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pysyncobj import FAIL_REASON
+
+from .config import parse_hostport
+from .errors import BadRequest, Conflict, NotFound, NotLeader, RegistryError
+from .proposer import Proposer
+from .replication import RaftNode, StateHolder, submit_error
+
+__all__ = ["MembershipService", "MEMBER_KEY_PREFIX"]
+
+MEMBER_KEY_PREFIX = "_cluster/members/"
+#: How long a membership change may take to commit before TIMEOUT.
+CHANGE_TIMEOUT_S = 10.0
+
+
+class MembershipService:
+    def __init__(self, raft: RaftNode, holder: StateHolder, proposer: Proposer,
+                 leader_api: Callable[[], str | None], self_api: str,
+                 static_apis: dict[str, str] | None = None) -> None:
+        self._raft = raft
+        self._holder = holder
+        self._proposer = proposer
+        self._leader_api = leader_api
+        self._self_api = self_api
+        self._static_apis = dict(static_apis or {})
+        self._in_raft: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
+        raft.addOnTickCallback(self._run_in_raft_thread)
+
+    def _run_in_raft_thread(self) -> None:
+        while self._in_raft:
+            fn = self._in_raft.popleft()
+            fn()
+
+    async def _await(self, start: Callable[[Callable[[Any, int], None]], None]) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+
+        def settle(reason: int) -> None:
+            if not future.done():
+                future.set_result(reason)
+
+        def done(result: Any, reason: int) -> None:  # Raft thread
+            loop.call_soon_threadsafe(settle, reason)
+
+        start(done)
+        try:
+            reason = await asyncio.wait_for(future, CHANGE_TIMEOUT_S)
+        except TimeoutError:
+            raise submit_error(-1) from None
+        if reason == FAIL_REASON.SUCCESS:
+            return
+        if reason == FAIL_REASON.REQUEST_DENIED:
+            raise Conflict("membership change refused: another change is still in progress, "
+                           "or the target is not a caught-up member")
+        if reason == FAIL_REASON.NOT_LEADER:
+            raise NotLeader("only the leader can do this", hint=self._leader_api())
+        raise submit_error(reason)
+
+    def _member_apis(self) -> dict[str, str]:
+        with self._holder.lock:
+            keys = self._holder.state.list_keys(MEMBER_KEY_PREFIX)
+        apis = dict(self._static_apis)
+        apis.update({k["key"][len(MEMBER_KEY_PREFIX):]: k["value"] for k in keys})
+        return apis
+
+    async def list(self, args: dict[str, Any]) -> tuple[int, Any]:
+        if args:
+            raise BadRequest(f"unknown field(s) {', '.join(sorted(args))}")
+        raw = self._raft.getStatus()
+        me = str(self._raft.selfNode.id)
+        leader = raw.get("leader")
+        leader_id = str(leader.id) if leader is not None else None
+        apis = self._member_apis()
+        members = [{"raft": me, "api": self._self_api, "self": True, "connected": True,
+                    "leader": me == leader_id, "match_index": raw.get("commit_idx")}]
+        for node in sorted(self._raft.otherNodes, key=lambda n: str(n.id)):
+            nid = str(node.id)
+            members.append({
+                "raft": nid,
+                "api": apis.get(nid),
+                "self": False,
+                "connected": raw.get(f"partner_node_status_server_{nid}") == 2,
+                "leader": nid == leader_id,
+                # Known on the leader only: how far this member's log matches.
+                "match_index": raw.get(f"match_idx_server_{nid}"),
+            })
+        return self._holder.state.revision, {"members": members, "leader": leader_id}
+
+    async def add(self, args: dict[str, Any]) -> tuple[int, Any]:
+        raft_addr, api = _member_args(args, allow_api=True)
+        if raft_addr == str(self._raft.selfNode.id) or raft_addr in {str(n.id) for n in self._raft.otherNodes}:
+            raise Conflict(f"{raft_addr} is already a member")
+        await self._await(lambda done: self._raft.addNodeToCluster(raft_addr, callback=done))
+        if api is not None:
+            await self._proposer.write({"op": "key_put", "key": MEMBER_KEY_PREFIX + raft_addr, "value": api})
+        return self._holder.state.revision, {"added": raft_addr, "api": api}
+
+    async def remove(self, args: dict[str, Any]) -> tuple[int, Any]:
+        raft_addr, _ = _member_args(args, allow_api=False)
+        members = {str(n.id) for n in self._raft.otherNodes} | {str(self._raft.selfNode.id)}
+        if raft_addr not in members:
+            raise NotFound(f"{raft_addr} is not a member")
+        await self._await(lambda done: self._raft.removeNodeFromCluster(raft_addr, callback=done))
+        try:
+            await self._proposer.write({"op": "key_delete", "key": MEMBER_KEY_PREFIX + raft_addr})
+        except NotFound:
+            pass
+        except RegistryError:
+            pass  # the removal itself committed; a stale hint entry is harmless
+        return self._holder.state.revision, {"removed": raft_addr}
+
+    async def transfer_leader(self, args: dict[str, Any]) -> tuple[int, Any]:
+        unknown = set(args) - {"raft"}
+        if unknown:
+            raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+        target = args.get("raft")
+        if target is not None:
+            if not isinstance(target, str):
+                raise BadRequest("field 'raft' must be a string")
+            parse_hostport(target, what="raft")
+        if not self._raft._isLeader():
+            raise NotLeader("leadership is transferred by the leader", hint=self._leader_api())
+
+        def start(done: Callable[[Any, int], None]) -> None:
+            self._in_raft.append(lambda: self._raft.transferLeadership(target, callback=done))
+
+        await self._await(start)
+        return self._holder.state.revision, {"requested": target or "most caught-up follower"}
+
+
+def _member_args(args: dict[str, Any], *, allow_api: bool) -> tuple[str, str | None]:
+    allowed = {"raft", "api"} if allow_api else {"raft"}
+    unknown = set(args) - allowed
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+    raft_addr = args.get("raft")
+    if not isinstance(raft_addr, str):
+        raise BadRequest("field 'raft' (HOST:PORT) is required")
+    parse_hostport(raft_addr, what="raft")
+    api = args.get("api")
+    if api is not None:
+        if not isinstance(api, str):
+            raise BadRequest("field 'api' must be a string")
+        parse_hostport(api, what="api")
+    return raft_addr, api
