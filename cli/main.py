@@ -158,10 +158,16 @@ STATUS_KEYS = ("id", "role", "term", "commit_index", "applied_index", "revision"
 
 
 @cli.command()
+@click.option("--watch", "watch_live", is_flag=True, help="Refresh every second (same as `regctl top`).")
 @click.pass_obj
 @handles_errors
-def status(obj: Ctx) -> None:
+def status(obj: Ctx, watch_live: bool) -> None:
     """Every node: role, term, commit and applied index, revision."""
+    if watch_live:
+        from .ops import top
+
+        click.get_current_context().invoke(top)
+        return
     with obj.client() as client:
         nodes = client.cluster_status()
     data = [{k: n.get(k) for k in (*STATUS_KEYS, "leader", "error")} for n in nodes]

@@ -153,3 +153,48 @@ def member_transfer_leader(obj: Ctx, raft: str | None) -> None:
          f"leader is now {leader}" if moved else f"transfer did not complete; leader is {leader}")
     if not moved:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--count", type=int, default=0, help="Stop after this many refreshes (0: until Ctrl-C).")
+@click.pass_obj
+@handles_errors
+def top(obj: Ctx, interval: float, count: int) -> None:
+    """A live view of the cluster: nodes, roles, indexes, lag, revision, request rates, leases, watchers."""
+    import time
+
+    previous: dict[str, tuple[float, int]] = {}
+    shown = 0
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    with obj.client() as client:
+        try:
+            while count == 0 or shown < count:
+                started = time.monotonic()
+                nodes = client.cluster_status()
+                commit_max = max((n.get("commit_index") or 0 for n in nodes if n.get("reachable")), default=0)
+                rows = []
+                for n in nodes:
+                    if not n.get("reachable"):
+                        rows.append([n.get("api"), "unreachable", "", "", "", "", "", "", "", ""])
+                        continue
+                    key = str(n["api"])
+                    total = int(n.get("requests_total", 0))
+                    rate = ""
+                    if key in previous:
+                        then, before = previous[key]
+                        rate = f"{(total - before) / max(1e-6, started - then):.0f}"
+                    previous[key] = (started, total)
+                    rows.append([n["id"], n["role"], n["term"], n["commit_index"], n["applied_index"],
+                                 commit_max - int(n["applied_index"]), n["revision"], rate,
+                                 n.get("leases", ""), n.get("watchers", "")])
+                text = table(rows, ["NODE", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG", "REVISION", "REQ/S",
+                                    "LEASES", "WATCHERS"])
+                if obj.output == "json":
+                    emit(obj.output, nodes, "")
+                else:
+                    click.echo(clear + time.strftime("%H:%M:%S ") + "regctl top\n" + text)
+                shown += 1
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+        except KeyboardInterrupt:
+            pass

@@ -124,6 +124,8 @@ class RegistryAPI:
         self._proposer = proposer
         self._waiters = waiters
         self._timeout_s = request_timeout_s
+        #: Extra live numbers for status (requests, leases, watchers), set by the node.
+        self.extra_status: Callable[[], dict[str, Any]] = dict
         self._handlers: dict[str, Handler] = {
             "status": self._status,
             "service_get": self._reader(lambda s, a: s.get_service(_str(a, "name")), {"name"}),
@@ -241,6 +243,7 @@ class RegistryAPI:
             "http": self.info.http_addr,
             "peers": st.peers_connected,
             "log_len": st.log_len,
+            **self.extra_status(),
         }
 
 

@@ -109,6 +109,7 @@ class Node:
         self._server = APIServer(
             self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max
         )
+        self.api.extra_status = self._live_numbers
         self._server.add_stream("watch", self.watches.watch)
         self._server.add_stream("snapshot_save", self.api.snapshot_save)
         self._server.known_ops.update(self.api.ops)
@@ -134,6 +135,19 @@ class Node:
             self.watches.restored()
         if self.leases is not None:
             self.leases.on_restore()
+
+    def _live_numbers(self) -> dict[str, Any]:
+        requests = 0.0
+        for metric in self.metrics.requests.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    requests += sample.value
+        return {
+            "requests_total": int(requests),
+            "leases": len(self.leases.keeper) if self.leases is not None else 0,
+            "watchers": self.watches.hub.watchers if self.watches is not None else 0,
+            "pending_proposals": self._proposer.pending if self._proposer is not None else 0,
+        }
 
     def _leader_api(self) -> str | None:
         if self.raft is None:
