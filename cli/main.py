@@ -287,7 +287,7 @@ def service_get(obj: Ctx, name: str, consistency: str, min_revision: int | None)
          table(rows, ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META"]) + f"\nrevision: {revision}")
 
 
-from . import leases, ops  # noqa: E402,F401  (register the lease, lock, elect, watch, snapshot commands)
+from . import agent, demo, leases, ops  # noqa: E402,F401  (register agent, demo, lease, lock, watch, ... commands)
 
 
 def main() -> None:

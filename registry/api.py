@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import model
 from .backup import encode_backup
 from .commands import validate_command
 from .errors import BadRequest, InvalidArgument, Timeout, UnknownOp
@@ -128,16 +129,16 @@ class RegistryAPI:
         self.extra_status: Callable[[], dict[str, Any]] = dict
         self._handlers: dict[str, Handler] = {
             "status": self._status,
-            "service_get": self._reader(lambda s, a: s.get_service(_str(a, "name")), {"name"}),
+            "service_get": self._reader(lambda s, a: s.get_service(_name(a, "name")), {"name"}),
             "service_list": self._reader(lambda s, a: s.list_services(), set()),
             "instance_get": self._reader(
-                lambda s, a: s.get_instance(_str(a, "service"), _str(a, "id")), {"service", "id"}
+                lambda s, a: s.get_instance(_name(a, "service"), _name(a, "id")), {"service", "id"}
             ),
             "lease_get": self._reader(lambda s, a: s.get_lease(_int(a, "lease")), {"lease"}),
             "lease_list": self._reader(lambda s, a: s.list_leases(), set()),
-            "key_get": self._reader(lambda s, a: s.get_key(_str(a, "key")), {"key"}),
+            "key_get": self._reader(lambda s, a: s.get_key(model.check_key("key", _str(a, "key"))), {"key"}),
             "key_list": self._reader(lambda s, a: s.list_keys(_str(a, "prefix", "")), {"prefix"}),
-            "lock_get": self._reader(lambda s, a: s.get_lock(_str(a, "name")), {"name"}),
+            "lock_get": self._reader(lambda s, a: s.get_lock(model.check_key("name", _str(a, "name"))), {"name"}),
             # Every service with its instances, in one consistent read.
             "service_dump": self._reader(
                 lambda s, a: [s.get_service(item["name"]) for item in s.list_services()], set()
@@ -254,6 +255,11 @@ def _str(args: dict[str, Any], key: str, default: str | None = None) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"field {key!r} must be a string")
     return value
+
+
+def _name(args: dict[str, Any], key: str) -> str:
+    """A service or instance name, checked like writes check it (INVALID_NAME, not NOT_FOUND)."""
+    return model.check_name(key, _str(args, key))
 
 
 def _int(args: dict[str, Any], key: str) -> int:

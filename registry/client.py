@@ -86,6 +86,9 @@ class _Connection:
         self.node = ""
         self.closed = False
         self.close_reason: RegistryError | None = None
+        #: When bytes last arrived from the node (monotonic): a silent node is probed.
+        self.last_heard = time.monotonic()
+        self._probe: asyncio.Task[Response] | None = None
 
     @classmethod
     async def open(cls, endpoint: str, token: str | None, client_name: str, timeout_s: float,
@@ -123,6 +126,7 @@ class _Connection:
         try:
             while True:
                 data = await self._reader.read(_READ_BUFFER_BYTES)
+                self.last_heard = time.monotonic()
                 self._codec.receive_data(data)
                 while True:
                     event = self._codec.next_event()
@@ -190,6 +194,18 @@ class _Connection:
         finally:
             self._pending.pop(req_id, None)
 
+    async def probe(self, timeout_s: float) -> None:
+        """Raise TimeoutError unless the node answers a ``status`` request within ``timeout_s``.
+
+        Concurrent callers share one probe.  ``status`` is answered locally by
+        the node (no Raft round), so only a stopped, cut-off or wedged node fails it.
+        """
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self.request("status", {}))
+            # Retrieve the outcome even if every caller gave up waiting on it.
+            self._probe.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.wait_for(asyncio.shield(self._probe), timeout_s)
+
     def open_stream(self, op: str, args: dict[str, Any]) -> tuple[int, _Stream]:
         if self.closed:
             raise self.close_reason or ConnectionFailed("connection closed")
@@ -218,6 +234,7 @@ class Client:
         client_name: str = "regctl",
         frame_bytes_max: int = 1 << 24,
         shuffle: bool = False,
+        probe_after_s: float = 1.0,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
@@ -231,6 +248,9 @@ class Client:
         self.connect_timeout_s = connect_timeout_s
         self.client_name = client_name
         self.frame_bytes_max = frame_bytes_max
+        #: A request that waits this long on a node that sends nothing makes the
+        #: client check that the node is alive (see ``_request``).
+        self.probe_after_s = probe_after_s
         #: Highest revision any response has carried: reads never go below it.
         self.revision_seen = 0
         self._conn: _Connection | None = None
@@ -290,7 +310,7 @@ class Client:
             conn: _Connection | None = None
             try:
                 conn = await asyncio.wait_for(self._connection(), remaining)
-                response = await asyncio.wait_for(conn.request(op, args), max(remaining, 0.001))
+                response = await self._request(conn, op, args, deadline)
             except TimeoutError:
                 last = Timeout(f"{op}: no answer within the client timeout; outcome unknown")
                 if conn is not None:
@@ -327,6 +347,32 @@ class Client:
                 backoff_s = min(backoff_s * 2, 0.5)
                 continue
             raise refused
+
+    async def _request(self, conn: _Connection, op: str, args: dict[str, Any], deadline: float) -> Response:
+        """``conn.request`` until ``deadline``, giving up early on a node that stopped answering.
+
+        A slow answer is normal (a write waiting for commit, a ``min_revision``
+        wait), so there is no per-attempt timeout.  But a stopped or cut-off
+        node keeps its TCP connection open and silent, and waiting on it would
+        spend the whole deadline there.  So when nothing has arrived from the
+        node for ``probe_after_s``, it must answer a ``status`` probe; if it
+        does not, TimeoutError moves the call on to the next endpoint.
+        """
+        task = asyncio.get_running_loop().create_task(conn.request(op, args))
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                done, _ = await asyncio.wait({task}, timeout=min(remaining, self.probe_after_s))
+                if done:
+                    return task.result()
+                if time.monotonic() - conn.last_heard >= self.probe_after_s:
+                    remaining = max(deadline - time.monotonic(), 0.001)
+                    await conn.probe(min(max(self.connect_timeout_s * 2, 0.5), remaining))
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def stream(self, op: str, args: dict[str, Any]) -> AsyncIterator[Any]:
         """Open one stream on the current node; yields items until it ends. No resume here."""
@@ -388,26 +434,29 @@ class Client:
             if progress_ms is not None:
                 args["progress_ms"] = progress_ms
             try:
-                async for item in self.stream("watch", args):
-                    backoff_s = 0.05
-                    kind = item.get("type")
-                    if kind == "snapshot" and item.get("reason") == "list":
-                        first = False
-                    if kind == "events" and item["events"]:
-                        next_revision = int(item["events"][-1]["revision"]) + 1
-                    elif kind in ("snapshot", "progress"):
-                        next_revision = max(next_revision or 0, int(item["revision"]) + 1)
-                    elif kind == "created" and next_revision is None:
-                        next_revision = int(item["revision"]) + 1
-                    if next_revision is not None and next_revision - 1 > self.revision_seen:
-                        self.revision_seen = next_revision - 1
-                    if kind == "created":
-                        if announced:
-                            continue  # a resume, not news to the caller
-                        announced = True
-                        if not list_first:
+                # aclosing: when the caller stops iterating, the stream is closed now (the node
+                # is told to cancel it), not whenever the garbage collector finalizes it.
+                async with contextlib.aclosing(cast(AsyncGenerator[Any, None], self.stream("watch", args))) as items:
+                    async for item in items:
+                        backoff_s = 0.05
+                        kind = item.get("type")
+                        if kind == "snapshot" and item.get("reason") == "list":
                             first = False
-                    yield item
+                        if kind == "events" and item["events"]:
+                            next_revision = int(item["events"][-1]["revision"]) + 1
+                        elif kind in ("snapshot", "progress"):
+                            next_revision = max(next_revision or 0, int(item["revision"]) + 1)
+                        elif kind == "created" and next_revision is None:
+                            next_revision = int(item["revision"]) + 1
+                        if next_revision is not None and next_revision - 1 > self.revision_seen:
+                            self.revision_seen = next_revision - 1
+                        if kind == "created":
+                            if announced:
+                                continue  # a resume, not news to the caller
+                            announced = True
+                            if not list_first:
+                                first = False
+                        yield item
             except (OSError, ConnectionFailed, Unavailable):
                 pass
             # The stream ended (node gone or shutting down): resume elsewhere.

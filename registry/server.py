@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from .api import RegistryAPI
-from .errors import Internal, RegistryError, Unauthenticated
+from .errors import Conflict, Internal, NotFound, RegistryError, Unauthenticated
 from .metrics import NodeMetrics
 from .protocol import (
     BadMessage,
@@ -38,6 +38,9 @@ from .protocol import (
 __all__ = ["APIServer", "StreamSink", "StreamHandler"]
 
 log = logging.getLogger("registry.server")
+
+#: Requests slower than this are logged with their request id.
+SLOW_REQUEST_S = 1.0
 
 #: Bytes buffered for a client before we stop reading its requests and make
 #: its streams wait: a slow reader must not grow our memory without bound.
@@ -178,6 +181,9 @@ class _ClientProtocol(asyncio.Protocol):
             raise
         except RegistryError as err:
             code = err.code
+            if not isinstance(err, (NotFound, Conflict)):
+                log.info("request failed: op=%s rid=%s code=%s: %s", req.op, req.args.get("rid"), err.code,
+                         err.message)
             self._reply_error(req, err, stream=req.op in server.streams)
         except Exception as err:
             code = Internal.code
@@ -185,6 +191,9 @@ class _ClientProtocol(asyncio.Protocol):
             self._reply_error(req, Internal(f"internal error: {type(err).__name__}"), stream=req.op in server.streams)
         finally:
             self._tasks.pop(req.id, None)
+            elapsed_s = time.perf_counter() - started
+            if elapsed_s > SLOW_REQUEST_S and req.op not in server.streams:
+                log.warning("slow request: op=%s rid=%s took %.3fs", req.op, req.args.get("rid"), elapsed_s)
             op = req.op if req.op in server.known_ops else "other"
             server.metrics.requests.labels(op=op, code=code).inc()
             server.metrics.request_seconds.labels(op=op).observe(time.perf_counter() - started)

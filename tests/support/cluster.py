@@ -28,7 +28,9 @@ T = TypeVar("T")
 PORT_RANGE = (20_000, 40_000)
 
 
-def wait_until(cond: Callable[[], T], deadline_s: float, what: str = "condition", interval_s: float = 0.05) -> T:
+def wait_until(
+    cond: Callable[[], T], deadline_s: float, what: str = "condition", interval_s: float = 0.05
+) -> T:
     """Poll ``cond`` until it returns a truthy value or the deadline passes (then fail with ``what``)."""
     end = time.monotonic() + deadline_s
     last_err: BaseException | None = None
@@ -40,7 +42,9 @@ def wait_until(cond: Callable[[], T], deadline_s: float, what: str = "condition"
         except (RegistryError, OSError, AssertionError) as err:
             last_err = err
         if time.monotonic() >= end:
-            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}; last error: {last_err!r}")
+            raise AssertionError(
+                f"timed out after {deadline_s}s waiting for {what}; last error: {last_err!r}"
+            )
         time.sleep(interval_s)
 
 
@@ -92,6 +96,8 @@ class Cluster:
                      f"127.0.0.1:{base + 200 + i}", root / f"n{i}")
             for i in range(1, size + 1)
         ]
+        #: Nodes taken out of the cluster at run time (``retire``): still killed by ``close``.
+        self.retired: list[NodeProc] = []
         self.key_file = root / "cluster.key"
         if key is not None:
             root.mkdir(parents=True, exist_ok=True)
@@ -124,6 +130,34 @@ class Cluster:
         with open(node.log_path, "ab") as log:
             node.proc = subprocess.Popen(self.command(node), stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start_extra_node(self, wait: bool = True) -> NodeProc:
+        """Create and start one more node whose ``--peers`` are the current members (``nodes``).
+
+        The node is appended to ``nodes`` (its id and ports follow the numbering of the others), so
+        ``command`` gives it the current members as peers; it is *not* a member yet: the caller adds it
+        with ``member add RAFT --api API`` on the cluster.  Existing nodes keep running unchanged.
+        With ``wait``, returns once the new process answers ``status`` on its API port.
+        """
+        index = 1 + max(int(n.node_id[1:]) for n in (*self.nodes, *self.retired))
+        if index > 9:
+            raise RuntimeError("a test cluster has room for nine nodes (ports base+1..base+9)")
+        ports = [self.base + off + index for off in (0, 100, 200)]
+        if not _ports_free(ports):
+            raise RuntimeError(f"ports {ports} for node n{index} are in use")
+        node = NodeProc(f"n{index}", f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}",
+                        f"127.0.0.1:{ports[2]}", self.root / f"n{index}")
+        self.nodes.append(node)
+        self.start_node(node)
+        if wait:
+            wait_until(lambda: self.status(node), 20.0, f"{node.node_id} to answer status")
+        return node
+
+    def retire(self, node: NodeProc) -> None:
+        """Kill a node removed from the cluster and stop counting it as a member (``leader`` majorities)."""
+        self.kill(node)
+        self.nodes.remove(node)
+        self.retired.append(node)
 
     def start(self, wait: bool = True) -> Cluster:
         for node in self.nodes:
@@ -190,9 +224,9 @@ class Cluster:
         for client in self._clients:
             try:
                 client.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
-        for node in self.nodes:
+        for node in [*self.nodes, *self.retired]:
             if node.proc is not None and node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGCONT)
                 node.proc.kill()
@@ -200,7 +234,7 @@ class Cluster:
 
     def logs(self) -> str:
         out = []
-        for node in self.nodes:
+        for node in [*self.nodes, *self.retired]:
             if node.log_path.exists():
                 out.append(f"--- {node.node_id} ---\n" + node.log_path.read_text(errors="replace")[-4000:])
         return "\n".join(out)
