@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 from registry.client import SyncClient
-from registry.errors import NotFound, RegistryError
+from registry.errors import RegistryError
 
 from .durations import Duration
 from .main import EXIT_REFUSED, Ctx, cli, fail, handles_errors
@@ -46,9 +46,10 @@ class Stopper:
     def _stop(self, signum: int, frame: object) -> None:
         self.stopped = True
 
-    def sleep(self, seconds: float) -> None:
+    def sleep(self, seconds: float, while_running: Callable[[], bool] = lambda: True) -> None:
+        """Sleep up to ``seconds``; return early when stopped or when ``while_running()`` turns false."""
         end = time.monotonic() + seconds
-        while not self.stopped and time.monotonic() < end:
+        while not self.stopped and time.monotonic() < end and while_running():
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
@@ -56,16 +57,23 @@ def keep_alive(client: SyncClient, lease_id: int, ttl_ms: int, stopper: Stopper,
                while_running: Callable[[], bool] = lambda: True) -> RegistryError | None:
     """Renew every third of the TTL until stopped; return the error that ended it, if any."""
     interval_s = max(0.1, ttl_ms / 3000.0)
+    # One attempt must not outlast the renewal interval: a hung leader (paused,
+    # partitioned) would otherwise hold the whole client timeout while the new
+    # leader's countdown runs out.  A timed-out attempt moves to the next node.
+    attempt_s = max(0.5, interval_s)
     while not stopper.stopped and while_running():
         try:
-            client.lease_keepalive(lease_id)
-        except NotFound as err:
-            return err
+            client.call("lease_keepalive", {"lease": lease_id}, timeout_s=attempt_s)
         except RegistryError as err:
-            # Unavailable for longer than the client's own retries: the lease
-            # may still live (a new leader restarts its countdown); keep trying.
+            if not err.retryable:  # NOT_FOUND (lost), or a refusal no retry can change
+                return err
+            # Unavailable for longer than one attempt: the lease may still live
+            # (a new leader restarts its countdown); retry at once elsewhere.
             click.echo(f"warning: keepalive failed: {err.code}: {err.message}", err=True)
-        stopper.sleep(interval_s)
+            stopper.sleep(0.05, while_running)
+            continue
+        # Wake as soon as the command exits, not a third of the TTL later.
+        stopper.sleep(interval_s, while_running)
     return None
 
 

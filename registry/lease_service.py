@@ -29,6 +29,8 @@ log = logging.getLogger("registry.leases")
 TICK_S = 0.1
 #: Leases expired in one command, so one huge expiry cannot exceed a frame/entry.
 EXPIRE_BATCH_MAX = 1000
+#: Pause between attempts to commit a new leader's epoch.
+ANNOUNCE_RETRY_S = 0.2
 
 
 class LeaseService:
@@ -83,8 +85,13 @@ class LeaseService:
 
     # -- ops ----------------------------------------------------------------------
 
+    def _leading(self) -> bool:
+        """Still the leader of the term whose countdowns the keeper holds (the tick may lag by 100 ms)."""
+        return (self.keeper.active and bool(self._raft._isLeader())
+                and int(self._raft.raftCurrentTerm) == self._term)
+
     def _require_leader(self) -> None:
-        if not self.keeper.active:
+        if not self._leading():
             raise NotLeader("lease keepalives are served by the leader", hint=self._leader_api())
 
     async def keepalive(self, args: dict[str, Any]) -> tuple[int, Any]:
@@ -147,12 +154,31 @@ class LeaseService:
         task.add_done_callback(self._background.discard)
 
     async def _announce_epoch(self, term: int) -> None:
-        try:
-            await self._proposer.write({"op": "leader_epoch", "epoch": term})
-        except RegistryError as err:
-            log.warning("could not commit leader epoch %d: %s", term, err.message)
+        # Until this commits, the state machine cannot tell this leader's expiries
+        # from a deposed one's: keep trying for as long as this term lasts.
+        while self._term == term and self.keeper.active:
+            try:
+                await self._proposer.write({"op": "leader_epoch", "epoch": term})
+                return
+            except RegistryError as err:
+                log.warning("could not commit leader epoch %d (retrying): %s", term, err.message)
+            await asyncio.sleep(ANNOUNCE_RETRY_S)
 
     async def _expire(self, leases: list[int], term: int) -> None:
+        # A leader deposed while stalled still believes it leads when it wakes,
+        # and its deadlines are stale.  pysyncobj forwards a follower's proposal
+        # to the new leader, so once submitted, only the epoch check would stop
+        # this expiry -- and that check is blind until the successor's
+        # leader_epoch commits.  So first confirm leadership: a barrier commits
+        # only once this node has caught up with any newer term.
+        try:
+            await self._proposer.barrier()
+        except RegistryError as err:
+            log.warning("lease expiry of %d lease(s) postponed: leadership unconfirmed: %s", len(leases), err.message)
+            return
+        if not self._leading() or self._term != term:
+            log.warning("lease expiry of %d lease(s) abandoned: no longer leader of term %d", len(leases), term)
+            return
         try:
             result = await self._proposer.write({"op": "lease_expire", "leases": leases, "epoch": term})
         except RegistryError as err:
