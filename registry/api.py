@@ -198,6 +198,8 @@ class RegistryAPI:
                 raise BadRequest("min_revision must be a non-negative integer")
             if consistency == "linearizable":
                 await self._proposer.barrier()
+            # Never below what this node already served (see StateHolder.high_water).
+            min_revision = max(min_revision, self._holder.high_water)
             if min_revision:
                 await self._waiters.wait(
                     min_revision, lambda: self._holder.state.revision, min(self._timeout_s, MIN_REVISION_WAIT_S_MAX)

@@ -437,9 +437,26 @@ class Client:
                 # aclosing: when the caller stops iterating, the stream is closed now (the node
                 # is told to cancel it), not whenever the garbage collector finalizes it.
                 async with contextlib.aclosing(cast(AsyncGenerator[Any, None], self.stream("watch", args))) as items:
+                    # Pieces of a message the node split (a huge revision, a big
+                    # snapshot) are held back until complete; a resume starts the
+                    # piece over, so nothing half-done ever reaches the caller.
+                    partial_events: list[dict[str, Any]] = []
+                    snapshot_parts: list[dict[str, Any]] = []
                     async for item in items:
                         backoff_s = 0.05
                         kind = item.get("type")
+                        if kind == "events" and item.get("partial"):
+                            partial_events.extend(item["events"])
+                            continue
+                        if kind == "events" and partial_events:
+                            item = {**item, "events": partial_events + item["events"]}
+                            partial_events = []
+                        if kind == "snapshot":
+                            snapshot_parts.append(item)
+                            if item.get("more"):
+                                continue
+                            item = _merge_snapshot(snapshot_parts)
+                            snapshot_parts = []
                         if kind == "snapshot" and item.get("reason") == "list":
                             first = False
                         if kind == "events" and item["events"]:
@@ -548,6 +565,25 @@ class Client:
                 return {"api": endpoint, "reachable": False, "error": str(err) or type(err).__name__}
 
         return list(await asyncio.gather(*(one(e) for e in self.endpoints)))
+
+
+def _merge_snapshot(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One snapshot item from the parts the node sent (a service may span parts)."""
+    merged: dict[str, dict[str, Any]] = {}
+    keys: list[dict[str, Any]] = []
+    for part in parts:
+        for svc in part.get("services", []):
+            name = svc["service"]["name"]
+            if name in merged:
+                merged[name]["instances"].extend(svc["instances"])
+            else:
+                merged[name] = {"service": svc["service"], "instances": list(svc["instances"])}
+        keys.extend(part.get("keys", []))
+    last = parts[-1]
+    out = {k: v for k, v in last.items() if k not in ("services", "keys", "more")}
+    out["services"] = list(merged.values())
+    out["keys"] = keys
+    return out
 
 
 class SyncClient:

@@ -58,6 +58,7 @@ class Node:
         if seed is not None:
             # A data dir made by `regctl snapshot restore`: start from its state.
             self.holder.state = seed
+            self.holder.high_water = seed.revision
             log.info("starting from restored backup at revision %d", seed.revision)
         self.raft = raft = RaftNode(config, self.holder)
         if seed is not None:

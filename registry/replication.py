@@ -88,6 +88,11 @@ class StateHolder:
         #: Bumped whenever the state object is replaced wholesale (snapshot
         #: install): watchers of the old object must resync.
         self.generation = 0
+        #: Highest revision this node has applied.  pysyncobj can install a
+        #: leader's snapshot older than what a follower already applied (then
+        #: re-apply the rest), so the state's revision can dip for a moment;
+        #: readers wait until it is back here and never serve below it.
+        self.high_water = self.state.revision
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +295,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 if applied.events:
                     events.extend(applied.events)
             revision = state.revision
+            if revision > holder.high_water:
+                holder.high_water = revision
         for listener in self._listeners:
             try:
                 listener(revision, events)
@@ -366,6 +373,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         with self._holder.lock:
             self._holder.state = state
             self._holder.generation += 1
+            self._holder.high_water = max(self._holder.high_water, state.revision)
         for hook in self._on_restore:
             try:
                 hook()

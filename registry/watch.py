@@ -112,19 +112,22 @@ class Watcher:
     def pending(self) -> int:
         return len(self._pending)
 
-    def push(self, events: Iterable[Event]) -> None:
+    def push(self, events: Iterable[Event]) -> bool:
+        """Queue the events this watcher still needs; True if that made it overflow (now "slow")."""
         if self.resync_reason is not None:
-            return  # a snapshot will cover these
+            return False  # a snapshot will cover these
         fresh = [e for e in events if e["revision"] >= self.next_revision]
         if not fresh:
-            return
-        if len(self._pending) + len(fresh) > self._queue_max:
+            return False
+        overflow = len(self._pending) + len(fresh) > self._queue_max
+        if overflow:
             self.dropped += len(self._pending) + len(fresh)
             self._pending.clear()
             self.resync_reason = "slow"
         else:
             self._pending.extend(fresh)
         self._notify()
+        return overflow
 
     def mark_resync(self, reason: str) -> None:
         self._pending.clear()
@@ -139,9 +142,15 @@ class Watcher:
             self._pending.popleft()
 
     def take(self, count_max: int) -> list[Event]:
+        """Up to ``count_max`` queued events, extended to whole revisions.
+
+        A revision's events are never split across two takes: a client resumes
+        from the last revision it received + 1, so a revision cut in half at a
+        message boundary would lose its other half on a reconnect.
+        """
         out: list[Event] = []
         pending = self._pending
-        while pending and len(out) < count_max:
+        while pending and (len(out) < count_max or (out and pending[0]["revision"] == out[-1]["revision"])):
             out.append(pending.popleft())
         if out:
             self.next_revision = max(self.next_revision, out[-1]["revision"] + 1)
@@ -163,6 +172,13 @@ class WatchHub:
         self._groups: dict[Selector, set[Watcher]] = {}
         self.watchers = 0
         self.events_published = 0
+        #: Watchers flagged for resync by the hub, by reason (compacted, slow,
+        #: restore), counted when flagged: a watcher stuck behind a full socket
+        #: may never get to send its snapshot, but it was dropped all the same.
+        self.resyncs: dict[str, int] = {}
+
+    def _flagged(self, reason: str, count: int = 1) -> None:
+        self.resyncs[reason] = self.resyncs.get(reason, 0) + count
 
     @property
     def distinct(self) -> int:
@@ -182,7 +198,8 @@ class WatchHub:
                 matched = fresh if selector.kind == "all" else [e for e in fresh if event_matches(selector, e)]
                 if matched:
                     for watcher in group:
-                        watcher.push(matched)
+                        if watcher.push(matched):
+                            self._flagged("slow")
             self.events_published += len(fresh)
         self.revision = max(self.revision, revision, fresh[-1]["revision"] if fresh else 0)
 
@@ -209,11 +226,14 @@ class WatchHub:
         if start <= self.revision:
             if start <= self.floor:
                 watcher.mark_resync("compacted")
+                self._flagged("compacted")
             else:
                 for last_revision, events, _ in self._history:
                     if last_revision < start:
                         continue
-                    watcher.push([e for e in events if event_matches(selector, e)])
+                    if watcher.push([e for e in events if event_matches(selector, e)]):
+                        self._flagged("slow")
+                        break
         self._groups.setdefault(selector, set()).add(watcher)
         self.watchers += 1
         return watcher
@@ -227,7 +247,19 @@ class WatchHub:
                 del self._groups[watcher.selector]
 
     def reset(self, revision: int) -> None:
-        """The state was replaced wholesale (snapshot install): history is void."""
+        """The state was replaced wholesale (snapshot install) by the state at ``revision``.
+
+        A snapshot ahead of the hub leaves a gap no event covers: the history is
+        void and every watcher resyncs (reason ``restore``).  A snapshot at or
+        below the hub's revision changes nothing here: Raft only ever installs
+        committed state, so it is an older point of the very history the hub
+        already published (a follower that caught up from buffered entries can
+        then be handed the leader's older snapshot), and the node re-applies
+        the same events up to where it was; the hub, its history and every
+        watcher stay as they are, and the re-published events are ignored.
+        """
+        if revision <= self.revision:
+            return
         self._history.clear()
         self._history_events = 0
         self._history_bytes = 0
@@ -236,3 +268,5 @@ class WatchHub:
         for group in self._groups.values():
             for watcher in group:
                 watcher.mark_resync("restore")
+        if self.watchers:
+            self._flagged("restore", self.watchers)

@@ -4,12 +4,16 @@ Wire items (the ``body`` of each stream event):
 
 - ``{"type": "created", "revision": R}`` first: the watch is live; with no
   ``start_revision`` it covers every revision after R.
-- ``{"type": "events", "events": [...]}``: events in revision order.
+- ``{"type": "events", "events": [...]}``: events in revision order.  A
+  revision's events are never split across messages (a client resumes from
+  the last revision it got + 1); messages hold at most about 256 events or
+  512 KiB, except that one revision bigger than that is one message.
 - ``{"type": "snapshot", "reason": "list"|"compacted"|"slow"|"restore",
   "revision": R, "services": [...], "keys": [...]}``: the whole selection at
   revision R; events after it follow.  Sent for list-then-watch, for a start
   older than the history, for a watcher that fell behind, and after the node
-  installed a snapshot.
+  installed a snapshot ahead of what it had applied.  R is never below a
+  revision the stream already covered.
 - ``{"type": "progress", "revision": R}``: nothing for this watch up to R.
 """
 
@@ -18,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+
+import msgpack
 
 from .errors import BadRequest, InvalidArgument, NotFound
 from .metrics import NodeMetrics
@@ -30,8 +36,11 @@ __all__ = ["WatchService"]
 
 log = logging.getLogger("registry.watch")
 
-#: Events per stream message: bounds one frame well under the frame limit.
+#: Events per stream message (soft: a revision is never split across messages).
 EVENTS_PER_MESSAGE_MAX = 256
+#: Encoded event bytes per stream message (soft, same rule): half the default
+#: 1 MiB frame, so 256 events with large records never make a frame too large.
+EVENT_BYTES_PER_MESSAGE_MAX = 512 << 10
 #: Progress interval bounds, in ms; the default says "alive" every 5 s.
 PROGRESS_MS_MIN = 100
 PROGRESS_MS_MAX = 60_000
@@ -58,19 +67,156 @@ def selection_snapshot(state: RegistryState, selector: Selector) -> dict[str, An
     return {"services": services, "keys": keys}
 
 
+def _size(obj: Any) -> int:
+    return len(msgpack.packb(obj, use_bin_type=True))
+
+
+def event_messages(events: list[dict[str, Any]], bytes_max: int = EVENT_BYTES_PER_MESSAGE_MAX,
+                   ) -> list[dict[str, Any]]:
+    """Wire messages for ``events``: whole revisions where they fit in ``bytes_max``.
+
+    A revision too large for one message (a lease revoke dropping thousands of
+    instances) is split over several, all but the last marked ``partial``: the
+    client holds partial pieces back and delivers the revision only once it
+    is complete, so a resume never sees half a revision.
+    """
+    out: list[dict[str, Any]] = []
+    for chunk in message_chunks(events, bytes_max):
+        if len(chunk) > 1 and _size(chunk) > bytes_max:
+            piece: list[dict[str, Any]] = []
+            size = 0
+            for event in chunk:
+                event_size = _size(event)
+                if piece and size + event_size > bytes_max:
+                    out.append({"type": "events", "events": piece, "partial": True})
+                    piece, size = [], 0
+                piece.append(event)
+                size += event_size
+            out.append({"type": "events", "events": piece})
+        else:
+            out.append({"type": "events", "events": chunk})
+    return out
+
+
+def snapshot_messages(body: dict[str, Any], base: dict[str, Any], bytes_max: int = EVENT_BYTES_PER_MESSAGE_MAX,
+                      ) -> list[dict[str, Any]]:
+    """Split a selection snapshot into messages of at most about ``bytes_max``.
+
+    Each part has ``services`` (a service may appear in several parts, each
+    with a slice of its instances) and ``keys``; every part but the last says
+    ``more``.  The client merges the parts and moves its resume point only
+    after the last one.
+    """
+    parts: list[dict[str, Any]] = []
+    services: list[dict[str, Any]] = []
+    keys: list[dict[str, Any]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal services, keys, size
+        parts.append({**base, "services": services, "keys": keys, "more": True})
+        services, keys, size = [], [], 0
+
+    for svc in body["services"]:
+        head = {"service": svc["service"], "instances": []}
+        services.append(head)
+        size += _size(svc["service"])
+        for inst in svc["instances"]:
+            inst_size = _size(inst)
+            if size + inst_size > bytes_max and (len(services) > 1 or head["instances"]):
+                flush()
+                head = {"service": svc["service"], "instances": []}
+                services.append(head)
+                size = _size(svc["service"])
+            head["instances"].append(inst)
+            size += inst_size
+    for key in body["keys"]:
+        key_size = _size(key)
+        if size + key_size > bytes_max and (services or keys):
+            flush()
+        keys.append(key)
+        size += key_size
+    parts.append({**base, "services": services, "keys": keys, "more": False})
+    return parts
+
+
+def message_chunks(events: list[dict[str, Any]], bytes_max: int = EVENT_BYTES_PER_MESSAGE_MAX,
+                   ) -> list[list[dict[str, Any]]]:
+    """Split events (in revision order) into messages of whole revisions of at most ``bytes_max``.
+
+    A single revision larger than ``bytes_max`` still makes one message of its
+    own: a client resumes from the last revision it received + 1, so a revision
+    must never be split across messages.
+    """
+    chunks: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    size = 0
+    i = 0
+    while i < len(events):
+        revision = events[i]["revision"]
+        j = i + 1
+        while j < len(events) and events[j]["revision"] == revision:
+            j += 1
+        group = events[i:j]
+        group_size = len(msgpack.packb(group, use_bin_type=True))
+        if current and size + group_size > bytes_max:
+            chunks.append(current)
+            current, size = [], 0
+        current.extend(group)
+        size += group_size
+        i = j
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class WatchService:
     def __init__(self, hub: WatchHub, holder: StateHolder, metrics: NodeMetrics) -> None:
         self.hub = hub
         self._holder = holder
         self._metrics = metrics
+        #: hub.resyncs already added to the resync counter, by reason.
+        self._resyncs_exported: dict[str, int] = {}
+        #: Handlers waiting for the next applied batch (see ``_next_apply``).
+        self._apply_waiters: list[asyncio.Future[None]] = []
 
     def publish(self, revision: int, events: list[dict[str, Any]]) -> None:
         self.hub.publish(revision, events)
+        self._export_resyncs()
+        self._wake_apply_waiters()
 
     def restored(self) -> None:
         with self._holder.lock:
             revision = self._holder.state.revision
         self.hub.reset(revision)
+        self._export_resyncs()
+        self._wake_apply_waiters()
+
+    def _wake_apply_waiters(self) -> None:
+        waiters, self._apply_waiters = self._apply_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    async def _next_apply(self, timeout_s: float) -> None:
+        """Wait for the next applied batch (or the timeout)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._apply_waiters.append(future)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            if future in self._apply_waiters:
+                self._apply_waiters.remove(future)
+
+    def _export_resyncs(self) -> None:
+        """Count resyncs when the hub flags them, not when the snapshot goes out (it may never)."""
+        for reason, count in self.hub.resyncs.items():
+            delta = count - self._resyncs_exported.get(reason, 0)
+            if delta > 0:
+                self._metrics.watch_resyncs.labels(reason=reason).inc(delta)
+                self._resyncs_exported[reason] = count
 
     def _update_gauges(self) -> None:
         self._metrics.watchers.set(self.hub.watchers)
@@ -93,42 +239,57 @@ class WatchService:
         wake = asyncio.Event()
         watcher = self.hub.subscribe(selector, start, wake.set)
         self._update_gauges()
+        self._export_resyncs()
         try:
             if want_list:
                 watcher.mark_resync("list")
-            sink.send({"type": "created", "revision": watcher.next_revision - 1})
+            #: The highest revision this stream has told the client about: it resumes after it.
+            covered = watcher.next_revision - 1
+            sink.send({"type": "created", "revision": covered})
             progress_s = progress_ms / 1000.0
             while not sink.closed:
                 wake.clear()
                 if watcher.resync_reason is not None:
                     reason = watcher.resync_reason
+                    # A snapshot must cover everything the hub published (the watcher's queue was
+                    # dropped; older events are not pushed again) and everything the client has.
+                    # The state is normally ahead of the hub; it is behind only after the node
+                    # installed a snapshot older than what it had applied, and then re-applies.
+                    need = max(self.hub.revision, covered)
                     with self._holder.lock:
                         state = self._holder.state
                         revision = state.revision
-                        body = selection_snapshot(state, selector)
+                        body = selection_snapshot(state, selector) if revision >= need else None
+                    if body is None:
+                        await self._next_apply(progress_s)
+                        continue
                     watcher.resynced(revision)
-                    sink.send({"type": "snapshot", "reason": reason, "revision": revision, **body})
-                    if reason != "list":
-                        self._metrics.watch_resyncs.labels(reason=reason).inc()
-                    await sink.drain()
+                    covered = revision
+                    for part in snapshot_messages(body, {"type": "snapshot", "reason": reason, "revision": revision}):
+                        sink.send(part)
+                        await sink.drain()
                     continue
                 events = watcher.take(EVENTS_PER_MESSAGE_MAX)
                 if events:
-                    sink.send({"type": "events", "events": events})
-                    self._metrics.watch_events.inc(len(events))
-                    await sink.drain()
+                    for message in event_messages(events):
+                        chunk = message["events"]
+                        if not message.get("partial"):
+                            covered = max(covered, chunk[-1]["revision"])
+                        sink.send(message)
+                        self._metrics.watch_events.inc(len(chunk))
+                        await sink.drain()
                     continue
                 try:
                     await asyncio.wait_for(wake.wait(), progress_s)
                 except TimeoutError:
                     # Everything for this watch up to the hub's revision was sent.
                     if watcher.pending == 0 and watcher.resync_reason is None:
-                        revision = max(self.hub.revision, watcher.next_revision - 1)
-                        sink.send({"type": "progress", "revision": revision})
+                        covered = max(covered, self.hub.revision, watcher.next_revision - 1)
+                        sink.send({"type": "progress", "revision": covered})
                         await sink.drain()
         finally:
             self.hub.unsubscribe(watcher)
             self._update_gauges()
 
 
-__all__ += ["selection_snapshot", "event_matches"]
+__all__ += ["selection_snapshot", "message_chunks", "event_messages", "snapshot_messages", "event_matches"]

@@ -197,8 +197,10 @@ class Cluster:
                 return node
         return None
 
-    def wait_leader(self, deadline_s: float = 20.0) -> NodeProc:
-        return wait_until(self.leader, deadline_s, "a leader")
+    def wait_leader(self, deadline_s: float = 30.0) -> NodeProc:
+        leader = wait_until(self.leader, deadline_s, "a leader")
+        assert leader is not None  # wait_until returns only a truthy value
+        return leader
 
     def kill(self, node: NodeProc) -> None:
         if node.proc is not None and node.proc.poll() is None:
