@@ -35,8 +35,11 @@ ANNOUNCE_RETRY_S = 0.2
 
 class LeaseService:
     def __init__(self, raft: RaftNode, holder: StateHolder, proposer: Proposer, metrics: NodeMetrics,
-                 leader_api: Any, guard: StallGuard | None = None) -> None:
+                 leader_api: Any, guard: StallGuard | None = None, handover_grace_s: float = 0.0) -> None:
         self._raft = raft
+        #: Added to every countdown when this node becomes leader: the longest a
+        #: cut-off previous leader may have kept acknowledging keepalives.
+        self._handover_grace_s = handover_grace_s
         self._holder = holder
         self._proposer = proposer
         self._metrics = metrics
@@ -127,7 +130,7 @@ class LeaseService:
         if leading and (not self.keeper.active or term != self._term):
             with self._holder.lock:
                 ttls = self._holder.state.lease_ttls()
-            self.keeper.reset_all(ttls, now)
+            self.keeper.reset_all(ttls, now, self._handover_grace_s)
             self._term = term
             log.info("leading in term %d: restarted the countdown of %d lease(s)", term, len(ttls))
             self._spawn(self._announce_epoch(term))

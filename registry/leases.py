@@ -9,8 +9,9 @@ forward in memory, so 100k instances renewing every few seconds cost the
 Raft log nothing.
 
 When a node becomes leader it restarts every lease's countdown from its full
-TTL (``reset_all``): the new leader cannot know when the old one last heard
-a keepalive, and a lease must never expire because leadership moved.
+TTL (``reset_all``), plus the time a deposed leader may still have answered
+keepalives: the new leader cannot know when the old one last acknowledged
+one, and a lease must never expire because leadership moved.
 
 The leader asks ``due(now)`` every tick and proposes ``lease_expire`` with
 its leadership epoch (its Raft term) for what comes back; the state machine
@@ -77,10 +78,17 @@ class LeaseKeeper:
 
     # -- what the replicated state says exists --------------------------------
 
-    def reset_all(self, ttls_ms: dict[int, int], now: float) -> None:
-        """Become leader: every lease gets its full TTL from now."""
+    def reset_all(self, ttls_ms: dict[int, int], now: float, grace_s: float = 0.0) -> None:
+        """Become leader: every lease gets its full TTL from now, plus ``grace_s``.
+
+        The grace covers keepalives the previous leader may still have
+        acknowledged after this node was elected: a cut-off leader stays in
+        office (and answers keepalives) for up to its fallback timeout, so the
+        new leader adds that timeout to every countdown (etcd's lessor extends
+        leases by the election timeout on promotion for the same reason).
+        """
         self._ttl_s = {lease: ttl / 1000.0 for lease, ttl in ttls_ms.items()}
-        self._deadline = {lease: now + ttl for lease, ttl in self._ttl_s.items()}
+        self._deadline = {lease: now + grace_s + ttl for lease, ttl in self._ttl_s.items()}
         self._deferred.clear()
         self._expiring.clear()
         self._last_tick = now

@@ -97,7 +97,10 @@ class Node:
             api_by_raft=dict(config.peer_apis),
         )
         self.api = RegistryAPI(info, self.holder, raft, self._proposer, waiters, config.request_timeout_s)
-        self.leases = LeaseService(raft, self.holder, self._proposer, self.metrics, self._leader_api)
+        # A cut-off leader answers keepalives until it steps down (leader
+        # fallback) plus a heartbeat; a new leader's countdowns start that late.
+        self.leases = LeaseService(raft, self.holder, self._proposer, self.metrics, self._leader_api,
+                                   handover_grace_s=config.raft.leader_fallback_s + config.raft.heartbeat_s)
         self.api.add_handler("lease_keepalive", self.leases.keepalive)
         self.api.add_handler("lease_ttl", self.leases.time_to_live)
         self.leases.start()
