@@ -9,7 +9,7 @@ import click
 
 from registry.backup import decode_backup, seed_data_dir, write_atomic
 from registry.client import SyncClient
-from registry.errors import BadRequest, Internal, RegistryError
+from registry.errors import BadRequest, Internal, NotLeader, RegistryError
 
 from .main import Ctx, cli, handles_errors
 from .output import emit, table
@@ -101,6 +101,24 @@ def member_list(obj: Ctx) -> None:
     emit(obj.output, body, table(rows, ["RAFT", "API", "ROLE", "CONNECTED", "MATCH_INDEX"]))
 
 
+def _change_membership(obj: Ctx, op: str, args: dict[str, str]) -> int:
+    """Send a membership change to the leader, which alone makes them (a follower answers NOT_LEADER).
+
+    Never retried on its own: a change whose outcome is unknown must not be sent twice.
+    """
+    with obj.client() as client:
+        try:
+            revision, _ = client.call(op, args, retry=False)
+            return revision
+        except NotLeader as err:
+            if not err.hint:
+                raise
+            hint = err.hint
+    with SyncClient([hint], token=obj.token, timeout_s=obj.timeout_s) as leader_client:
+        revision, _ = leader_client.call(op, args, retry=False)
+        return revision
+
+
 @member.command("add")
 @click.argument("raft")
 @click.option("--api", default=None, help="The new member's API HOST:PORT (for leader hints and listings).")
@@ -109,8 +127,7 @@ def member_list(obj: Ctx) -> None:
 def member_add(obj: Ctx, raft: str, api: str | None) -> None:
     """Add the node at Raft address RAFT (start it first, with --peers listing the current members)."""
     args = {"raft": raft, **({"api": api} if api else {})}
-    with obj.client() as client:
-        revision, _ = client.call("member_add", args, retry=False)
+    revision = _change_membership(obj, "member_add", args)
     emit(obj.output, {"added": raft, "revision": revision}, f"added member {raft}")
 
 
@@ -120,8 +137,7 @@ def member_add(obj: Ctx, raft: str, api: str | None) -> None:
 @handles_errors
 def member_remove(obj: Ctx, raft: str) -> None:
     """Remove the member at Raft address RAFT."""
-    with obj.client() as client:
-        revision, _ = client.call("member_remove", {"raft": raft}, retry=False)
+    revision = _change_membership(obj, "member_remove", {"raft": raft})
     emit(obj.output, {"removed": raft, "revision": revision}, f"removed member {raft}")
 
 

@@ -60,7 +60,10 @@ def decode_backup(data: bytes, *, source: str = "backup") -> tuple[RegistryState
     revision = envelope.get("revision")
     if not isinstance(state_bytes, bytes) or not isinstance(revision, int):
         raise BadRequest(f"{source}: malformed backup envelope")
-    state = RegistryState.restore(state_bytes)
+    try:
+        state = RegistryState.restore(state_bytes)
+    except BadRequest as err:
+        raise BadRequest(f"{source}: {err.message}") from None
     if state.revision != revision:
         raise BadRequest(f"{source}: state is at revision {state.revision}, envelope says {revision}")
     return state, {"revision": revision, "created_ms": envelope.get("created_ms")}

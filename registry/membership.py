@@ -1,8 +1,11 @@
 """Cluster membership at run time: list, add, remove, transfer leadership.
 
-pysyncobj changes membership one node at a time (no joint consensus) and
-refuses a change while another is uncommitted; we report that refusal as
-``CONFLICT``.  A joining node must already run, started with ``--peers``
+pysyncobj changes membership one node at a time (no joint consensus) but
+does not itself refuse a change while another is uncommitted, so the
+leader's service does (``CONFLICT``); changes are made on the leader only,
+a follower answers ``NOT_LEADER`` with the leader's API address as hint.
+pysyncobj's leader refuses to remove itself: transfer leadership first.
+A joining node must already run, started with ``--peers``
 listing the current members; it catches up from the leader's snapshot plus
 log.  The API address of an added node is kept in the replicated key
 ``_cluster/members/<raft address>`` so every node can hand out leader hints.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +35,8 @@ __all__ = ["MembershipService", "MEMBER_KEY_PREFIX"]
 MEMBER_KEY_PREFIX = "_cluster/members/"
 #: How long a membership change may take to commit before TIMEOUT.
 CHANGE_TIMEOUT_S = 10.0
+#: How long a leadership transfer waits for the target to match the leader's log.
+TRANSFER_CATCH_UP_S = 3.0
 
 
 class MembershipService:
@@ -45,14 +51,19 @@ class MembershipService:
         self._static_apis = dict(static_apis or {})
         self._in_raft: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
+        #: The membership change this (leader) node is making, if any: one at a time.
+        self._changing: str | None = None
         raft.addOnTickCallback(self._run_in_raft_thread)
 
     def _run_in_raft_thread(self) -> None:
-        while self._in_raft:
+        # Only what was queued before this tick: a function may queue itself again for the next one.
+        for _ in range(len(self._in_raft)):
             fn = self._in_raft.popleft()
             fn()
 
-    async def _await(self, start: Callable[[Callable[[Any, int], None]], None]) -> None:
+    async def _await(self, start: Callable[[Callable[[Any, int], None]], None],
+                     denied: str = "membership change refused by Raft: a new leader has not committed an entry "
+                                   "of its term yet, or the change was already made; retry shortly") -> None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
 
@@ -71,8 +82,7 @@ class MembershipService:
         if reason == FAIL_REASON.SUCCESS:
             return
         if reason == FAIL_REASON.REQUEST_DENIED:
-            raise Conflict("membership change refused: another change is still in progress, "
-                           "or the target is not a caught-up member")
+            raise Conflict(denied)
         if reason == FAIL_REASON.NOT_LEADER:
             raise NotLeader("only the leader can do this", hint=self._leader_api())
         raise submit_error(reason)
@@ -107,27 +117,54 @@ class MembershipService:
             })
         return self._holder.state.revision, {"members": members, "leader": leader_id}
 
+    def _begin_change(self, what: str) -> None:
+        """Admit one membership change at a time, on the leader only.
+
+        pysyncobj 0.3.17 does not serialize changes itself (its ``__changeClusterIDx`` is never
+        set, so a second change is appended while the first is uncommitted), and a follower
+        forwards a change straight to the leader's Raft, past this service.  So changes are made
+        by the leader's service only (a follower answers NOT_LEADER with the leader's address) and
+        the leader refuses a second one while the first has not committed.
+        """
+        if not self._raft._isLeader():
+            raise NotLeader("membership changes are made by the leader", hint=self._leader_api())
+        if self._changing is not None:
+            raise Conflict(f"membership change refused: '{self._changing}' is still in progress; "
+                           "retry once it has committed")
+        self._changing = what
+
     async def add(self, args: dict[str, Any]) -> tuple[int, Any]:
         raft_addr, api = _member_args(args, allow_api=True)
         if raft_addr == str(self._raft.selfNode.id) or raft_addr in {str(n.id) for n in self._raft.otherNodes}:
             raise Conflict(f"{raft_addr} is already a member")
-        await self._await(lambda done: self._raft.addNodeToCluster(raft_addr, callback=done))
-        if api is not None:
-            await self._proposer.write({"op": "key_put", "key": MEMBER_KEY_PREFIX + raft_addr, "value": api})
+        self._begin_change(f"add {raft_addr}")
+        try:
+            await self._await(lambda done: self._raft.addNodeToCluster(raft_addr, callback=done))
+            if api is not None:
+                await self._proposer.write({"op": "key_put", "key": MEMBER_KEY_PREFIX + raft_addr, "value": api})
+        finally:
+            self._changing = None
         return self._holder.state.revision, {"added": raft_addr, "api": api}
 
     async def remove(self, args: dict[str, Any]) -> tuple[int, Any]:
         raft_addr, _ = _member_args(args, allow_api=False)
-        members = {str(n.id) for n in self._raft.otherNodes} | {str(self._raft.selfNode.id)}
+        me = str(self._raft.selfNode.id)
+        members = {str(n.id) for n in self._raft.otherNodes} | {me}
         if raft_addr not in members:
             raise NotFound(f"{raft_addr} is not a member")
-        await self._await(lambda done: self._raft.removeNodeFromCluster(raft_addr, callback=done))
+        if raft_addr == me and self._raft._isLeader():
+            # pysyncobj's leader refuses to remove itself (REQUEST_DENIED): say why and what to do.
+            raise Conflict(f"{raft_addr} is the leader and cannot be removed; move leadership first "
+                           "(`regctl member transfer-leader`), then remove it")
+        self._begin_change(f"remove {raft_addr}")
         try:
-            await self._proposer.write({"op": "key_delete", "key": MEMBER_KEY_PREFIX + raft_addr})
-        except NotFound:
-            pass
-        except RegistryError:
-            pass  # the removal itself committed; a stale hint entry is harmless
+            await self._await(lambda done: self._raft.removeNodeFromCluster(raft_addr, callback=done))
+            try:
+                await self._proposer.write({"op": "key_delete", "key": MEMBER_KEY_PREFIX + raft_addr})
+            except RegistryError:
+                pass  # NOT_FOUND, or the removal committed and a stale hint entry is harmless
+        finally:
+            self._changing = None
         return self._holder.state.revision, {"removed": raft_addr}
 
     async def transfer_leader(self, args: dict[str, Any]) -> tuple[int, Any]:
@@ -141,11 +178,29 @@ class MembershipService:
             parse_hostport(target, what="raft")
         if not self._raft._isLeader():
             raise NotLeader("leadership is transferred by the leader", hint=self._leader_api())
+        if target is not None:
+            if target == str(self._raft.selfNode.id):
+                raise Conflict(f"{target} is already the leader")
+            if target not in {str(n.id) for n in self._raft.otherNodes}:
+                raise NotFound(f"{target} is not a member")
+        # pysyncobj denies a transfer unless the target's log matches the leader's last index exactly,
+        # which under steady writes holds only between batches: try again on each tick for a while.
+        deadline = time.monotonic() + TRANSFER_CATCH_UP_S
 
         def start(done: Callable[[Any, int], None]) -> None:
-            self._in_raft.append(lambda: self._raft.transferLeadership(target, callback=done))
+            def attempt() -> None:  # Raft thread
+                def outcome(result: Any, reason: int) -> None:
+                    if reason == FAIL_REASON.REQUEST_DENIED and time.monotonic() < deadline:
+                        self._in_raft.append(attempt)
+                    else:
+                        done(result, reason)
 
-        await self._await(start)
+                self._raft.transferLeadership(target, callback=outcome)
+
+            self._in_raft.append(attempt)
+
+        await self._await(start, denied=f"leadership transfer refused: {target or 'no follower'} did not catch up "
+                                        f"with the leader's log within {TRANSFER_CATCH_UP_S:g}s (or is not connected)")
         return self._holder.state.revision, {"requested": target or "most caught-up follower"}
 
 

@@ -178,7 +178,8 @@ def _ports_free(base: int, nodes: int) -> bool:
 
 def _free_base_port() -> int:
     for _ in range(100):
-        base = random.randrange(41_000, 64_000, 10)
+        # Below the ephemeral range (32768+), away from the test clusters (20000-32700).
+        base = random.randrange(10_000, 19_500, 10)
         if _ports_free(base, 3):
             return base
     raise RuntimeError("no free port range for regctl up")

@@ -24,8 +24,10 @@ from registry.errors import RegistryError
 
 T = TypeVar("T")
 
-#: Test clusters use ports in this range, away from regctl up's 7000s.
-PORT_RANGE = (20_000, 40_000)
+#: Test clusters use ports in this range, away from regctl up's 7000s and below Linux's default
+#: ephemeral range (32768-60999): a port chosen there can be taken by any outgoing connection between
+#: the check that it is free and the node's bind, and the node then dies with EADDRINUSE.
+PORT_RANGE = (20_000, 32_700)
 
 
 def wait_until(
