@@ -424,6 +424,7 @@ class Client:
         next_revision = start_revision
         first = True
         announced = False
+        idle_s = 3 * (progress_ms if progress_ms is not None else 5000) / 1000.0 + 1.0
         backoff_s = 0.05
         while True:
             args = dict(selector)
@@ -442,7 +443,16 @@ class Client:
                     # piece over, so nothing half-done ever reaches the caller.
                     partial_events: list[dict[str, Any]] = []
                     snapshot_parts: list[dict[str, Any]] = []
-                    async for item in items:
+                    while True:
+                        try:
+                            # A node sends progress every progress_ms; silence for
+                            # several of those means it is stopped or cut off
+                            # (its TCP connection may never break): resume elsewhere.
+                            item = await asyncio.wait_for(anext(items), idle_s)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            raise ConnectionFailed("watch stream went silent") from None
                         backoff_s = 0.05
                         kind = item.get("type")
                         if kind == "events" and item.get("partial"):

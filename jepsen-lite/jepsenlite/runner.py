@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 #: Local clusters take ports from here (tests use 20000-40000, regctl up the 7000s).
-LOCAL_PORT_RANGE = (41_000, 59_000)
+# Above Linux's ephemeral range (32768-60999), so no outgoing socket takes a node's port.
+LOCAL_PORT_RANGE = (61_000, 65_200)
 #: Every namespace this tool creates starts with this, then the owner's pid.
 NETNS_PREFIX = "jepsenlite"
 #: Private subnet that exists only inside our namespaces (never routed anywhere).

@@ -1,0 +1,198 @@
+"""A throwaway three-node cluster of real ``regctl server`` processes for the benchmark.
+
+Layout as ``regctl up`` (node i: API base+i, Raft base+100+i, HTTP base+200+i)
+on 127.0.0.1, with a fresh cluster key and data dir under a temp directory.
+Also: CPU time of a process from ``/proc/PID/stat`` (all its threads).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.client import SyncClient
+from registry.errors import RegistryError
+
+__all__ = ["BenchCluster", "BenchNode", "cpu_seconds", "machine_busy_seconds"]
+
+#: Benchmark clusters use base ports in this range (away from regctl up's 7000s and the tests').
+# Above Linux's ephemeral range (32768-60999), so no outgoing socket takes a node's port.
+PORT_RANGE = (61_000, 65_200)
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (every thread), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # Fields after the command name, which is in parentheses and may contain spaces.
+    rest = data[data.rindex(b")") + 2 :].split()
+    utime, stime = int(rest[11]), int(rest[12])
+    return (utime + stime) / _CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle (all CPUs), from /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / _CLK_TCK
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def regctl_command() -> list[str]:
+    """The installed ``regctl`` script next to this interpreter (not a pyenv shim: its PID is the server's)."""
+    beside = Path(sys.executable).parent / "regctl"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("regctl")
+    if found is None:
+        raise RuntimeError("regctl is not installed: run `pip install -e .` in the repository first")
+    return [found]
+
+
+@dataclass
+class BenchNode:
+    node_id: str
+    api: str
+    raft: str
+    http: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class BenchCluster:
+    def __init__(self, size: int = 3, root: Path | None = None, keep_data: bool = False,
+                 env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        self.root = root if root is not None else Path(tempfile.mkdtemp(prefix="regbench-"))
+        self.keep_data = keep_data
+        #: Extra environment and ``regctl server`` arguments for every node (experiments).
+        self.env = {**os.environ, **(env or {})}
+        self.extra_args = extra_args
+        for _ in range(200):
+            base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 300, 10)
+            if _ports_free([base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]):
+                break
+        else:
+            raise RuntimeError("no free loopback port range for the benchmark cluster")
+        self.base = base
+        self.nodes = [
+            BenchNode(f"n{i}", f"127.0.0.1:{base + i}", f"127.0.0.1:{base + 100 + i}",
+                      f"127.0.0.1:{base + 200 + i}", self.root / f"n{i}")
+            for i in range(1, size + 1)
+        ]
+        self.key_file = self.root / "cluster.key"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [n.api for n in self.nodes]
+
+    def command(self, node: BenchNode) -> list[str]:
+        cmd = [*regctl_command(), "server", "--id", node.node_id, "--data-dir", str(node.data_dir),
+               "--raft", node.raft, "--peers", ",".join(n.raft for n in self.nodes if n is not node),
+               "--api", node.api, "--http", node.http, "--cluster-key-file", str(self.key_file),
+               "--log-level", "WARNING", *self.extra_args]
+        for n in self.nodes:
+            if n is not node:
+                cmd += ["--peer-api", f"{n.raft}={n.api}"]
+        return cmd
+
+    def start(self, ready_timeout_s: float = 30.0) -> str:
+        """Start every node; return the leader's node id once one is elected and serving."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        for node in self.nodes:
+            node.data_dir.mkdir(parents=True, exist_ok=True)
+            with open(node.data_dir / "node.log", "ab") as log:
+                # Own session: a Ctrl-C in the terminal reaches only us, and we stop the nodes.
+                node.proc = subprocess.Popen(self.command(node), stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True, env=self.env)
+        return self.wait_leader(ready_timeout_s)
+
+    def statuses(self) -> list[dict[str, object]]:
+        with SyncClient(self.endpoints, timeout_s=1.0, connect_timeout_s=0.3) as client:
+            return client.cluster_status()
+
+    def leader(self) -> str | None:
+        for status in self.statuses():
+            if status.get("reachable") and status.get("role") == "leader":
+                return str(status.get("id"))
+        return None
+
+    def wait_leader(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                statuses = self.statuses()
+                leaders = [s for s in statuses if s.get("reachable") and s.get("role") == "leader"]
+                if len(leaders) == 1 and all(s.get("reachable") and s.get("leader") for s in statuses):
+                    # Serving: a linearizable read commits a barrier through the leader.
+                    with SyncClient(self.endpoints, timeout_s=2.0, connect_timeout_s=0.3) as client:
+                        client.call("service_list", {})
+                    return str(leaders[0]["id"])
+            except RegistryError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"no leader within {timeout_s:g}s; node logs in {self.root}")
+
+    def node(self, node_id: str) -> BenchNode:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def check_alive(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is not None:
+                # The data dir (and its log) is removed on stop: quote the log's end here.
+                try:
+                    tail = (node.data_dir / "node.log").read_text(errors="replace").splitlines()[-15:]
+                except OSError:
+                    tail = []
+                raise RuntimeError(f"node {node.node_id} exited with code {node.proc.returncode}; "
+                                   "end of its log:\n  " + "\n  ".join(tail))
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {n.node_id: cpu_seconds(n.pid) for n in self.nodes}
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        procs = [n.proc for n in self.nodes if n.proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for node in self.nodes:
+            node.proc = None
+        if not self.keep_data:
+            shutil.rmtree(self.root, ignore_errors=True)
