@@ -63,6 +63,11 @@ class LeaseService:
 
     def on_events(self, events: list[dict[str, Any]]) -> None:
         """Mirror lease grants and removals from applied events (every node)."""
+        if not self.keeper.active and any(e.get("kind") == "lease" for e in events) and self._raft._isLeader():
+            # This node leads but its tick has not noticed yet: take over the
+            # countdowns now, so a lease granted in this term (one of these
+            # events) gets its plain TTL rather than the hand-over grace.
+            self._tick()
         now = time.monotonic()
         for event in events:
             if event.get("kind") != "lease":
