@@ -23,7 +23,7 @@ class _Context(logging.Filter):
         try:
             record.revision = self._revision()
             record.term = self._term()
-        except Exception:  # noqa: BLE001 - logging must never fail
+        except Exception:
             record.revision = -1
             record.term = -1
         return True

@@ -143,7 +143,7 @@ class Proposer:
 
         try:
             self._submitter.submit(batch, done)
-        except Exception as err:  # noqa: BLE001 - pysyncobj raised synchronously
+        except Exception as err:  # pysyncobj raised synchronously
             log.exception("submit failed")
             self._inflight -= 1
             for waiter in waiters:
