@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from registry.client import DEFAULT_ENDPOINTS, SyncClient
+from registry.client import DEFAULT_ENDPOINTS, SyncClient, client_ssl_context
 from registry.config import NodeConfig, RaftTiming, parse_hostport
 from registry.errors import RegistryError
 
@@ -38,9 +38,15 @@ class Ctx:
     output: str
     token: str | None
     timeout_s: float
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def client(self) -> SyncClient:
-        return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s)
+        if self.tls_ca is None and self.tls_cert is None:
+            return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s)
+        ctx = client_ssl_context(self.tls_ca, self.tls_cert, self.tls_key)
+        return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s, ssl_context=ctx)
 
 
 def fail(err: RegistryError) -> None:
@@ -66,8 +72,15 @@ def handles_errors(fn: F) -> F:
 @click.option("--token", envvar="REGCTL_TOKEN", default=None, help="API token (env REGCTL_TOKEN).")
 @click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
               help="Seconds to keep retrying a request across nodes.")
+@click.option("--tls-ca", envvar="REGCTL_TLS_CA", default=None, type=click.Path(dir_okay=False),
+              help="Connect over TLS, trusting this CA file (env REGCTL_TLS_CA).")
+@click.option("--tls-cert", envvar="REGCTL_TLS_CERT", default=None, type=click.Path(dir_okay=False),
+              help="Client certificate for TLS (with --tls-key).")
+@click.option("--tls-key", envvar="REGCTL_TLS_KEY", default=None, type=click.Path(dir_okay=False),
+              help="Client private key for TLS.")
 @click.pass_context
-def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, timeout_s: float) -> None:
+def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, timeout_s: float,
+        tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """raft-registry: a Raft-replicated service registry."""
     eps = [e.strip() for e in endpoints.split(",") if e.strip()]
     for endpoint in eps:
@@ -77,7 +90,9 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
             raise click.UsageError(err.message) from None
     if not eps:
         raise click.UsageError("--endpoints is empty")
-    ctx.obj = Ctx(eps, output, token, timeout_s)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    ctx.obj = Ctx(eps, output, token, timeout_s, tls_ca, tls_cert, tls_key)
 
 
 # -- server / up ----------------------------------------------------------------
@@ -103,10 +118,19 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
               help="Events kept in the watch history for resumes (tests use a low value).")
 @click.option("--watch-queue-events", type=click.IntRange(min=1), default=None, hidden=True,
               help="Events queued per watcher before it is resynced (tests use a low value).")
+@click.option("--acl", "acl_enabled", is_flag=True,
+              help="Enforce ACLs: every request needs a token (bootstrap with `regctl acl bootstrap`).")
+@click.option("--tls-cert", "tls_cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Serve the client API over TLS with this certificate chain (PEM).")
+@click.option("--tls-key", "tls_key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Private key of --tls-cert (PEM).")
+@click.option("--tls-client-ca", "tls_client_ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Require client certificates signed by this CA.")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
            log_level: str, compaction_entries: int | None, watch_history_events: int | None,
-           watch_queue_events: int | None) -> None:
+           watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
+           tls_client_ca: Path | None) -> None:
     """Run one registry node in the foreground."""
     from registry.node import run_node
 
@@ -132,6 +156,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
             node_id=node_id, data_dir=data_dir, raft_addr=raft_addr, peers=peer_list,
             api_host=api_host, api_port=api_port, http_host=http_host, http_port=http_port,
             peer_apis=tuple(pairs), cluster_key=key, dev=dev, log_format=log_format, log_level=log_level.upper(),
+            acl=acl_enabled, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         )
         if compaction_entries is not None:
             config = config.replace(raft=RaftTiming(compaction_entries=compaction_entries))
@@ -287,7 +312,7 @@ def service_get(obj: Ctx, name: str, consistency: str, min_revision: int | None)
          table(rows, ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META"]) + f"\nrevision: {revision}")
 
 
-from . import agent, demo, leases, ops  # noqa: E402,F401  (register agent, demo, lease, lock, watch, ... commands)
+from . import acl, agent, demo, leases, ops  # noqa: E402,F401  (register agent, demo, lease, lock, watch, ... commands)
 
 
 def main() -> None:

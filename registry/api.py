@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,13 @@ from .proposer import Proposer
 from .replication import RaftNode, StateHolder
 from .state import RegistryState
 
-__all__ = ["RegistryAPI", "NodeInfo", "RevisionWaiters", "WRITE_OPS"]
+__all__ = ["RegistryAPI", "NodeInfo", "RevisionWaiters", "WRITE_OPS", "CURRENT_AUTH", "CURRENT_PEER"]
+
+#: sha256 of the token of the request being served, set by the server only with ACLs on;
+#: writers stamp it into the command as ``auth`` so the state machine authorizes at apply time.
+CURRENT_AUTH: ContextVar[str | None] = ContextVar("regctl_current_auth", default=None)
+#: The client address of the request being served (login rate limits, audit).
+CURRENT_PEER: ContextVar[str | None] = ContextVar("regctl_current_peer", default=None)
 
 #: Ops a client may propose.  Internal commands (barrier, lease_expire,
 #: leader_epoch) are absent on purpose: only the node itself issues them.
@@ -166,11 +173,20 @@ class RegistryAPI:
 
     # -- writes -------------------------------------------------------------
 
+    def writer(self, op: str) -> Handler:
+        return self._writer(op)
+
+    def reader(self, fn: Callable[[RegistryState, dict[str, Any]], Any], allowed: set[str]) -> Handler:
+        return self._reader(fn, allowed)
+
     def _writer(self, op: str) -> Handler:
         async def write(args: dict[str, Any]) -> tuple[int, Any]:
-            if "op" in args or "now_ms" in args:
-                raise BadRequest("fields 'op' and 'now_ms' are set by the node, not the client")
+            if "op" in args or "now_ms" in args or "auth" in args:
+                raise BadRequest("fields 'op', 'now_ms' and 'auth' are set by the node, not the client")
             command = dict(args)
+            auth = CURRENT_AUTH.get()
+            if auth:
+                command["auth"] = auth
             command["op"] = op
             # Time enters the state machine only here, stamped by the node
             # that proposes; the state machine never reads a clock.

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import os
 import random
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
@@ -43,6 +44,15 @@ from .protocol import (
     StreamEnd,
     StreamEvent,
 )
+
+
+def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """TLS settings for a client: trust ``ca`` (system roots if None), present ``cert``/``key`` if given."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
 
 __all__ = ["Client", "SyncClient", "ConnectionFailed", "DEFAULT_ENDPOINTS"]
 
@@ -92,9 +102,13 @@ class _Connection:
 
     @classmethod
     async def open(cls, endpoint: str, token: str | None, client_name: str, timeout_s: float,
-                   frame_bytes_max: int) -> _Connection:
+                   frame_bytes_max: int, ssl_context: ssl.SSLContext | None = None) -> _Connection:
         host, port = parse_hostport(endpoint, what="endpoint")
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        if ssl_context is None:
+            opening = asyncio.open_connection(host, port)
+        else:
+            opening = asyncio.open_connection(host, port, ssl=ssl_context, server_hostname=host)
+        reader, writer = await asyncio.wait_for(opening, timeout_s)
         conn = cls(endpoint, reader, writer, frame_bytes_max)
         try:
             writer.write(conn._codec.send(Hello(version=PROTOCOL_VERSION, token=token, client=client_name)))
@@ -235,6 +249,7 @@ class Client:
         frame_bytes_max: int = 1 << 24,
         shuffle: bool = False,
         probe_after_s: float = 1.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
@@ -244,6 +259,8 @@ class Client:
         if shuffle:
             random.shuffle(self.endpoints)
         self.token = token
+        #: TLS for the API connections (None: plain TCP).
+        self.ssl_context = ssl_context
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.client_name = client_name
@@ -280,7 +297,8 @@ class Client:
                 self._next += 1
                 try:
                     self._conn = await _Connection.open(
-                        endpoint, self.token, self.client_name, self.connect_timeout_s, self.frame_bytes_max
+                        endpoint, self.token, self.client_name, self.connect_timeout_s, self.frame_bytes_max,
+                        self.ssl_context,
                     )
                     return self._conn
                 except (OSError, TimeoutError, ConnectionFailed) as err:
@@ -553,7 +571,7 @@ class Client:
     async def node_status(self, endpoint: str) -> dict[str, Any]:
         """Status of one node, asked directly (no failover: the point is that node)."""
         conn = await _Connection.open(endpoint, self.token, self.client_name, self.connect_timeout_s,
-                                      self.frame_bytes_max)
+                                      self.frame_bytes_max, self.ssl_context)
         try:
             response = await asyncio.wait_for(conn.request("status", {}), self.connect_timeout_s * 2)
         finally:
@@ -660,14 +678,21 @@ class SyncClient:
     def watch(self, **kwargs: Any) -> Any:
         """Blocking generator over ``Client.watch``."""
         agen = cast(AsyncGenerator[Any, None], self.client.watch(**kwargs))
+        step: asyncio.Future[Any] | None = None
         try:
             while True:
+                step = asyncio.ensure_future(agen.__anext__(), loop=self._loop)
                 try:
-                    yield self._run(agen.__anext__())
+                    yield self._run(step)
                 except StopAsyncIteration:
                     return
         finally:
-            # Interrupted mid-step (Ctrl-C): the generator may still be running.
+            # Interrupted mid-step (Ctrl-C): finish the pending step (cancelled) first, so the
+            # generator can be closed and no task is left to fail unobserved at exit.
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    self._run(step)
             with contextlib.suppress(RuntimeError, RegistryError, OSError):
                 self._run(agen.aclose())
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from . import model
+from . import acl, model
 from .errors import BadRequest, UnknownOp
 
 __all__ = ["FieldSpec", "SCHEMAS", "OPS", "validate_command"]
@@ -104,7 +104,12 @@ def _r(kind: Kind, check: Callable[[str, Any], Any]) -> FieldSpec:
 _COMMON: Final[dict[str, FieldSpec]] = {
     "rid": _f("str", model.check_rid),
     "now_ms": _f("int?", model.check_now_ms),
+    # sha256 of the caller's token, stamped by the receiving node when ACLs are on:
+    # the state machine then authorizes the command at apply time (see registry.acl).
+    "auth": _f("str", acl.check_hash),
 }
+_ACL_ID = _r("str", acl.check_id)
+_ROLES = _f("list<str>", acl.check_roles, list)
 
 _META = _f("map<str,str>", model.check_meta, dict)
 _TAGS = _f("list<str>", model.check_tags, list)
@@ -156,6 +161,26 @@ _OP_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
     },
     "lock_release": {"name": _r("str", model.check_key), "lease": _r("int", model.check_lease_id)},
     "barrier": {},
+    "acl_bootstrap": {"token_id": _ACL_ID, "secret_hash": _r("str", acl.check_hash)},
+    "acl_token_create": {
+        "token_id": _ACL_ID,
+        "secret_hash": _r("str", acl.check_hash),
+        "roles": _ROLES,
+        "description": _f("str", acl.check_description, str),
+        "expires_ms": _f("int?", acl.check_expires),
+    },
+    "acl_token_delete": {"token_id": _ACL_ID},
+    "acl_role_put": {"name": _ACL_ID, "rules": _f("list<str>", acl.check_rules, list)},
+    "acl_role_delete": {"name": _ACL_ID},
+    "acl_user_put": {"name": _ACL_ID, "password_hash": _r("str", acl.check_password_hash), "roles": _ROLES},
+    "acl_user_delete": {"name": _ACL_ID},
+    "intention_put": {
+        "source": _r("str", model.check_name),
+        "destination": _r("str", model.check_name),
+        "action": _r("str", acl.check_action),
+    },
+    "intention_delete": {"source": _r("str", model.check_name), "destination": _r("str", model.check_name)},
+    "intention_default_set": {"action": _r("str", acl.check_action)},
 }
 
 #: op -> complete schema, common fields included (op-specific specs win).

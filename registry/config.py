@@ -106,6 +106,12 @@ class NodeConfig:
     log_level: str = "INFO"
     #: Watch hub bounds: history kept for resumes, and each watcher's queue.
     watch_limits: HubLimits = field(default_factory=HubLimits)
+    #: Enforce ACLs on the client API (default deny once on; off by default).
+    acl: bool = False
+    #: Client API TLS: certificate chain and key; with a client CA, client certificates are required.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def validate(self) -> None:
         self.raft.validate()
@@ -134,6 +140,10 @@ class NodeConfig:
             raise InvalidArgument("batch_inflight_max must be 1..64")
         if not 4096 <= self.frame_bytes_max <= 64 << 20:
             raise InvalidArgument("frame_bytes_max must be 4 KiB..64 MiB")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key")
         if self.log_format not in ("text", "json"):
             raise InvalidArgument("log format must be text or json")
 

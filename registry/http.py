@@ -16,13 +16,17 @@ the two can never disagree; errors map to HTTP statuses by error code.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .errors import RegistryError, error_to_wire
+from .acl import hash_secret
+from .errors import PermissionDenied, RegistryError, Unauthenticated, error_to_wire
 from .metrics import NodeMetrics
+
+if TYPE_CHECKING:
+    from .acl_service import AclService
 
 __all__ = ["HTTPServer", "HTTP_STATUS_BY_CODE", "sd_targets"]
 
@@ -74,11 +78,14 @@ class HTTPServer:
         refresh: Callable[[], None],
         readiness: Callable[[], tuple[bool, dict[str, Any]]],
         handle: Handle | None = None,
+        acl: AclService | None = None,
     ) -> None:
         self._metrics = metrics
         self._refresh = refresh
         self._readiness = readiness
         self._handle = handle
+        #: With ACLs on, the JSON endpoints need a token too (``Authorization: Bearer SECRET``).
+        self._acl = acl
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.router.add_get("/metrics", self._get_metrics)
@@ -109,9 +116,21 @@ class HTTPServer:
         consistency = request.query.get("consistency")
         if consistency is not None and op != "status":
             args = {**args, "consistency": consistency}
+        acl = self._acl
+        principal = ""
+        if acl is not None:
+            auth = request.headers.get("Authorization", "")
+            secret = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            principal = hash_secret(secret) if secret else ""
         try:
+            if acl is not None:
+                await acl.before(op, args, principal)
             revision, body = await self._handle(op, args)
+            if acl is not None:
+                body = acl.filter_result(op, body, principal)
         except RegistryError as err:
+            if acl is not None and isinstance(err, (Unauthenticated, PermissionDenied)):
+                acl.denied(op, args, principal, request.remote or "unknown", err)
             return web.json_response(error_to_wire(err), status=HTTP_STATUS_BY_CODE.get(err.code, 500))
         return web.json_response(shape(body), headers={"X-Regctl-Revision": str(revision)})
 

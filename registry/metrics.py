@@ -51,6 +51,9 @@ class NodeMetrics:
         self.watchers = Gauge("regctl_watchers", "open watch streams", registry=r)
         self.watches_distinct = Gauge("regctl_watches_distinct", "distinct watch selections", registry=r)
         self.watch_events = Counter("regctl_watch_events_sent", "watch events sent", registry=r)
+        self.acl_denials = Counter(
+            "regctl_acl_denials", "requests refused by ACLs, by reason", ["reason"], registry=r
+        )
         self.watch_resyncs = Counter("regctl_watch_resyncs", "watch resyncs sent", ["reason"], registry=r)
 
     def set_role(self, role: str) -> None:

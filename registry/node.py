@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
+from .acl_service import AclService
 from .api import NodeInfo, RegistryAPI, RevisionWaiters
 from .backup import load_seed
 from .config import NodeConfig
@@ -44,6 +46,7 @@ class Node:
         self.leases: LeaseService | None = None
         self.watches: WatchService | None = None
         self._waiters: RevisionWaiters | None = None
+        self.acl: AclService | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -110,15 +113,21 @@ class Node:
         self.api.add_handler("member_add", self.members.add)
         self.api.add_handler("member_remove", self.members.remove)
         self.api.add_handler("member_transfer_leader", self.members.transfer_leader)
+        self.acl = AclService(self.api, self.holder, self._proposer, self.metrics, enabled=config.acl)
+        if config.acl:
+            log.info("ACLs enabled: every request needs a token (bootstrap with `regctl acl bootstrap`)")
+            self.watches.acl = self.acl
         self._server = APIServer(
-            self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max
+            self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max,
+            acl=self.acl if config.acl else None, ssl_context=server_ssl_context(config),
         )
         self.api.extra_status = self._live_numbers
         self._server.add_stream("watch", self.watches.watch)
         self._server.add_stream("snapshot_save", self.api.snapshot_save)
         self._server.known_ops.update(self.api.ops)
         self._server.known_ops.update({"watch", "snapshot_save"})
-        self._http = HTTPServer(self.metrics, self._refresh_metrics, self._readiness, self.api.handle)
+        self._http = HTTPServer(self.metrics, self._refresh_metrics, self._readiness, self.api.handle,
+                                acl=self.acl if config.acl else None)
         await self._server.start(config.api_host, config.api_port)
         await self._http.start(config.http_host, config.http_port)
         log.info(
@@ -204,6 +213,19 @@ class Node:
         if self.raft is not None:
             self.raft.destroy()
         log.info("node %s stopped", self.config.node_id)
+
+
+def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
+    """TLS for the client API when a certificate is configured; client certs required with a client CA."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    if config.tls_client_ca is not None:
+        ctx.load_verify_locations(str(config.tls_client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 async def _serve(node: Node) -> None:

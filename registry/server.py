@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from .api import RegistryAPI
-from .errors import Conflict, Internal, NotFound, RegistryError, Unauthenticated
+from .acl import hash_secret
+from .api import CURRENT_AUTH, CURRENT_PEER, RegistryAPI
+from .errors import Conflict, Internal, NotFound, PermissionDenied, RegistryError, Unauthenticated
 from .metrics import NodeMetrics
 from .protocol import (
     BadMessage,
@@ -34,6 +36,9 @@ from .protocol import (
     StreamEnd,
     StreamEvent,
 )
+
+if TYPE_CHECKING:
+    from .acl_service import AclService
 
 __all__ = ["APIServer", "StreamSink", "StreamHandler"]
 
@@ -80,6 +85,7 @@ class _ClientProtocol(asyncio.Protocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.closed = False
         self.principal: Any = None
+        self.peer = "unknown"
 
     # -- asyncio.Protocol -----------------------------------------------------
 
@@ -88,6 +94,9 @@ class _ClientProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            self.peer = f"{peername[0]}:{peername[1]}"
         self._server.connection_opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -168,19 +177,31 @@ class _ClientProtocol(asyncio.Protocol):
         server = self._server
         started = time.perf_counter()
         code = "OK"
+        acl = server.acl
+        principal = self.principal if isinstance(self.principal, str) else ""
         try:
+            if acl is not None:
+                # Only with ACLs on: each request runs in its own task, so these stay per request.
+                CURRENT_AUTH.set(principal or None)
+                CURRENT_PEER.set(self.peer)
+                await acl.before(req.op, req.args, principal)
             stream = server.streams.get(req.op)
             if stream is not None:
                 await stream(req.args, StreamSink(self, req.id))
                 self.write_event(StreamEnd(req.id, None))
             else:
                 revision, body = await server.api.handle(req.op, req.args)
+                if acl is not None:
+                    body = acl.filter_result(req.op, body, principal)
+                    acl.succeeded(req.op, req.args, principal, self.peer)
                 self.write_event(Response(req.id, revision, body=body))
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except RegistryError as err:
             code = err.code
+            if acl is not None and isinstance(err, (Unauthenticated, PermissionDenied)):
+                acl.denied(req.op, req.args, principal, self.peer, err)
             if not isinstance(err, (NotFound, Conflict)):
                 log.info("request failed: op=%s rid=%s code=%s: %s", req.op, req.args.get("rid"), err.code,
                          err.message)
@@ -250,6 +271,8 @@ class APIServer:
         frame_bytes_max: int,
         connections_max: int,
         token_check: TokenCheck | None = None,
+        acl: AclService | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.api = api
         self.metrics = metrics
@@ -258,14 +281,21 @@ class APIServer:
         self.streams: dict[str, StreamHandler] = {}
         self.known_ops: set[str] = set()
         self._token_check = token_check
+        #: With ACLs on: every request is authorized (see registry.acl_service).
+        self.acl = acl
+        self._ssl = ssl_context
         self._clients: set[_ClientProtocol] = set()
         self._server: asyncio.Server | None = None
 
     @property
     def checks_tokens(self) -> bool:
-        return self._token_check is not None
+        return self._token_check is not None or self.acl is not None
 
     def check_token(self, token: str | None) -> Any:
+        if self.acl is not None:
+            # The principal is the token's hash ("" for none); each request is authorized against the
+            # replicated state, so a token revoked after the hello fails on its next request.
+            return hash_secret(token) if token else ""
         if self._token_check is None:
             return True
         return self._token_check(token)
@@ -287,7 +317,8 @@ class APIServer:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ClientProtocol(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(lambda: _ClientProtocol(self), host, port, reuse_address=True,
+                                                ssl=self._ssl)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -73,7 +73,7 @@ from typing import Any, Final, NamedTuple
 
 import msgpack
 
-from . import model
+from . import acl, model
 from .commands import OPS, validate_command
 from .errors import CODES, BadRequest, Conflict, LimitExceeded, NotFound, RegistryError
 from .model import Record
@@ -86,6 +86,15 @@ SNAPSHOT_FORMAT: Final = 1
 _SNAPSHOT_KEYS: Final = frozenset(
     ("format", "revision", "epoch", "next_lease", "services", "instances", "leases", "keys", "locks", "dedup")
 )
+#: Optional top-level keys: absent in snapshots taken before ACLs existed (or with nothing in them),
+#: and then they mean "empty" -- so a state that never used ACLs snapshots to the same bytes as before.
+_SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl",))
+_ACL_SNAPSHOT_KEYS: Final = frozenset(("bootstrapped", "tokens", "roles", "users", "intentions", "intention_default"))
+ACL_TOKENS_MAX: Final = 100_000
+ACL_ROLES_MAX: Final = 10_000
+ACL_USERS_MAX: Final = 100_000
+INTENTIONS_MAX: Final = 100_000
+INTENTION_DEFAULT: Final = "allow"
 
 # barrier is a read barrier: replaying an old revision to a retry would defeat it.
 _UNRECORDED_OPS: Final = frozenset(("barrier",))
@@ -156,6 +165,17 @@ def _copy_record(rec: Record) -> Record:
     return out
 
 
+def _public_token(rec: Record) -> dict[str, Any]:
+    """A token as clients and events see it: never the secret hash."""
+    return {k: (list(v) if k == "roles" else v) for k, v in rec.items() if k != "secret_hash"}
+
+
+def _public_user(rec: Record | None) -> dict[str, Any] | None:
+    if rec is None:
+        return None
+    return {"name": rec["name"], "roles": list(rec["roles"])}
+
+
 def _arg_str(field: str, value: Any) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"field {field!r} must be str, got {type(value).__name__}")
@@ -176,10 +196,17 @@ class RegistryState:
     """The replicated registry state.  See the module docstring for the contract."""
 
     __slots__ = (
+        "_acl_bootstrapped",
+        "_acl_roles",
+        "_acl_token_by_hash",
+        "_acl_tokens",
+        "_acl_users",
         "_attached",
         "_dedup",
         "_epoch",
         "_instances",
+        "_intention_default",
+        "_intentions",
         "_keys",
         "_leases",
         "_locks",
@@ -201,6 +228,14 @@ class RegistryState:
         # OrderedDict, not dict: popitem(last=False) is O(1), whereas evicting
         # the first key of a plain dict degrades to O(n) between resizes.
         self._dedup: OrderedDict[str, _Outcome] = OrderedDict()
+        # ACL tables (see registry.acl).  _acl_token_by_hash is a derived index, not in the snapshot.
+        self._acl_bootstrapped = False
+        self._acl_tokens: dict[str, Record] = {}
+        self._acl_token_by_hash: dict[str, Record] = {}
+        self._acl_roles: dict[str, Record] = {}
+        self._acl_users: dict[str, Record] = {}
+        self._intentions: dict[str, Record] = {}
+        self._intention_default: str = INTENTION_DEFAULT
 
     # ------------------------------------------------------------------ props
 
@@ -230,6 +265,13 @@ class RegistryState:
                 return Applied(_copy_result(seen.result), [])
         before = self._revision
         try:
+            auth: str | None = cmd["auth"]
+            if auth is not None:
+                # Stamped by the receiving node with ACLs on: authorize against the state as of this
+                # log position, so a token revoked before the command commits fails on every replica.
+                need = acl.op_permission(op, cmd)
+                if need is not None:
+                    self.acl_authorize(auth, need[0], need[1], cmd["now_ms"])
             result, events = _HANDLERS[op](self, cmd)
         except RegistryError as err:
             assert self._revision == before, "a failing command changed the revision"
@@ -508,6 +550,177 @@ class RegistryState:
     def _op_barrier(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         return {"revision": self._revision}, []
 
+    # ------------------------------------------------------------------ ACLs and intentions
+
+    def acl_authorize(self, secret_hash: str | None, verb: str, resource: str | None,
+                      now_ms: int | None) -> dict[str, Any]:
+        """The public token record if it may ``verb`` ``resource``; raises Unauthenticated/PermissionDenied."""
+        token = acl.authorize(self._acl_token_by_hash, self._acl_roles, secret_hash, verb, resource, now_ms)
+        return _public_token(dict(token))
+
+    def acl_may(self, secret_hash: str | None, verb: str, resource: str, now_ms: int | None) -> bool:
+        try:
+            acl.authorize(self._acl_token_by_hash, self._acl_roles, secret_hash, verb, resource, now_ms)
+        except RegistryError:
+            return False
+        return True
+
+    @property
+    def acl_bootstrapped(self) -> bool:
+        return self._acl_bootstrapped
+
+    def _check_roles_exist(self, roles: list[str]) -> None:
+        for name in roles:
+            if name != acl.MANAGEMENT_ROLE and name not in self._acl_roles:
+                raise NotFound(f"role {name!r} not found")
+
+    def _add_token(self, cmd: dict[str, Any], roles: list[str], description: str,
+                   expires_ms: int | None) -> tuple[dict[str, Any], list[Record]]:
+        token_id, secret_hash = cmd["token_id"], cmd["secret_hash"]
+        if token_id in self._acl_tokens or secret_hash in self._acl_token_by_hash:
+            raise Conflict(f"token {token_id!r} already exists")
+        if len(self._acl_tokens) >= ACL_TOKENS_MAX:
+            raise LimitExceeded(f"at most {ACL_TOKENS_MAX} tokens")
+        rev = self._bump()
+        rec = {
+            "id": token_id,
+            "secret_hash": secret_hash,
+            "roles": roles,
+            "description": description,
+            "expires_ms": expires_ms,
+            "create_revision": rev,
+        }
+        self._acl_tokens[token_id] = rec
+        self._acl_token_by_hash[secret_hash] = rec
+        return {"revision": rev, "id": token_id}, [
+            _event(rev, "put", "acl_token", None, token_id, None, _public_token(rec))
+        ]
+
+    def _op_acl_bootstrap(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        if self._acl_bootstrapped:
+            raise Conflict("ACLs are already bootstrapped: the management token was issued once")
+        result, events = self._add_token(cmd, [acl.MANAGEMENT_ROLE], "bootstrap management token", None)
+        self._acl_bootstrapped = True
+        return result, events
+
+    def _op_acl_token_create(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        self._check_roles_exist(cmd["roles"])
+        return self._add_token(cmd, cmd["roles"], cmd["description"], cmd["expires_ms"])
+
+    def _op_acl_token_delete(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        token_id = cmd["token_id"]
+        old = self._acl_tokens.get(token_id)
+        if old is None:
+            raise NotFound(f"token {token_id!r} not found")
+        rev = self._bump()
+        del self._acl_tokens[token_id]
+        del self._acl_token_by_hash[old["secret_hash"]]
+        return {"revision": rev}, [_event(rev, "delete", "acl_token", None, token_id, _public_token(old), None)]
+
+    def _op_acl_role_put(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        name = cmd["name"]
+        if name == acl.MANAGEMENT_ROLE:
+            raise Conflict(f"role {name!r} is builtin")
+        old = self._acl_roles.get(name)
+        if old is None and len(self._acl_roles) >= ACL_ROLES_MAX:
+            raise LimitExceeded(f"at most {ACL_ROLES_MAX} roles")
+        rev = self._bump()
+        new = {"name": name, "rules": [acl.parse_rule(text) for text in cmd["rules"]]}
+        self._acl_roles[name] = new
+        return {"revision": rev, "created": old is None}, [_event(rev, "put", "acl_role", None, name, old, new)]
+
+    def _op_acl_role_delete(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        name = cmd["name"]
+        old = self._acl_roles.get(name)
+        if old is None:
+            raise NotFound(f"role {name!r} not found")
+        rev = self._bump()
+        del self._acl_roles[name]
+        return {"revision": rev}, [_event(rev, "delete", "acl_role", None, name, old, None)]
+
+    def _op_acl_user_put(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        name = cmd["name"]
+        self._check_roles_exist(cmd["roles"])
+        old = self._acl_users.get(name)
+        if old is None and len(self._acl_users) >= ACL_USERS_MAX:
+            raise LimitExceeded(f"at most {ACL_USERS_MAX} users")
+        rev = self._bump()
+        new = {"name": name, "password_hash": cmd["password_hash"], "roles": cmd["roles"]}
+        self._acl_users[name] = new
+        return {"revision": rev, "created": old is None}, [
+            _event(rev, "put", "acl_user", None, name, _public_user(old), _public_user(new))
+        ]
+
+    def _op_acl_user_delete(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        name = cmd["name"]
+        old = self._acl_users.get(name)
+        if old is None:
+            raise NotFound(f"user {name!r} not found")
+        rev = self._bump()
+        del self._acl_users[name]
+        return {"revision": rev}, [_event(rev, "delete", "acl_user", None, name, _public_user(old), None)]
+
+    def _op_intention_put(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        key = f"{cmd['source']}->{cmd['destination']}"
+        old = self._intentions.get(key)
+        if old is None and len(self._intentions) >= INTENTIONS_MAX:
+            raise LimitExceeded(f"at most {INTENTIONS_MAX} intentions")
+        rev = self._bump()
+        new = {"source": cmd["source"], "destination": cmd["destination"], "action": cmd["action"]}
+        self._intentions[key] = new
+        return {"revision": rev, "created": old is None}, [_event(rev, "put", "intention", None, key, old, new)]
+
+    def _op_intention_delete(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        key = f"{cmd['source']}->{cmd['destination']}"
+        old = self._intentions.get(key)
+        if old is None:
+            raise NotFound(f"intention {key} not found")
+        rev = self._bump()
+        del self._intentions[key]
+        return {"revision": rev}, [_event(rev, "delete", "intention", None, key, old, None)]
+
+    def _op_intention_default_set(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        action = cmd["action"]
+        if action == self._intention_default:
+            return {"revision": self._revision, "changed": False}, []
+        rev = self._bump()
+        old = {"default": self._intention_default}
+        self._intention_default = action
+        return {"revision": rev, "changed": True}, [
+            _event(rev, "put", "intention", None, "*", old, {"default": action})
+        ]
+
+    def acl_token_list(self) -> list[dict[str, Any]]:
+        return [_public_token(self._acl_tokens[t]) for t in sorted(self._acl_tokens)]
+
+    def acl_token_by_hash(self, secret_hash: str) -> dict[str, Any] | None:
+        rec = self._acl_token_by_hash.get(secret_hash)
+        return None if rec is None else _public_token(rec)
+
+    def acl_role_list(self) -> list[dict[str, Any]]:
+        return [
+            {"name": n, "rules": [dict(r, verbs=list(r["verbs"])) for r in self._acl_roles[n]["rules"]]}
+            for n in sorted(self._acl_roles)
+        ]
+
+    def acl_user_list(self) -> list[dict[str, Any]]:
+        return [_public_user(self._acl_users[n]) for n in sorted(self._acl_users)]  # type: ignore[misc]
+
+    def acl_user_secret(self, name: str) -> tuple[str, list[str]] | None:
+        """(password hash, roles) of a user, for the node's login; never sent to a client."""
+        rec = self._acl_users.get(name)
+        return None if rec is None else (rec["password_hash"], list(rec["roles"]))
+
+    def intention_list(self) -> dict[str, Any]:
+        return {"default": self._intention_default,
+                "intentions": [dict(self._intentions[k]) for k in sorted(self._intentions)]}
+
+    def intention_check(self, source: str, destination: str) -> dict[str, Any]:
+        rec = self._intentions.get(f"{source}->{destination}")
+        if rec is not None:
+            return {"action": rec["action"], "matched": f"{source}->{destination}"}
+        return {"action": self._intention_default, "matched": None}
+
     # ------------------------------------------------------------------ queries (pure)
 
     def get_service(self, name: str) -> dict[str, Any]:
@@ -613,6 +826,9 @@ class RegistryState:
             "locks": [self._locks[n] for n in sorted(self._locks)],
             "dedup": dedup,
         }
+        acl_obj = self._acl_snapshot()
+        if acl_obj is not None:
+            obj["acl"] = acl_obj
         data: bytes = msgpack.packb(obj, use_bin_type=True)
         return data
 
@@ -640,7 +856,7 @@ class RegistryState:
         fmt = obj.get("format")
         if type(fmt) is not int or fmt != SNAPSHOT_FORMAT:
             raise BadRequest(f"unsupported snapshot format {fmt!r:.40}")
-        if set(obj) != _SNAPSHOT_KEYS:
+        if not _SNAPSHOT_KEYS <= set(obj) <= _SNAPSHOT_KEYS | _SNAPSHOT_OPTIONAL_KEYS:
             raise BadRequest(f"unexpected top-level keys {sorted(map(str, set(obj) ^ _SNAPSHOT_KEYS))}")
 
         def snap_int(key: str, low: int) -> int:
@@ -721,8 +937,77 @@ class RegistryState:
             if rid in st._dedup:
                 raise BadRequest(f"duplicate request id {rid!r}")
             st._dedup[rid] = outcome
+        if "acl" in obj:
+            st._restore_acl(obj["acl"], revision)
         st.check_invariants()
         return st
+
+    def _acl_snapshot(self) -> dict[str, Any] | None:
+        if not (self._acl_bootstrapped or self._acl_tokens or self._acl_roles or self._acl_users
+                or self._intentions or self._intention_default != INTENTION_DEFAULT):
+            return None
+        return {
+            "bootstrapped": self._acl_bootstrapped,
+            "tokens": [self._acl_tokens[t] for t in sorted(self._acl_tokens)],
+            "roles": [self._acl_roles[n] for n in sorted(self._acl_roles)],
+            "users": [self._acl_users[n] for n in sorted(self._acl_users)],
+            "intentions": [self._intentions[k] for k in sorted(self._intentions)],
+            "intention_default": self._intention_default,
+        }
+
+    def _restore_acl(self, obj: Any, revision: int) -> None:
+        """Re-validate the ACL tables of an untrusted snapshot through the command checks."""
+        if not isinstance(obj, dict) or set(obj) != _ACL_SNAPSHOT_KEYS:
+            raise BadRequest("malformed acl section")
+        if type(obj["bootstrapped"]) is not bool:
+            raise BadRequest("acl.bootstrapped must be a bool")
+        self._acl_bootstrapped = obj["bootstrapped"]
+        self._intention_default = acl.check_action("intention_default", _arg_str("intention_default",
+                                                                               obj["intention_default"]))
+        for key in ("tokens", "roles", "users", "intentions"):
+            if not isinstance(obj[key], list):
+                raise BadRequest(f"acl.{key} must be a list")
+        for raw in obj["roles"]:
+            if not isinstance(raw, dict) or set(raw) != {"name", "rules"} or not isinstance(raw["rules"], list):
+                raise BadRequest("malformed role record")
+            texts = [acl.format_rule(r) if isinstance(r, dict) else "" for r in raw["rules"]]
+            cmd = validate_command({"op": "acl_role_put", "name": raw["name"], "rules": texts})
+            if cmd["name"] in self._acl_roles or cmd["name"] == acl.MANAGEMENT_ROLE:
+                raise BadRequest(f"duplicate role {cmd['name']!r}")
+            self._acl_roles[cmd["name"]] = {"name": cmd["name"], "rules": [acl.parse_rule(t) for t in cmd["rules"]]}
+        token_keys = {"id", "secret_hash", "roles", "description", "expires_ms", "create_revision"}
+        for raw in obj["tokens"]:
+            if not isinstance(raw, dict) or set(raw) != token_keys:
+                raise BadRequest("malformed token record")
+            cmd = validate_command({"op": "acl_token_create", "token_id": raw["id"], "secret_hash": raw["secret_hash"],
+                                    "roles": raw["roles"], "description": raw["description"],
+                                    "expires_ms": raw["expires_ms"]})
+            created = raw["create_revision"]
+            if type(created) is not int or not 0 < created <= revision:
+                raise BadRequest("token create_revision out of range")
+            if cmd["token_id"] in self._acl_tokens or cmd["secret_hash"] in self._acl_token_by_hash:
+                raise BadRequest(f"duplicate token {cmd['token_id']!r}")
+            rec = {"id": cmd["token_id"], "secret_hash": cmd["secret_hash"], "roles": cmd["roles"],
+                   "description": cmd["description"], "expires_ms": cmd["expires_ms"], "create_revision": created}
+            self._acl_tokens[rec["id"]] = rec
+            self._acl_token_by_hash[rec["secret_hash"]] = rec
+        for raw in obj["users"]:
+            if not isinstance(raw, dict) or set(raw) != {"name", "password_hash", "roles"}:
+                raise BadRequest("malformed user record")
+            cmd = validate_command({"op": "acl_user_put", **raw})
+            if cmd["name"] in self._acl_users:
+                raise BadRequest(f"duplicate user {cmd['name']!r}")
+            self._acl_users[cmd["name"]] = {"name": cmd["name"], "password_hash": cmd["password_hash"],
+                                            "roles": cmd["roles"]}
+        for raw in obj["intentions"]:
+            if not isinstance(raw, dict) or set(raw) != {"source", "destination", "action"}:
+                raise BadRequest("malformed intention record")
+            cmd = validate_command({"op": "intention_put", **raw})
+            key = f"{cmd['source']}->{cmd['destination']}"
+            if key in self._intentions:
+                raise BadRequest(f"duplicate intention {key}")
+            self._intentions[key] = {"source": cmd["source"], "destination": cmd["destination"],
+                                     "action": cmd["action"]}
 
     @staticmethod
     def _parse_dedup_entry(entry: Any, revision: int) -> tuple[str, _Outcome]:
@@ -818,5 +1103,15 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "lock_acquire": RegistryState._op_lock_acquire,
     "lock_release": RegistryState._op_lock_release,
     "barrier": RegistryState._op_barrier,
+    "acl_bootstrap": RegistryState._op_acl_bootstrap,
+    "acl_token_create": RegistryState._op_acl_token_create,
+    "acl_token_delete": RegistryState._op_acl_token_delete,
+    "acl_role_put": RegistryState._op_acl_role_put,
+    "acl_role_delete": RegistryState._op_acl_role_delete,
+    "acl_user_put": RegistryState._op_acl_user_put,
+    "acl_user_delete": RegistryState._op_acl_user_delete,
+    "intention_put": RegistryState._op_intention_put,
+    "intention_delete": RegistryState._op_intention_delete,
+    "intention_default_set": RegistryState._op_intention_default_set,
 }
 assert set(_HANDLERS) == OPS, "every schema'd op needs a handler and vice versa"

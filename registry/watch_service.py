@@ -21,16 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from .acl import ACL_EVENT_KINDS, event_resource
+from .api import CURRENT_AUTH
 from .errors import BadRequest, InvalidArgument, NotFound
 from .metrics import NodeMetrics
 from .replication import StateHolder
 from .server import StreamSink
 from .state import RegistryState
 from .watch import Selector, WatchHub, event_matches, parse_selector
+
+if TYPE_CHECKING:
+    from .acl_service import AclService
 
 __all__ = ["WatchService"]
 
@@ -179,9 +186,16 @@ class WatchService:
         self._resyncs_exported: dict[str, int] = {}
         #: Handlers waiting for the next applied batch (see ``_next_apply``).
         self._apply_waiters: list[asyncio.Future[None]] = []
+        #: With ACLs on (set by the node): streams carry only what their token may read.
+        self.acl: AclService | None = None
+        #: Streams to wake when an ACL record changes (they re-check their token).
+        self._acl_listeners: set[Callable[[], None]] = set()
 
     def publish(self, revision: int, events: list[dict[str, Any]]) -> None:
         self.hub.publish(revision, events)
+        if self._acl_listeners and any(e.get("kind") in ACL_EVENT_KINDS for e in events):
+            for listener in list(self._acl_listeners):
+                listener()
         self._export_resyncs()
         self._wake_apply_waiters()
 
@@ -237,6 +251,24 @@ class WatchService:
         if not isinstance(progress_ms, int) or not PROGRESS_MS_MIN <= progress_ms <= PROGRESS_MS_MAX:
             raise InvalidArgument(f"progress_ms must be an integer in {PROGRESS_MS_MIN}..{PROGRESS_MS_MAX}")
         wake = asyncio.Event()
+        acl = self.acl
+        principal = (CURRENT_AUTH.get() or "") if acl is not None else ""
+        acl_changed = [False]
+
+        def on_acl_change() -> None:
+            acl_changed[0] = True
+            wake.set()
+
+        def readable(items: list[dict[str, Any]], resource: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+            if acl is None:
+                return items
+            now = int(time.time() * 1000)
+            with self._holder.lock:
+                state = self._holder.state
+                return [i for i in items if acl.visible(state, principal, resource(i), now)]
+
+        if acl is not None:
+            self._acl_listeners.add(on_acl_change)
         watcher = self.hub.subscribe(selector, start, wake.set)
         self._update_gauges()
         self._export_resyncs()
@@ -249,6 +281,9 @@ class WatchService:
             progress_s = progress_ms / 1000.0
             while not sink.closed:
                 wake.clear()
+                if acl is not None and acl_changed[0]:
+                    acl_changed[0] = False
+                    acl.recheck(principal)  # a revoked token ends the stream (UNAUTHENTICATED)
                 if watcher.resync_reason is not None:
                     reason = watcher.resync_reason
                     # A snapshot must cover everything the hub published (the watcher's queue was
@@ -265,11 +300,22 @@ class WatchService:
                         continue
                     watcher.resynced(revision)
                     covered = revision
+                    if acl is not None:
+                        body = {
+                            "services": readable(body["services"], lambda s: "service:" + s["service"]["name"]),
+                            "keys": readable(body["keys"], lambda k: "key:" + k["key"]),
+                        }
                     for part in snapshot_messages(body, {"type": "snapshot", "reason": reason, "revision": revision}):
                         sink.send(part)
                         await sink.drain()
                     continue
                 events = watcher.take(EVENTS_PER_MESSAGE_MAX)
+                if events and acl is not None:
+                    taken_to = events[-1]["revision"]
+                    events = readable(events, event_resource)
+                    if not events:
+                        covered = max(covered, taken_to)
+                        continue
                 if events:
                     for message in event_messages(events):
                         chunk = message["events"]
@@ -282,12 +328,15 @@ class WatchService:
                 try:
                     await asyncio.wait_for(wake.wait(), progress_s)
                 except TimeoutError:
+                    if acl is not None:
+                        acl.recheck(principal)  # an expired token ends the stream too
                     # Everything for this watch up to the hub's revision was sent.
                     if watcher.pending == 0 and watcher.resync_reason is None:
                         covered = max(covered, self.hub.revision, watcher.next_revision - 1)
                         sink.send({"type": "progress", "revision": covered})
                         await sink.drain()
         finally:
+            self._acl_listeners.discard(on_acl_change)
             self.hub.unsubscribe(watcher)
             self._update_gauges()
 

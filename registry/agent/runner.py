@@ -53,6 +53,7 @@ from .balancer import Balancer, BalancerEvent
 from .checks import CheckLoop
 from .config import AgentConfig, LocalService, Upstream
 from .errors import ConfigError
+from .intentions import IntentionsWatcher
 from .metrics import AgentMetrics
 from .policies import make_policy
 from .proxy import AccessLog, Intentions, UpstreamProxy, allow_all, os_reason
@@ -108,6 +109,11 @@ class Agent:
         self.locals = [_Local(svc) for svc in config.services]
         self.lease: int | None = None
         self.routes: list[_Route] = []
+        #: With the default hook, intentions come from the registry (kept current by a watch).
+        self.intentions_watcher: IntentionsWatcher | None = None
+        if intentions is allow_all:
+            self.intentions_watcher = IntentionsWatcher(self.client)
+            intentions = self.intentions_watcher
         self._intentions = intentions
         self._clock = clock
         self._tasks: list[asyncio.Task[None]] = []
@@ -142,6 +148,8 @@ class Agent:
             route.tasks.append(loop.create_task(self._watch(route)))
         self._tasks.append(loop.create_task(self._start_locals()))
         self._tasks.append(loop.create_task(self._housekeeping()))
+        if self.intentions_watcher is not None and self.routes:
+            self._tasks.append(loop.create_task(self.intentions_watcher.run()))
         for route in self.routes:
             log.info("upstream %s: listening on %s (policy %s)", route.upstream.service, route.proxy.listen,
                      route.balancer.policy.name)
