@@ -18,6 +18,14 @@ commit, so its reads time out instead of answering stale.
 
 Results come back from the Raft thread with one ``call_soon_threadsafe`` per
 batch.
+
+Timeouts.  A caller that waits longer than ``timeout_s`` gets ``Timeout``.
+Rather than one ``asyncio.wait_for`` per command (a timer, a wrapper future
+and callbacks each: ~10 us, a few percent of a node's CPU under load), every
+waiter carries a deadline and one periodic sweep (``_SWEEP_S``) fails the
+expired ones.  Waiters arrive in deadline order, so a sweep only looks at the
+oldest.  A timed-out waiter's future is done, so a batch not yet sealed skips
+it, exactly as a caller that went away.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ __all__ = ["Proposer", "Submitter"]
 log = logging.getLogger("registry.proposer")
 
 _BARRIER = {"op": "barrier"}
+#: How often expired waiters are failed: a timeout fires within this much after its deadline.
+_SWEEP_S = 0.1
 
 
 class Submitter(Protocol):
@@ -47,11 +57,12 @@ class Submitter(Protocol):
 
 
 class _Waiter:
-    __slots__ = ("command", "future")
+    __slots__ = ("command", "deadline", "future")
 
-    def __init__(self, command: dict[str, Any] | None, future: asyncio.Future[Any]) -> None:
+    def __init__(self, command: dict[str, Any] | None, future: asyncio.Future[Any], deadline: float) -> None:
         self.command = command
         self.future = future
+        self.deadline = deadline
 
 
 class Proposer:
@@ -74,6 +85,9 @@ class Proposer:
         self._pending_max = pending_max
         self._timeout_s = timeout_s
         self._pending: deque[_Waiter] = deque()
+        #: Every waiter not yet known to be done, in arrival (= deadline) order, for the sweep.
+        self._waiting: deque[_Waiter] = deque()
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._inflight = 0
         self._flush_scheduled = False
         self._closed = False
@@ -99,16 +113,32 @@ class Proposer:
             raise Timeout("node is shutting down")
         if len(self._pending) >= self._pending_max:
             raise LimitExceeded(f"more than {self._pending_max} proposals pending on this node; retry later")
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending.append(_Waiter(command, future))
+        loop = self._loop
+        future: asyncio.Future[Any] = loop.create_future()
+        waiter = _Waiter(command, future, loop.time() + self._timeout_s)
+        self._pending.append(waiter)
+        self._waiting.append(waiter)
+        if self._sweep_handle is None:
+            self._sweep_handle = loop.call_later(_SWEEP_S, self._sweep)
         self._schedule_flush()
-        try:
-            return await asyncio.wait_for(future, self._timeout_s)
-        except TimeoutError:
-            raise Timeout(
-                f"not committed within {self._timeout_s:g}s (no quorum or no leader?); "
-                "outcome unknown, a retry with the same request id is safe"
-            ) from None
+        return await future
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        now = self._loop.time()
+        waiting = self._waiting
+        while waiting:
+            waiter = waiting[0]
+            if not waiter.future.done():
+                if waiter.deadline > now:
+                    break
+                waiter.future.set_exception(Timeout(
+                    f"not committed within {self._timeout_s:g}s (no quorum or no leader?); "
+                    "outcome unknown, a retry with the same request id is safe"
+                ))
+            waiting.popleft()
+        if waiting and not self._closed:
+            self._sweep_handle = self._loop.call_later(_SWEEP_S, self._sweep)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._inflight < self._inflight_max:
@@ -143,7 +173,7 @@ class Proposer:
 
         try:
             self._submitter.submit(batch, done)
-        except Exception as err:  # pysyncobj raised synchronously
+        except Exception as err:
             log.exception("submit failed")
             self._inflight -= 1
             for waiter in waiters:
@@ -167,11 +197,16 @@ class Proposer:
                     index += 1
                 if not waiter.future.done():
                     waiter.future.set_result(outcome)
+                # Done waiters wait for the sweep to drop them; do not keep their commands alive.
+                waiter.command = None
         if self._pending:
             self._schedule_flush()
 
     def close(self) -> None:
         self._closed = True
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         while self._pending:
             waiter = self._pending.popleft()
             if not waiter.future.done():
