@@ -12,7 +12,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
+from registry.ports import ports_free
 
 __all__ = ["BenchCluster", "BenchNode", "cpu_seconds", "machine_busy_seconds"]
 
@@ -47,17 +47,6 @@ def machine_busy_seconds() -> float:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / _CLK_TCK
-
-
-def _ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
 
 
 def regctl_command() -> list[str]:
@@ -96,7 +85,7 @@ class BenchCluster:
         self.extra_args = extra_args
         for _ in range(200):
             base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 300, 10)
-            if _ports_free([base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]):
+            if ports_free([base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]):
                 break
         else:
             raise RuntimeError("no free loopback port range for the benchmark cluster")

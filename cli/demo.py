@@ -16,7 +16,6 @@ import json
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import click
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
+from registry.ports import ports_free
 
 from .main import cli
 from .output import table
@@ -66,21 +66,11 @@ class _Procs:
                     proc.wait()
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _base_port() -> int:
     for _ in range(100):
         base = random.randrange(PORT_RANGE[0], PORT_RANGE[1], 10)
         offsets = [o + i for o in (0, 100, 200, 300, 400) for i in range(1, 8)]
-        if all(_free(base + o) for o in offsets):
+        if ports_free(base + o for o in offsets):
             return base
     raise click.ClickException("no free loopback port range for the demo")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import click
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
+from registry.ports import ports_free
 
 #: Largest local cluster: more nodes than this on one machine only adds Raft traffic.
 NODES_MAX = 9
@@ -56,13 +56,7 @@ def ensure_cluster_key(data_dir: Path) -> Path:
 
 def _port_free(addr: str) -> bool:
     host, _, port = addr.rpartition(":")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, int(port)))
-        except OSError:
-            return False
-    return True
+    return ports_free([int(port)], host)
 
 
 def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None, log_format: str) -> list[str]:

@@ -31,7 +31,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 from registry.client import Client
 from registry.errors import RegistryError
+from registry.ports import ports_free
 
 __all__ = [
     "NodeSpec",
@@ -101,17 +101,6 @@ class Topology:
         return cls(obj["target"], nodes, obj["key_file"], obj.get("client_netns"), tuple(obj.get("namespaces", ())))
 
 
-def _ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 def _write_key(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     key_file = root / "cluster.key"
@@ -126,7 +115,7 @@ def local_topology(root: Path, size: int = 3) -> Topology:
     for _ in range(200):
         base = picker.randrange(LOCAL_PORT_RANGE[0], LOCAL_PORT_RANGE[1] - 300, 10)
         ports = [base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]
-        if _ports_free(ports):
+        if ports_free(ports):
             break
     else:
         raise RuntimeError("no free block of loopback ports for a local cluster")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from registry.ports import ports_free
 from tests.support.cluster import Cluster, regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration
@@ -166,14 +167,7 @@ def test_exit_codes(cluster: Cluster) -> None:
 
 
 def _ports_free(base: int, nodes: int) -> bool:
-    for port in (base + off + i for i in range(1, nodes + 1) for off in (0, 100, 200)):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
+    return ports_free(base + off + i for i in range(1, nodes + 1) for off in (0, 100, 200))
 
 
 def _free_base_port() -> int:

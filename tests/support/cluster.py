@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
+from registry.ports import ports_free
 
 T = TypeVar("T")
 
@@ -50,17 +50,6 @@ def wait_until(
         time.sleep(interval_s)
 
 
-def _ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 def regctl_executable() -> str:
     path = shutil.which("regctl")
     if path is None:
@@ -88,7 +77,7 @@ class Cluster:
         for _ in range(100):
             base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 300, 10)
             ports = [base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]
-            if _ports_free(ports):
+            if ports_free(ports):
                 break
         else:
             raise RuntimeError("no free port range for a test cluster")
@@ -145,7 +134,7 @@ class Cluster:
         if index > 9:
             raise RuntimeError("a test cluster has room for nine nodes (ports base+1..base+9)")
         ports = [self.base + off + index for off in (0, 100, 200)]
-        if not _ports_free(ports):
+        if not ports_free(ports):
             raise RuntimeError(f"ports {ports} for node n{index} are in use")
         node = NodeProc(f"n{index}", f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}",
                         f"127.0.0.1:{ports[2]}", self.root / f"n{index}")
