@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import pytest
 from registry.client import SyncClient
 from registry.errors import Conflict, NotFound, RegistryError, Unavailable
 from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
+from tests.support.workers import Worker, running
 
 pytestmark = pytest.mark.integration
 
@@ -32,45 +32,6 @@ TTL_S = TTL_MS / 1000
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-class Worker(threading.Thread):
-    """A daemon thread with a stop flag that records any unexpected exception."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self.stopping = threading.Event()
-        self.crashed: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.body()
-        except BaseException as exc:
-            self.crashed = exc
-
-    def body(self) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def check(self) -> None:
-        assert self.crashed is None, f"{self.name} crashed: {self.crashed!r}"
-
-
-@contextlib.contextmanager
-def running(*workers: Worker) -> Iterator[None]:
-    """Start the workers; stop and join them on the way out, pass or fail."""
-    for w in workers:
-        w.start()
-    try:
-        yield
-    finally:
-        for w in workers:
-            w.stop()
-        for w in workers:
-            w.join(timeout=10)
-        assert not any(w.is_alive() for w in workers), "a worker thread did not stop"
 
 
 class KeepAliver(Worker):

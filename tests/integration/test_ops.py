@@ -7,7 +7,6 @@ stall during membership changes, catch-up and SD latency) are printed: run with 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -28,6 +27,7 @@ from registry.config import parse_hostport
 from registry.errors import Conflict, NotFound, NotLeader, RegistryError
 from registry.protocol import PROTOCOL_VERSION, ClientConnection, Hello, HelloOk, NeedData, Request, Response
 from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
+from tests.support.workers import Worker, running
 
 pytestmark = pytest.mark.integration
 
@@ -70,44 +70,6 @@ def dump(client: SyncClient) -> tuple[int, list[dict[str, Any]]]:
 
 def member_rafts(listing: dict[str, Any]) -> set[str]:
     return {m["raft"] for m in listing["members"]}
-
-
-class Worker(threading.Thread):
-    """A daemon thread with a stop flag that records an unexpected exception instead of dying silently."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self.stopping = threading.Event()
-        self.crashed: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.body()
-        except BaseException as exc:
-            self.crashed = exc
-
-    def body(self) -> None:
-        raise NotImplementedError
-
-    def check(self) -> None:
-        assert self.crashed is None, f"{self.name} crashed: {self.crashed!r}"
-
-
-@contextlib.contextmanager
-def running(*workers: Worker) -> Iterator[None]:
-    """Start the workers; stop and join them on the way out, pass or fail."""
-    for w in workers:
-        w.start()
-    try:
-        yield
-    finally:
-        for w in workers:
-            w.stopping.set()
-        for w in workers:
-            w.join(timeout=20)
-        assert not any(w.is_alive() for w in workers), "a worker thread did not stop"
-    for w in workers:
-        w.check()
 
 
 class Writer(Worker):
@@ -243,7 +205,7 @@ def test_grow_to_five_and_shrink_to_three_under_write_load(cluster: Cluster) -> 
     writer = Writer(cluster.endpoints, "grow")
     reader = Reader(writer, list(cluster.nodes))
     catch_up_s: list[float] = []
-    with running(writer, reader):
+    with running(writer, reader, check=True):
         wait_until(lambda: writer.count >= 50, 20, "the first acknowledged writes")
 
         # -- grow: start each new node with the current members as peers, then add it.
@@ -339,7 +301,7 @@ def test_snapshot_saved_under_load_restores_the_state_at_its_revision(cluster: C
     writer = Writer(cluster.endpoints, "load", per_service=150, critical_every=7)
     backup = tmp_path / "backup.rreg"
     during: list[tuple[int, list[dict[str, Any]]]] = []
-    with running(writer):
+    with running(writer, check=True):
         wait_until(lambda: writer.count >= 100, 20, "writes before the save")
         during.append(dump(client))
         saved = ok_json("snapshot", "save", str(backup), endpoints=cluster.endpoints)
