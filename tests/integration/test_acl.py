@@ -230,7 +230,7 @@ def test_raft_port_garbage_and_wrong_key(acl_cluster: Cluster, tmp_path: Path) -
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(3.0)
+        time.sleep(3.0)  # the fault itself: the rogue peer keeps trying to join for this long
     finally:
         rogue.kill()
         rogue.wait()

@@ -115,13 +115,13 @@ def test_kill_9_backend_then_recovery_then_lease_expiry(fleet: Fleet, cluster: C
     traffic = Traffic(port)
     traffic.start()
     try:
-        time.sleep(1.0)
+        traffic.wait_served(50, 0.0)
         # 1. kill -9 a backend (its agent lives on: its check fails, the instance goes critical).
         fleet.backends["echo-2"].kill()
         killed_at = time.time()
         wait_until(lambda: endpoint_states(http).get("echo-2") == "critical", 10, "echo-2 critical in the client")
         critical_at = time.time()
-        time.sleep(1.0)
+        traffic.wait_served(50, critical_at)  # a window in which echo-2 must get nothing
         # 2. it comes back: two good checks and it is passing, and served again.
         restarted_at = time.time()
         fleet.restart_backend("echo-2")
@@ -132,7 +132,7 @@ def test_kill_9_backend_then_recovery_then_lease_expiry(fleet: Fleet, cluster: C
         fleet.agents["agent-echo-3"].kill()
         wait_until(lambda: "echo-3" not in endpoint_states(http), 10, "echo-3 gone after its lease expired")
         expired_at = time.time()
-        time.sleep(1.0)
+        traffic.wait_served(50, expired_at)  # a window in which echo-3 must get nothing
     finally:
         traffic.stop()
     time.sleep(FLUSH_S)
@@ -170,7 +170,7 @@ def test_leader_kill_does_not_interrupt_traffic(fleet: Fleet, cluster: Cluster) 
     traffic = Traffic(port)
     traffic.start()
     try:
-        time.sleep(0.5)
+        traffic.wait_served(30, 0.0)
         leader = cluster.wait_leader()
         cluster.kill(leader)
         killed_at = time.time()
@@ -183,7 +183,7 @@ def test_leader_kill_does_not_interrupt_traffic(fleet: Fleet, cluster: Cluster) 
         assert len(body["instances"]) == 3  # no lease expired because leadership moved
         wait_until(lambda: endpoint_states(http).get("echo-1") == "critical", 10, "echo-1 critical in the client")
         moved_at = time.time()
-        time.sleep(0.5)
+        traffic.wait_served(30, moved_at)  # a window in which echo-1 must get nothing
     finally:
         traffic.stop()
     assert traffic.failures() == [], traffic.failures()[:5]
@@ -198,11 +198,11 @@ def test_whole_cluster_down_keeps_serving_then_catches_up(fleet: Fleet, cluster:
     traffic = Traffic(port)
     traffic.start()
     try:
-        time.sleep(0.5)
+        traffic.wait_served(30, 0.0)
         for node in cluster.nodes:
             cluster.kill(node)
         down_at = time.time()
-        time.sleep(2.5)
+        time.sleep(2.5)  # the fault itself: the whole cluster stays down this long
         served_while_down = traffic.served(down_at)
         for node in cluster.nodes:
             cluster.start_node(node)

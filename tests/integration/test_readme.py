@@ -12,7 +12,6 @@ import os
 import shlex
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGINT, timeout_s: floa
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-    return proc.returncode, out + err
+    return proc.returncode, (out or "") + (err or "")
 
 
 @pytest.fixture
@@ -80,16 +79,19 @@ def test_walkthrough(up_cluster: tuple[dict[str, str], Path]) -> None:
         body = json.loads(_ok("regctl -o json service get web", env, cwd))
         assert {i["address"] for i in body["instances"]} == {"10.0.0.5", "10.0.0.6"}
 
-        watcher = _start("regctl watch web --list", env, cwd)
-        time.sleep(1.5)  # let the watch print its snapshot before the change it must also show
+        watch_out = cwd / "watch.out"
+        with open(watch_out, "w") as sink:
+            watcher = subprocess.Popen(shlex.split("regctl watch web --list"), env=env, cwd=cwd, stdout=sink,
+                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # The watch must have printed its snapshot before the change it must also show.
+        wait_until(lambda: "exists instance web/" in watch_out.read_text(), 20, "the watch's snapshot")
     finally:
         code, out = _stop(keeper)
         assert code == 0, out  # Ctrl-C deregisters
     wait_until(lambda: "10.0.0.6" not in _ok("regctl service get web", env, cwd), 20, "deregistration on Ctrl-C")
-    time.sleep(1.0)  # the watch prints the deletion
+    wait_until(lambda: "delete instance web/" in watch_out.read_text(), 20, "the watch to show the deletion")
     code, out = _stop(watcher)
-    assert code == 0, out
-    assert "exists instance web/" in out and "delete instance web/" in out, out
+    assert code == 0, watch_out.read_text()
 
     leases = _ok("regctl lease grant 5s && regctl lease list", env, cwd)
     assert "granted" in leases and "LEASE" in leases

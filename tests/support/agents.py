@@ -166,6 +166,13 @@ class Traffic(threading.Thread):
     def served(self, since: float = 0.0) -> Counter[str]:
         return Counter(r.instance for r in self.since(since) if r.instance is not None)
 
+    def wait_served(self, count: int, since: float, deadline_s: float = 10.0) -> None:
+        """Wait until ``count`` requests started after ``since`` were served (a traffic window, not a sleep)."""
+        end = time.monotonic() + deadline_s
+        while sum(self.served(since).values()) < count:
+            assert time.monotonic() < end, f"traffic: fewer than {count} requests served in {deadline_s}s"
+            time.sleep(0.02)
+
 
 @dataclass
 class Fleet:
