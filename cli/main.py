@@ -277,6 +277,26 @@ def service_deregister(obj: Ctx, name: str, instance_id: str) -> None:
          f"deregistered {name}/{instance_id} at revision {result['revision']}")
 
 
+@service.command("status")
+@click.argument("name")
+@click.argument("instance_id")
+@click.argument("status")
+@click.option("--note", default="", help="Check output to carry in the status event (at most 1024 characters).")
+@click.pass_obj
+@handles_errors
+def service_status(obj: Ctx, name: str, instance_id: str, status: str, note: str) -> None:
+    """Set the health of instance INSTANCE_ID of NAME: passing, warning or critical.
+
+    This is the owner's check-in (what the agent's checks do for you). Reporting
+    the status an instance already has changes nothing and keeps the revision.
+    """
+    with obj.client() as client:
+        result = client.set_status(name, instance_id, status, note)
+    what = "set" if result.get("changed") else "unchanged"
+    emit(obj.output, {"service": name, "id": instance_id, "status": status, **result},
+         f"{name}/{instance_id} {status} ({what}) at revision {result['revision']}")
+
+
 CONSISTENCY = click.Choice(["linearizable", "stale"])
 
 

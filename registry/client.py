@@ -542,6 +542,13 @@ class Client:
         result: dict[str, Any] = body
         return result
 
+    async def set_status(self, service: str, instance_id: str, status: str, note: str = "") -> dict[str, Any]:
+        """Report an instance's health (passing / warning / critical); ``changed`` is false for a repeat."""
+        _, body = await self.call("set_status", {"service": service, "id": instance_id, "status": status,
+                                                 "note": note})
+        result: dict[str, Any] = body
+        return result
+
     async def get_service(self, name: str, *, consistency: str = "linearizable",
                           min_revision: int | None = None) -> tuple[int, dict[str, Any]]:
         args: dict[str, Any] = {"name": name, "consistency": consistency}
@@ -634,6 +641,10 @@ class SyncClient:
 
     def deregister(self, service: str, instance_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._run(self.client.deregister(service, instance_id))
+        return result
+
+    def set_status(self, service: str, instance_id: str, status: str, note: str = "") -> dict[str, Any]:
+        result: dict[str, Any] = self._run(self.client.set_status(service, instance_id, status, note))
         return result
 
     def get_service(self, name: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:

@@ -124,6 +124,31 @@ def test_service_register_get_list_deregister_table_and_json(cluster: Cluster) -
     assert got["instances"] == []
 
 
+def test_service_status_check_in_and_bad_input(cluster: Cluster) -> None:
+    eps = cluster.endpoints
+    ok_json("service", "register", "chk", "--address", "10.3.0.1:80", "--id", "c1", endpoints=eps)
+    set_crit = ok_json("service", "status", "chk", "c1", "critical", "--note", "disk full", endpoints=eps)
+    assert set_crit["changed"] is True and set_crit["status"] == "critical"
+    got = ok_json("service", "get", "chk", endpoints=eps)
+    assert got["instances"][0]["status"] == "critical" and got["revision"] >= set_crit["revision"]
+    listed = {s["name"]: s for s in ok_json("service", "list", endpoints=eps)["services"]}
+    assert listed["chk"]["passing"] == 0
+
+    # A repeated check-in is not a change: no new revision.
+    again = ok_table("service", "status", "chk", "c1", "critical", endpoints=eps)
+    assert f"chk/c1 critical (unchanged) at revision {set_crit['revision']}" in again
+
+    before = ok_json("service", "get", "chk", endpoints=eps)
+    for args, code in ((("chk", "c1", "sick"), "INVALID_ARGUMENT"), (("chk", "nope", "passing"), "NOT_FOUND"),
+                       (("chk", "c1", "passing", "--note", "x" * 1025), "INVALID_ARGUMENT")):
+        proc = regctl("service", "status", *args, endpoints=eps)
+        assert proc.returncode == 1 and code in proc.stderr, (args, proc.returncode, proc.stderr)
+    assert ok_json("service", "get", "chk", endpoints=eps) == before
+
+    back = ok_json("service", "status", "chk", "c1", "passing", endpoints=eps)
+    assert back["changed"] is True and back["revision"] > set_crit["revision"]
+
+
 # -- exit codes ------------------------------------------------------------------------------
 
 

@@ -76,6 +76,9 @@ def test_walkthrough(up_cluster: tuple[dict[str, str], Path]) -> None:
         assert "web" in listing and "revision:" in listing
         assert "zone=a" in _ok("regctl service get web", env, cwd)
         assert "revision:" in _ok("regctl service get web --consistency stale", env, cwd)
+        assert "critical (set)" in _ok('regctl service status web web-10.0.0.5-8080 critical --note "disk full"',
+                                       env, cwd)
+        assert "critical" in _ok("regctl service get web", env, cwd)
         body = json.loads(_ok("regctl -o json service get web", env, cwd))
         assert {i["address"] for i in body["instances"]} == {"10.0.0.5", "10.0.0.6"}
 
