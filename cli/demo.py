@@ -197,6 +197,12 @@ def _run(root: Path, procs: _Procs, phase_s: float) -> None:
                                     "--check-interval", "300ms", "--check-timeout", "200ms", "--rise", "2",
                                     "--fall", "2", "--http", f"127.0.0.1:{base + 400 + i}"],
                                    root / f"agent-{name}.log"))
+    def registered() -> bool:
+        with SyncClient([m.api for m in members], timeout_s=1.0, connect_timeout_s=0.3) as client:
+            return bool(client.get_service("echo")[1]["instances"])
+
+    # The client agent refuses an upstream the registry has never heard of.
+    _wait(registered, "the echo service to be registered")
     proxy_port, client_http = base + 400, f"127.0.0.1:{base + 407}"
     procs.agents.append(_spawn([*regctl, "agent", "--name", "demo-client", "--upstream",
                                 f"echo={proxy_port}:round_robin", "--http", client_http, "--access-log",

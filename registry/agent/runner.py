@@ -47,7 +47,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..client import Client
-from ..errors import NotFound, RegistryError
+from ..errors import NotFound, RegistryError, Unavailable
 from ..model import NOTE_CHARS_MAX
 from .balancer import Balancer, BalancerEvent
 from .checks import CheckLoop
@@ -139,6 +139,7 @@ class Agent:
                 await route.proxy.start()
             if cfg.http is not None:
                 await self._start_http(*cfg.http)
+            await self._check_upstreams()
         except BaseException:
             await self.stop(deregister=False)
             raise
@@ -153,6 +154,27 @@ class Agent:
         for route in self.routes:
             log.info("upstream %s: listening on %s (policy %s)", route.upstream.service, route.proxy.listen,
                      route.balancer.policy.name)
+
+    async def _check_upstreams(self) -> None:
+        """A misspelt upstream is a configuration error, not a proxy that refuses everything forever.
+
+        A service exists once something registered in it (it outlives its last
+        instance), so deploy order only needs one registration first.  When the
+        registry cannot be asked, the agent starts anyway: it must be able to
+        come up during a registry outage, and says it could not check.
+        """
+        for route in self.routes:
+            name = route.upstream.service
+            try:
+                await self.client.get_service(name)
+            except NotFound:
+                raise ConfigError(f"upstream {name}: no such service in the registry (names are case-sensitive; "
+                                  "register an instance of it first)") from None
+            except Unavailable as err:
+                log.warning("upstream %s: cannot check that the service exists (%s: %s); starting anyway",
+                            name, err.code, err.message)
+            except RegistryError as err:
+                raise ConfigError(f"upstream {name}: {err.code}: {err.message}") from None
 
     def _route(self, up: Upstream, index: int) -> _Route:
         rng = random.Random(None if self.config.seed is None else self.config.seed + index)

@@ -216,7 +216,21 @@ def test_whole_cluster_down_keeps_serving_then_catches_up(fleet: Fleet, cluster:
     assert set(served_while_down) == {"echo-1", "echo-2", "echo-3"}  # the last known table, all of it
 
 
-def test_unknown_upstream_may_appear_later_and_sigterm_deregisters(fleet: Fleet, cluster: Cluster) -> None:
+def test_unknown_upstream_is_a_config_error(tmp_path: Path, cluster: Cluster) -> None:
+    """A misspelt upstream fails the start (exit 2) instead of a proxy that refuses everything forever."""
+    (port,) = free_ports(1)
+    proc = subprocess.run([regctl_executable(), "--endpoints", ",".join(cluster.endpoints), "agent",
+                           "--upstream", f"no-such-svc={port}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "upstream no-such-svc: no such service in the registry" in proc.stderr, proc.stderr
+    assert port_open(port) is False  # it let go of its listener
+
+
+def test_empty_upstream_may_fill_later_and_sigterm_deregisters(fleet: Fleet, cluster: Cluster) -> None:
+    # The service exists (it outlives its last instance) but has no instances yet.
+    client = cluster.client()
+    client.register("later", "placeholder", "127.0.0.1", 1)
+    client.deregister("later", "placeholder")
     port, http = fleet.add_client("client", upstream="later")
     wait_until(lambda: upstream_view(http)["listed"], 20, "the first listing")
     assert upstream_view(http)["total"] == 0
@@ -225,7 +239,6 @@ def test_unknown_upstream_may_appear_later_and_sigterm_deregisters(fleet: Fleet,
     fleet.add_instance("later-1")
     wait_until(lambda: port_open(fleet.ports["later-1"]), 10, "the backend to listen")
     # add_instance registers service "echo"; register a "later" instance on the same backend by hand.
-    client = cluster.client()
     client.register("later", "later-1", "127.0.0.1", fleet.ports["later-1"])
     wait_until(lambda: upstream_view(http)["healthy"] == 1, 10, "the new service in the table")
     assert ask(port) == "later-1"

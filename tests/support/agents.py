@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from registry.client import SyncClient
+from registry.errors import NotFound
 from tests.support.cluster import regctl_executable, wait_until
 
 
@@ -174,6 +176,14 @@ class Traffic(threading.Thread):
             time.sleep(0.02)
 
 
+def _service_exists(client: SyncClient, name: str) -> bool:
+    try:
+        client.get_service(name)
+    except NotFound:
+        return False
+    return True
+
+
 @dataclass
 class Fleet:
     """Echo backends, each with an agent, and client agents, all against one cluster."""
@@ -202,7 +212,13 @@ class Fleet:
         self.backends[name] = backend(self.root, name, self.ports[name]).start()
 
     def add_client(self, name: str, upstream: str = "echo", policy: str = "round_robin") -> tuple[int, int]:
-        """A client agent proxying ``upstream``; returns (proxy port, http port)."""
+        """A client agent proxying ``upstream``; returns (proxy port, http port).
+
+        Waits until the upstream service exists first: an agent refuses to start
+        with an upstream the registry has never heard of.
+        """
+        with SyncClient(self.endpoints) as client:
+            wait_until(lambda: _service_exists(client, upstream), 30, f"service {upstream} to exist")
         port, http = free_ports(2)
         self.ports[name] = port
         self.http_ports[name] = http
