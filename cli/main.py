@@ -45,7 +45,10 @@ class Ctx:
     def client(self) -> SyncClient:
         if self.tls_ca is None and self.tls_cert is None:
             return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s)
-        ctx = client_ssl_context(self.tls_ca, self.tls_cert, self.tls_key)
+        try:
+            ctx = client_ssl_context(self.tls_ca, self.tls_cert, self.tls_key)
+        except OSError as err:  # a missing file, or ssl.SSLError (an OSError) for a bad PEM
+            raise click.UsageError(f"cannot load TLS files (--tls-ca/--tls-cert/--tls-key): {err}") from None
         return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s, ssl_context=ctx)
 
 
@@ -132,7 +135,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None) -> None:
     """Run one registry node in the foreground."""
-    from registry.node import run_node
+    from registry.node import run_node, server_ssl_context
 
     key: str | None = None
     if cluster_key_file is not None:
@@ -169,6 +172,10 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         config.validate()
     except RegistryError as err:
         raise click.UsageError(err.message) from None
+    try:
+        server_ssl_context(config)  # load once here: a bad file is a usage error, not a traceback at bind time
+    except OSError as err:  # a missing file, or ssl.SSLError (an OSError) for a bad PEM
+        raise click.UsageError(f"cannot load TLS files (--tls-cert/--tls-key/--tls-client-ca): {err}") from None
     run_node(config)
 
 

@@ -89,3 +89,27 @@ def test_tls_api_requires_client_certificate(tls_node: tuple[str, Path, Path, Pa
     proc = subprocess.run([regctl_executable(), "--endpoints", endpoint, "--tls-ca", str(ca), "--tls-cert", str(cert),
                            "--tls-key", str(key), "status"], capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_unreadable_or_bad_tls_files_are_usage_errors(tmp_path: Path) -> None:
+    """A missing or non-PEM file: exit 2 and one line naming the flags, from the server and from the CLI."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    missing = tmp_path / "missing.pem"
+    api, raft, http = free_ports(3)
+    server = [regctl_executable(), "server", "--id", "t1", "--data-dir", str(tmp_path / "data"), "--raft",
+              f"127.0.0.1:{raft}", "--api", f"127.0.0.1:{api}", "--http", f"127.0.0.1:{http}", "--dev"]
+    cases = [
+        ([*server, "--tls-cert", str(junk), "--tls-key", str(junk)], "cannot load TLS files (--tls-cert"),
+        ([regctl_executable(), "--endpoints", f"127.0.0.1:{api}", "--tls-ca", str(junk), "status"],
+         "cannot load TLS files (--tls-ca"),
+    ]
+    for cmd, message in cases:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (cmd, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    # click checks that a path exists (dir_okay=False paths): still exit 2, with click's message.
+    proc = subprocess.run([*server, "--tls-cert", str(missing), "--tls-key", str(junk)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
