@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -69,10 +71,8 @@ def token_create(obj: Ctx, roles: tuple[str, ...], description: str, ttl: int | 
 @handles_errors
 def token_list(obj: Ctx) -> None:
     """List tokens (never their secrets)."""
-    with obj.client() as client:
-        _, body = client.call("acl_token_list", {})
-    rows = [(t["id"], ",".join(t["roles"]), t["expires_ms"] or "never", t["description"]) for t in body]
-    emit(obj.output, body, table(rows, ("ID", "ROLES", "EXPIRES_MS", "DESCRIPTION")))
+    _listing(obj, "acl_token_list", ("ID", "ROLES", "EXPIRES_MS", "DESCRIPTION"),
+             lambda t: (t["id"], ",".join(t["roles"]), t["expires_ms"] or "never", t["description"]))
 
 
 @token.command("revoke")
@@ -81,9 +81,21 @@ def token_list(obj: Ctx) -> None:
 @handles_errors
 def token_revoke(obj: Ctx, token_id: str) -> None:
     """Revoke a token: its next request on any node fails and its watch streams end."""
+    _change(obj, "acl_token_delete", {"token_id": token_id}, {"id": token_id}, f"revoked token {token_id}")
+
+
+def _change(obj: Ctx, op: str, args: dict[str, Any], shown: dict[str, Any], done: str) -> None:
+    """Run a mutating op; print ``done`` with the revision it took (JSON: ``shown`` plus ``revision``)."""
     with obj.client() as client:
-        revision, _ = client.call("acl_token_delete", {"token_id": token_id})
-    emit(obj.output, {"id": token_id, "revision": revision}, f"revoked token {token_id} at revision {revision}")
+        revision, _ = client.call(op, args)
+    emit(obj.output, {**shown, "revision": revision}, f"{done} at revision {revision}")
+
+
+def _listing(obj: Ctx, op: str, headers: tuple[str, ...], row: Callable[[dict[str, Any]], tuple[Any, ...]]) -> None:
+    """Run a list op; a table of one ``row`` per item (JSON: the items as the node sent them)."""
+    with obj.client() as client:
+        _, body = client.call(op, {})
+    emit(obj.output, body, table([row(item) for item in body], headers))
 
 
 @acl.group("role")
@@ -100,9 +112,7 @@ def role() -> None:
 @handles_errors
 def role_create(obj: Ctx, name: str, rules: tuple[str, ...]) -> None:
     """Create or replace role NAME."""
-    with obj.client() as client:
-        revision, _ = client.call("acl_role_put", {"name": name, "rules": list(rules)})
-    emit(obj.output, {"name": name, "revision": revision}, f"role {name} saved at revision {revision}")
+    _change(obj, "acl_role_put", {"name": name, "rules": list(rules)}, {"name": name}, f"role {name} saved")
 
 
 @role.command("list")
@@ -110,10 +120,8 @@ def role_create(obj: Ctx, name: str, rules: tuple[str, ...]) -> None:
 @handles_errors
 def role_list(obj: Ctx) -> None:
     """List roles and their rules."""
-    with obj.client() as client:
-        _, body = client.call("acl_role_list", {})
-    rows = [(r["name"], " ".join(f"{x['resource']}={','.join(x['verbs'])}" for x in r["rules"])) for r in body]
-    emit(obj.output, body, table(rows, ("NAME", "RULES")))
+    _listing(obj, "acl_role_list", ("NAME", "RULES"),
+             lambda r: (r["name"], " ".join(f"{x['resource']}={','.join(x['verbs'])}" for x in r["rules"])))
 
 
 @role.command("delete")
@@ -122,9 +130,7 @@ def role_list(obj: Ctx) -> None:
 @handles_errors
 def role_delete(obj: Ctx, name: str) -> None:
     """Delete role NAME (tokens bound to it lose its rules)."""
-    with obj.client() as client:
-        revision, _ = client.call("acl_role_delete", {"name": name})
-    emit(obj.output, {"name": name, "revision": revision}, f"role {name} deleted at revision {revision}")
+    _change(obj, "acl_role_delete", {"name": name}, {"name": name}, f"role {name} deleted")
 
 
 @acl.group("user")
@@ -141,9 +147,8 @@ def user() -> None:
 def user_create(obj: Ctx, name: str, roles: tuple[str, ...], password_stdin: bool) -> None:
     """Create or replace user NAME (the node stores a salted scrypt hash of the password)."""
     password = _read_password("password", password_stdin)
-    with obj.client() as client:
-        revision, _ = client.call("acl_user_put", {"name": name, "password": password, "roles": list(roles)})
-    emit(obj.output, {"name": name, "revision": revision}, f"user {name} saved at revision {revision}")
+    _change(obj, "acl_user_put", {"name": name, "password": password, "roles": list(roles)}, {"name": name},
+            f"user {name} saved")
 
 
 @user.command("list")
@@ -151,9 +156,7 @@ def user_create(obj: Ctx, name: str, roles: tuple[str, ...], password_stdin: boo
 @handles_errors
 def user_list(obj: Ctx) -> None:
     """List users and their roles."""
-    with obj.client() as client:
-        _, body = client.call("acl_user_list", {})
-    emit(obj.output, body, table([(u["name"], ",".join(u["roles"])) for u in body], ("NAME", "ROLES")))
+    _listing(obj, "acl_user_list", ("NAME", "ROLES"), lambda u: (u["name"], ",".join(u["roles"])))
 
 
 @user.command("delete")
@@ -162,9 +165,7 @@ def user_list(obj: Ctx) -> None:
 @handles_errors
 def user_delete(obj: Ctx, name: str) -> None:
     """Delete user NAME."""
-    with obj.client() as client:
-        revision, _ = client.call("acl_user_delete", {"name": name})
-    emit(obj.output, {"name": name, "revision": revision}, f"user {name} deleted at revision {revision}")
+    _change(obj, "acl_user_delete", {"name": name}, {"name": name}, f"user {name} deleted")
 
 
 @cli.command()
