@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 from registry.client import SyncClient
-from registry.errors import RegistryError
+from registry.errors import NotFound, RegistryError
 
 from .durations import Duration
 from .main import EXIT_REFUSED, Ctx, cli, fail, handles_errors
@@ -77,19 +77,53 @@ def keep_alive(client: SyncClient, lease_id: int, ttl_ms: int, stopper: Stopper,
     return None
 
 
+def keep_alive_many(client: SyncClient, lease_ids: list[int], ttl_ms: int, stopper: Stopper) -> list[int]:
+    """Renew all of ``lease_ids`` with one request each third of the shortest TTL; return the lost ones."""
+    interval_s = max(0.1, ttl_ms / 3000.0)
+    attempt_s = max(0.5, interval_s)  # as in keep_alive: never wait out a hung leader
+    while not stopper.stopped:
+        try:
+            missing = client.lease_keepalive_many(lease_ids, timeout_s=attempt_s)["missing"]
+        except RegistryError as err:
+            if not err.retryable:
+                raise
+            click.echo(f"warning: keepalive failed: {err.code}: {err.message}", err=True)
+            stopper.sleep(0.05)
+            continue
+        if missing:
+            return [int(lease) for lease in missing]
+        stopper.sleep(interval_s)
+    return []
+
+
 @lease.command("keepalive")
-@click.argument("lease_id", type=int)
+@click.argument("lease_ids", type=int, nargs=-1, required=True)
 @click.pass_obj
 @handles_errors
-def lease_keepalive(obj: Ctx, lease_id: int) -> None:
-    """Keep LEASE_ID alive in the foreground until Ctrl-C (exit 1 if the lease is lost)."""
+def lease_keepalive(obj: Ctx, lease_ids: tuple[int, ...]) -> None:
+    """Keep LEASE_ID... alive in the foreground until Ctrl-C (exit 1 if a lease is lost).
+
+    Several leases are renewed together, one request per round (lease_keepalive_batch).
+    """
     stopper = Stopper()
     with obj.client() as client:
-        ttl = client.lease_keepalive(lease_id)
-        click.echo(f"keeping lease {lease_id} alive (ttl {ttl / 1000:g}s); Ctrl-C to stop", err=True)
-        err = keep_alive(client, lease_id, ttl, stopper)
-    if err is not None:
-        fail(err)
+        if len(lease_ids) == 1:
+            (lease_id,) = lease_ids
+            ttl = client.lease_keepalive(lease_id)
+            click.echo(f"keeping lease {lease_id} alive (ttl {ttl / 1000:g}s); Ctrl-C to stop", err=True)
+            err = keep_alive(client, lease_id, ttl, stopper)
+            if err is not None:
+                fail(err)
+            return
+        ids = list(lease_ids)
+        first = client.lease_keepalive_many(ids)
+        lost = first["missing"]
+        if not lost:
+            ttl = min(first["ttl_ms"])
+            click.echo(f"keeping {len(ids)} leases alive (shortest ttl {ttl / 1000:g}s); Ctrl-C to stop", err=True)
+            lost = keep_alive_many(client, ids, ttl, stopper)
+    if lost:
+        fail(NotFound(f"lease(s) {', '.join(map(str, lost))} not found (expired or revoked)"))
 
 
 @lease.command("revoke")

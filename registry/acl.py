@@ -253,7 +253,7 @@ def op_permission(op: str, args: Mapping[str, Any]) -> tuple[str, str | None] | 
         return "read", "key:" + arg("key")
     if op == "lock_get":
         return "read", "key:" + arg("name")
-    if op in ("lease_grant", "lease_revoke", "lease_keepalive"):
+    if op in ("lease_grant", "lease_revoke", "lease_keepalive", "lease_keepalive_batch"):
         return "write", "lease"
     if op in ("lease_get", "lease_list", "lease_ttl"):
         return "read", "lease"

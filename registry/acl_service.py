@@ -55,7 +55,7 @@ _ACL_CHANGE_OPS: Final = frozenset(
     ("acl_bootstrap", "acl_token_create", "acl_token_delete", "acl_role_put", "acl_role_delete", "acl_user_put",
      "acl_user_delete", "intention_put", "intention_delete", "intention_default_set")
 )
-_NO_BARRIER_OPS: Final = frozenset(("lease_keepalive",))
+_NO_BARRIER_OPS: Final = frozenset(("lease_keepalive", "lease_keepalive_batch"))
 
 SCRYPT_N: Final = 1 << 14
 SCRYPT_R: Final = 8

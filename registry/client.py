@@ -26,14 +26,17 @@ import os
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
 
 from .config import parse_hostport
 from .errors import ProtocolError, RegistryError, Timeout, Unavailable
+from .model import LEASE_KEEPALIVE_IDS_MAX
 from .protocol import (
     PROTOCOL_VERSION,
     Bye,
+    Cancel,
     ClientConnection,
     Closed,
     Hello,
@@ -67,6 +70,8 @@ _WRITES = frozenset(
     }
 )
 _READ_BUFFER_BYTES = 1 << 16
+#: How often a connection looks for silent streams (see ``_Connection._end_silent_streams``).
+_SILENCE_CHECK_S = 0.25
 
 
 class ConnectionFailed(Unavailable):
@@ -76,8 +81,50 @@ class ConnectionFailed(Unavailable):
 
 
 class _Stream:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    """The items of one stream, in arrival order, for one consumer.
+
+    A deque and at most one waiter instead of an ``asyncio.Queue``: a client
+    with a thousand watches gets tens of thousands of items a second, and an
+    item that is already here is taken without any await.  Cancelling a
+    consumer in ``get`` never loses an item nor the cancellation.
+    """
+
+    __slots__ = ("idle_s", "items", "last_item", "waiter")
+
+    def __init__(self, idle_s: float | None = None) -> None:
+        self.items: deque[tuple[str, Any]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        #: The stream is ended as silent when nothing arrives for it this long (None: never).
+        self.idle_s = idle_s
+        self.last_item = time.monotonic()
+
+    def put(self, kind: str, value: Any) -> None:
+        self.items.append((kind, value))
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def get(self) -> tuple[str, Any]:
+        while not self.items:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiter = waiter
+            try:
+                await waiter
+            finally:
+                if self.waiter is waiter:
+                    self.waiter = None
+        return self.items.popleft()
+
+
+class _Recheck:
+    """Set on a waiting request's future by its timer: look around, then wait on ``future``."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        self.future = future
 
 
 class _Connection:
@@ -89,10 +136,14 @@ class _Connection:
         self._reader = reader
         self._writer = writer
         self._codec = ClientConnection(frame_bytes_max=frame_bytes_max)
-        self._pending: dict[int, asyncio.Future[Response]] = {}
+        #: Request id -> the future its response (or a ``_Recheck``) is delivered to.
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: Frames waiting for this loop pass's single write (see ``_write``).
+        self._out: list[bytes] = []
         self._streams: dict[int, _Stream] = {}
         self._ids = itertools.count(1)
         self._reader_task: asyncio.Task[None] | None = None
+        self._idle_task: asyncio.Task[None] | None = None
         self.node = ""
         self.closed = False
         self.close_reason: RegistryError | None = None
@@ -108,11 +159,15 @@ class _Connection:
             opening = asyncio.open_connection(host, port)
         else:
             opening = asyncio.open_connection(host, port, ssl=ssl_context, server_hostname=host)
-        reader, writer = await asyncio.wait_for(opening, timeout_s)
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for swallows a cancellation that lands
+        # as the connection completes, and a cancelled watch then went on running.
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await opening
         conn = cls(endpoint, reader, writer, frame_bytes_max)
         try:
             writer.write(conn._codec.send(Hello(version=PROTOCOL_VERSION, token=token, client=client_name)))
-            hello = await asyncio.wait_for(conn._read_hello(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                hello = await conn._read_hello()
         except BaseException:
             writer.close()
             raise
@@ -167,15 +222,16 @@ class _Connection:
             else:
                 stream = self._streams.pop(event.id, None)
                 if stream is not None:  # a stream refused before it started
-                    stream.queue.put_nowait(("end", event.error))
+                    stream.put("end", event.error)
         elif isinstance(event, StreamEvent):
             stream = self._streams.get(event.id)
             if stream is not None:
-                stream.queue.put_nowait(("item", event.body))
+                stream.last_item = self.last_heard
+                stream.put("item", event.body)
         elif isinstance(event, StreamEnd):
             stream = self._streams.pop(event.id, None)
             if stream is not None:
-                stream.queue.put_nowait(("end", event.error))
+                stream.put("end", event.error)
         elif isinstance(event, Bye):
             raise event.error
 
@@ -188,25 +244,61 @@ class _Connection:
                 future.set_exception(reason)
         streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream.queue.put_nowait(("end", reason))
+            stream.put("end", reason)
         with contextlib.suppress(Exception):
             self._writer.close()
 
     async def request(self, op: str, args: dict[str, Any]) -> Response:
+        req_id, future = self.send_request(op, args)
+        try:
+            response: Response = await future
+            return response
+        finally:
+            self._pending.pop(req_id, None)
+
+    def send_request(self, op: str, args: dict[str, Any]) -> tuple[int, asyncio.Future[Any]]:
+        """Send a request; return its id and the future its ``Response`` will be set on.
+
+        The caller must ``forget(id)`` when it stops waiting.  ``recheck`` may
+        move the request to a fresh future (see ``Client._request``).
+        """
         if self.closed:
             raise self.close_reason or ConnectionFailed("connection closed")
         req_id = next(self._ids)
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        data = self._codec.send(Request(id=req_id, op=op, args=args))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = future
-        try:
-            self._writer.write(self._codec.send(Request(id=req_id, op=op, args=args)))
-        except BaseException:
-            self._pending.pop(req_id, None)
-            raise
-        try:
-            return await future
-        finally:
-            self._pending.pop(req_id, None)
+        self._write(data)
+        return req_id, future
+
+    def forget(self, req_id: int) -> None:
+        self._pending.pop(req_id, None)
+
+    def recheck(self, req_id: int, future: asyncio.Future[Any]) -> None:
+        """Wake the waiter of ``future`` with a ``_Recheck`` holding the request's new future.
+
+        A timer callback: the request stays in flight (its response goes to the
+        new future), while its waiter looks at the deadline and the node's
+        liveness.  This replaces a task plus ``asyncio.wait`` per request.
+        """
+        if self._pending.get(req_id) is future and not future.done():
+            fresh: asyncio.Future[Any] = future.get_loop().create_future()
+            self._pending[req_id] = fresh
+            future.set_result(_Recheck(fresh))
+
+    def _write(self, data: bytes) -> None:
+        # Frames sent in one loop pass go out in one socket write: at high
+        # concurrency a response burst makes many callers send at once, and a
+        # write per request was a syscall (and loopback TCP work) each.
+        out = self._out
+        if not out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and not self.closed:
+            self._writer.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def probe(self, timeout_s: float) -> None:
         """Raise TimeoutError unless the node answers a ``status`` request within ``timeout_s``.
@@ -220,16 +312,45 @@ class _Connection:
             self._probe.add_done_callback(lambda t: t.cancelled() or t.exception())
         await asyncio.wait_for(asyncio.shield(self._probe), timeout_s)
 
-    def open_stream(self, op: str, args: dict[str, Any]) -> tuple[int, _Stream]:
+    def open_stream(self, op: str, args: dict[str, Any], idle_s: float | None = None) -> tuple[int, _Stream]:
+        """Start a stream; with ``idle_s``, it is ended as silent if no item comes for that long."""
         if self.closed:
             raise self.close_reason or ConnectionFailed("connection closed")
         req_id = next(self._ids)
-        stream = _Stream()
+        stream = _Stream(idle_s)
         self._streams[req_id] = stream
-        self._writer.write(self._codec.send(Request(id=req_id, op=op, args=args)))
+        self._write(self._codec.send(Request(id=req_id, op=op, args=args)))
+        if idle_s is not None and self._idle_task is None:
+            self._idle_task = asyncio.get_running_loop().create_task(self._end_silent_streams())
         return req_id, stream
 
+    async def _end_silent_streams(self) -> None:
+        """End streams that went silent (a stopped or cut-off node may keep TCP open and quiet).
+
+        One checker per connection rather than a timeout per awaited item: a
+        timeout per item costs a task and a timer each, and ``wait_for`` in
+        Python 3.11 swallows a cancellation that lands just as the item
+        arrives (a cancelled watch then ran forever).
+        """
+        while not self.closed:
+            await asyncio.sleep(_SILENCE_CHECK_S)
+            now = time.monotonic()
+            silent = [(i, s) for i, s in self._streams.items()
+                      if s.idle_s is not None and now - s.last_item > s.idle_s]
+            for req_id, stream in silent:
+                self._streams.pop(req_id, None)
+                stream.put("end", ConnectionFailed(f"stream {req_id} from {self.endpoint} went silent"))
+
+    def cancel_stream(self, req_id: int) -> None:
+        """Stop waiting for a stream and ask the node to end it."""
+        if not self.closed and self._streams.pop(req_id, None) is not None:
+            with contextlib.suppress(Exception):
+                self._write(self._codec.send(Cancel(id=req_id)))  # after the stream's request
+
     async def close(self) -> None:
+        self._flush()  # frames of this loop pass (a stream's cancel, say) still go out
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         if self._reader_task is not None:
             self._reader_task.cancel()
             with contextlib.suppress(BaseException):
@@ -327,7 +448,11 @@ class Client:
                 raise last or Timeout(f"{op} timed out")
             conn: _Connection | None = None
             try:
-                conn = await asyncio.wait_for(self._connection(), remaining)
+                live = self._conn
+                if live is not None and not live.closed:
+                    conn = live  # the common case, without wait_for's task and timer
+                else:
+                    conn = await asyncio.wait_for(self._connection(), remaining)
                 response = await self._request(conn, op, args, deadline)
             except TimeoutError:
                 last = Timeout(f"{op}: no answer within the client timeout; outcome unknown")
@@ -376,21 +501,29 @@ class Client:
         node for ``probe_after_s``, it must answer a ``status`` probe; if it
         does not, TimeoutError moves the call on to the next endpoint.
         """
-        task = asyncio.get_running_loop().create_task(conn.request(op, args))
+        req_id, future = conn.send_request(op, args)
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
-                done, _ = await asyncio.wait({task}, timeout=min(remaining, self.probe_after_s))
-                if done:
-                    return task.result()
+                # One timer, no task: when it fires first, the request moves to a
+                # fresh future and this waiter gets a _Recheck (see recheck).
+                timer = loop.call_later(min(remaining, self.probe_after_s), conn.recheck, req_id, future)
+                try:
+                    result = await future
+                finally:
+                    timer.cancel()
+                if not isinstance(result, _Recheck):
+                    response: Response = result
+                    return response
+                future = result.future
                 if time.monotonic() - conn.last_heard >= self.probe_after_s:
                     remaining = max(deadline - time.monotonic(), 0.001)
                     await conn.probe(min(max(self.connect_timeout_s * 2, 0.5), remaining))
         finally:
-            if not task.done():
-                task.cancel()
+            conn.forget(req_id)
 
     async def stream(self, op: str, args: dict[str, Any]) -> AsyncIterator[Any]:
         """Open one stream on the current node; yields items until it ends. No resume here."""
@@ -398,7 +531,7 @@ class Client:
         req_id, stream = conn.open_stream(op, args)
         try:
             while True:
-                kind, value = await stream.queue.get()
+                kind, value = stream.items.popleft() if stream.items else await stream.get()
                 if kind == "item":
                     yield value
                     continue
@@ -408,12 +541,7 @@ class Client:
                     raise value
                 return
         finally:
-            if not conn.closed and req_id in conn._streams:
-                conn._streams.pop(req_id, None)
-                with contextlib.suppress(Exception):
-                    from .protocol import Cancel
-
-                    conn._writer.write(conn._codec.send(Cancel(id=req_id)))
+            conn.cancel_stream(req_id)
 
     async def watch(
         self,
@@ -430,7 +558,11 @@ class Client:
         Hides reconnects: when the node goes away, the watch resumes on another
         node from the last revision it delivered + 1, so events arrive in order,
         without gaps or duplicates; a node that has not applied that far waits
-        until it has.  Runs until the caller stops iterating.
+        until it has.  Runs until the caller stops iterating (or its task is
+        cancelled: that always ends it).
+
+        Items are read-only: identical watches on one client are handed the
+        same decoded item (the connection decodes a repeated body once).
         """
         selector: dict[str, Any] = {}
         if service is not None:
@@ -442,6 +574,9 @@ class Client:
         next_revision = start_revision
         first = True
         announced = False
+        # A node sends progress every progress_ms; silence for several of those means it is
+        # stopped or cut off (its TCP connection may never break): the connection ends the
+        # stream as silent and the watch resumes elsewhere.
         idle_s = 3 * (progress_ms if progress_ms is not None else 5000) / 1000.0 + 1.0
         backoff_s = 0.05
         while True:
@@ -452,61 +587,70 @@ class Client:
                 args["list"] = True
             if progress_ms is not None:
                 args["progress_ms"] = progress_ms
+            conn: _Connection | None = None
+            req_id = 0
             try:
-                # aclosing: when the caller stops iterating, the stream is closed now (the node
-                # is told to cancel it), not whenever the garbage collector finalizes it.
-                async with contextlib.aclosing(cast(AsyncGenerator[Any, None], self.stream("watch", args))) as items:
-                    # Pieces of a message the node split (a huge revision, a big
-                    # snapshot) are held back until complete; a resume starts the
-                    # piece over, so nothing half-done ever reaches the caller.
-                    partial_events: list[dict[str, Any]] = []
-                    snapshot_parts: list[dict[str, Any]] = []
-                    while True:
-                        try:
-                            # A node sends progress every progress_ms; silence for
-                            # several of those means it is stopped or cut off
-                            # (its TCP connection may never break): resume elsewhere.
-                            item = await asyncio.wait_for(anext(items), idle_s)
-                        except StopAsyncIteration:
+                conn = await self._connection()
+                req_id, stream = conn.open_stream("watch", args, idle_s=idle_s)
+                # Pieces of a message the node split (a huge revision, a big
+                # snapshot) are held back until complete; a resume starts the
+                # piece over, so nothing half-done ever reaches the caller.
+                partial_events: list[dict[str, Any]] = []
+                snapshot_parts: list[dict[str, Any]] = []
+                while True:
+                    # No await when an item is already here (the common case under load).
+                    kind_, value = stream.items.popleft() if stream.items else await stream.get()
+                    if kind_ != "item":
+                        if value is None:
+                            self._drop(conn)  # the node ended the stream (shutting down): resume elsewhere
                             break
-                        except TimeoutError:
-                            raise ConnectionFailed("watch stream went silent") from None
-                        backoff_s = 0.05
-                        kind = item.get("type")
-                        if kind == "events" and item.get("partial"):
+                        if isinstance(value, ConnectionFailed) or value.retryable:
+                            self._drop(conn)
+                        raise value
+                    item: dict[str, Any] = value
+                    backoff_s = 0.05
+                    kind = item.get("type")
+                    if kind == "events":
+                        if item.get("partial"):
                             partial_events.extend(item["events"])
                             continue
-                        if kind == "events" and partial_events:
+                        if partial_events:
                             item = {**item, "events": partial_events + item["events"]}
                             partial_events = []
-                        if kind == "snapshot":
-                            snapshot_parts.append(item)
-                            if item.get("more"):
-                                continue
-                            item = _merge_snapshot(snapshot_parts)
-                            snapshot_parts = []
-                        if kind == "snapshot" and item.get("reason") == "list":
+                        events = item["events"]
+                        if events:
+                            next_revision = int(events[-1]["revision"]) + 1
+                    elif kind == "snapshot":
+                        partial_events = []  # a resync replaces whatever was in flight
+                        snapshot_parts.append(item)
+                        if item.get("more"):
+                            continue
+                        item = _merge_snapshot(snapshot_parts)
+                        snapshot_parts = []
+                        if item.get("reason") == "list":
                             first = False
-                        if kind == "events" and item["events"]:
-                            next_revision = int(item["events"][-1]["revision"]) + 1
-                        elif kind in ("snapshot", "progress"):
-                            next_revision = max(next_revision or 0, int(item["revision"]) + 1)
-                        elif kind == "created" and next_revision is None:
-                            next_revision = int(item["revision"]) + 1
-                        if next_revision is not None and next_revision - 1 > self.revision_seen:
-                            self.revision_seen = next_revision - 1
-                        if kind == "created":
-                            if announced:
-                                continue  # a resume, not news to the caller
-                            announced = True
-                            if not list_first:
-                                first = False
-                        yield item
+                        next_revision = max(next_revision or 0, int(item["revision"]) + 1)
+                    elif kind == "progress":
+                        next_revision = max(next_revision or 0, int(item["revision"]) + 1)
+                    elif kind == "created" and next_revision is None:
+                        next_revision = int(item["revision"]) + 1
+                    if next_revision is not None and next_revision - 1 > self.revision_seen:
+                        self.revision_seen = next_revision - 1
+                    if kind == "created":
+                        if announced:
+                            continue  # a resume, not news to the caller
+                        announced = True
+                        if not list_first:
+                            first = False
+                    yield item
             except (OSError, ConnectionFailed, Unavailable):
                 pass
-            # The stream ended (node gone or shutting down): resume elsewhere.
-            if self._conn is not None:
-                self._drop(self._conn)
+            finally:
+                if conn is not None and req_id:
+                    conn.cancel_stream(req_id)
+            # The stream ended (node gone or shutting down): resume elsewhere.  Only this
+            # stream's own connection is dropped (above): dropping whatever connection is
+            # current would also cut the watches that already resumed on a new one.
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, 1.0)
 
@@ -569,6 +713,28 @@ class Client:
         """Renew a lease once (served by the leader); return its TTL in ms."""
         _, body = await self.call("lease_keepalive", {"lease": lease})
         return int(body["ttl_ms"])
+
+    async def lease_keepalive_many(self, leases: Sequence[int], *, timeout_s: float | None = None,
+                                   retry: bool = True) -> dict[str, Any]:
+        """Renew many leases with one request per ``LEASE_KEEPALIVE_IDS_MAX`` ids (served by the leader).
+
+        Returns ``{"renewed": n, "ttl_ms": [ttl per id, in order; 0 = missing], "missing": [ids]}``:
+        a lease that is gone (expired, revoked, unknown) is listed in ``missing``
+        rather than failing the others.  Like every call it follows ``NOT_LEADER``
+        hints, so it keeps talking to the leader.
+        """
+        ids = list(leases)
+        renewed = 0
+        ttls: list[int] = []
+        missing: list[int] = []
+        for start in range(0, len(ids), LEASE_KEEPALIVE_IDS_MAX):
+            chunk = ids[start : start + LEASE_KEEPALIVE_IDS_MAX]
+            _, body = await self.call("lease_keepalive_batch", {"leases": chunk}, timeout_s=timeout_s,
+                                      retry=retry)
+            renewed += int(body["renewed"])
+            ttls.extend(body["ttl_ms"])
+            missing.extend(body["missing"])
+        return {"renewed": renewed, "ttl_ms": ttls, "missing": missing}
 
     async def lease_revoke(self, lease: int) -> dict[str, Any]:
         _, body = await self.call("lease_revoke", {"lease": lease})
@@ -660,6 +826,10 @@ class SyncClient:
 
     def lease_keepalive(self, lease: int) -> int:
         return int(self._run(self.client.lease_keepalive(lease)))
+
+    def lease_keepalive_many(self, leases: Sequence[int], **kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._run(self.client.lease_keepalive_many(leases, **kwargs))
+        return result
 
     def lease_revoke(self, lease: int) -> dict[str, Any]:
         result: dict[str, Any] = self._run(self.client.lease_revoke(lease))

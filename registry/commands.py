@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 from . import acl, model
 from .errors import BadRequest, UnknownOp
 
-__all__ = ["FieldSpec", "SCHEMAS", "OPS", "validate_command"]
+__all__ = ["FieldSpec", "SCHEMAS", "OPS", "is_normalised", "validate_command"]
 
 Kind = Literal["str", "int", "int?", "map<str,str>", "list<str>", "list<int>"]
 
@@ -192,13 +192,19 @@ SCHEMAS: Final[dict[str, dict[str, FieldSpec]]] = {
 OPS: Final = frozenset(SCHEMAS)
 
 
+#: Exact Python type of each kind: a value of exactly this type (with, for
+#: containers, items of exactly str/int) needs no coercion, only its check.
+_EXACT: Final[dict[str, type]] = {
+    "str": str, "int": int, "int?": int, "map<str,str>": dict, "list<str>": list, "list<int>": list,
+}
+
 #: op -> (allowed field names, flattened field specs): the hot path of every
-#: apply, so attribute lookups are hoisted out of the per-command loop.
-_CompiledField = tuple[str, Kind, Callable[[str, Any], Any], bool, Callable[[], Any]]
+#: write, so attribute lookups are hoisted out of the per-command loop.
+_CompiledField = tuple[str, Kind, Callable[[str, Any], Any], bool, Callable[[], Any], type]
 _COMPILED: Final[dict[str, tuple[frozenset[str], tuple[_CompiledField, ...]]]] = {
     op: (
         frozenset(schema) | {"op"},
-        tuple((name, f.kind, f.check, f.required, f.default) for name, f in schema.items()),
+        tuple((name, f.kind, f.check, f.required, f.default, _EXACT[f.kind]) for name, f in schema.items()),
     )
     for op, schema in SCHEMAS.items()
 }
@@ -207,6 +213,20 @@ _COMPILED: Final[dict[str, tuple[frozenset[str], tuple[_CompiledField, ...]]]] =
 def _quote(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _exact_items(kind: Kind, value: Any) -> bool:
+    """Whether a dict/list already holds exactly-typed items (then no coercing copy is needed)."""
+    if kind == "map<str,str>":
+        for k, v in value.items():
+            if type(k) is not str or type(v) is not str:
+                return False
+        return True
+    want = str if kind == "list<str>" else int
+    for x in value:
+        if type(x) is not want:
+            return False
+    return True
 
 
 def validate_command(cmd: Any) -> dict[str, Any]:
@@ -227,16 +247,75 @@ def validate_command(cmd: Any) -> dict[str, Any]:
         unknown = next(name for name in cmd if name not in allowed)
         raise BadRequest(f"unknown field {_quote(unknown)} for op {op!r}")
     out: dict[str, Any] = {"op": op}
-    for name, kind, check, required, default in fields:
+    for name, kind, check, required, default, exact in fields:
         value = cmd.get(name)
         if value is None:
             if required:
                 raise BadRequest(f"missing field {name!r} ({kind}) for op {op!r}")
             out[name] = default()
             continue
-        # Fast path for the exact scalar types; everything else is coerced.
-        vtype = type(value)
-        if not ((vtype is str and kind == "str") or (vtype is int and kind[:3] == "int")):
+        # Fast path: exact types (what msgpack decodes to) are only checked,
+        # never copied.  Scalars are immutable; every container check
+        # (check_meta, check_tags, ...) returns a new container, and the
+        # identity test below keeps the no-aliasing promise even if one did not.
+        if type(value) is not exact:
             value = _coerce(name, kind, value)
+        elif exact is dict or exact is list:
+            if not _exact_items(kind, value):
+                value = _coerce(name, kind, value)
+            checked = check(name, value)
+            if checked is value:
+                checked = dict(value) if exact is dict else list(value)
+            out[name] = checked
+            continue
         out[name] = check(name, value)
     return out
+
+
+#: op -> (normalised key count, (field, exact type, may be None, kind if a container else None)):
+#: what ``is_normalised`` checks.  A field may be None after validation only
+#: if it is optional and its default is None.
+_SHAPES: Final[dict[str, tuple[int, tuple[tuple[str, type, bool, Kind | None], ...]]]] = {
+    op: (
+        len(schema) + 1,
+        tuple(
+            (name, _EXACT[f.kind], not f.required and f.default() is None,
+             f.kind if _EXACT[f.kind] in (dict, list) else None)
+            for name, f in schema.items()
+        ),
+    )
+    for op, schema in SCHEMAS.items()
+}
+
+
+def is_normalised(cmd: dict[str, Any]) -> bool:
+    """Cheap structural test: could ``cmd`` be an output of ``validate_command``?
+
+    True when ``cmd`` names a known op and has exactly that op's normalised
+    key set, every value of its field's exact Python type (None only where
+    validation leaves None), container items of exact types too.  Values are
+    *not* range- or pattern-checked: this is the guard the state machine runs
+    on commands that came through the Raft log, which every proposer
+    validated before proposing (see ``RegistryState.apply``).  A command
+    failing it gets full validation instead, so nothing depends on it for
+    safety against malformed input -- only on proposers validating.
+    """
+    op = cmd.get("op")
+    shape = _SHAPES.get(op) if type(op) is str else None
+    if shape is None:
+        return False
+    size, fields = shape
+    if len(cmd) != size:
+        return False
+    try:
+        for name, exact, nullable, container in fields:
+            value = cmd[name]
+            if type(value) is not exact:
+                if value is None and nullable:
+                    continue
+                return False
+            if container is not None and not _exact_items(container, value):
+                return False
+    except KeyError:  # a key of another op in place of one of ours (the count matched)
+        return False
+    return True

@@ -9,13 +9,18 @@ discovering it under load.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidArgument
 from .watch import HubLimits
 
-__all__ = ["NodeConfig", "RaftTiming", "parse_hostport", "format_hostport"]
+__all__ = ["NodeConfig", "RaftTiming", "parse_hostport", "format_hostport", "UNSAFE_LOCAL_READS_ENV"]
+
+#: Testing only: with ``--dev``, ``REGCTL_UNSAFE_LOCAL_READS=1`` makes a node serve linearizable reads
+#: from its local state without the read barrier (stale reads), so jepsen-lite can show its checkers fail.
+UNSAFE_LOCAL_READS_ENV = "REGCTL_UNSAFE_LOCAL_READS"
 
 
 def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
@@ -112,6 +117,8 @@ class NodeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    #: See UNSAFE_LOCAL_READS_ENV; ignored unless ``dev``.
+    unsafe_local_reads: bool = field(default_factory=lambda: os.environ.get(UNSAFE_LOCAL_READS_ENV) == "1")
 
     def validate(self) -> None:
         self.raft.validate()

@@ -6,6 +6,13 @@ leads: on gaining leadership it restarts all countdowns and commits a
 dropped by the state machine); on losing it, it forgets its deadlines.
 While leading, it proposes ``lease_expire`` for due leases, stamped with
 its term as the epoch.
+
+Keepalive ops are synchronous (``*_now``): they touch only memory, so the
+server may run them inline as a frame is parsed, without a task per request.
+``lease_keepalive_batch`` renews many leases with one frame (an agent renews
+every lease it holds in one message, like etcd's keepalive stream): the
+per-frame costs (parse, leadership check, response, metrics) are paid once
+for up to ``model.LEASE_KEEPALIVE_IDS_MAX`` leases.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import logging
 import time
 from typing import Any
 
-from .errors import BadRequest, NotLeader, RegistryError
+from . import model
+from .errors import BadRequest, InvalidArgument, NotLeader, RegistryError
 from .leases import LeaseKeeper, StallGuard
 from .metrics import NodeMetrics
 from .proposer import Proposer
@@ -44,18 +52,20 @@ class LeaseService:
         self._proposer = proposer
         self._metrics = metrics
         self._leader_api = leader_api  # () -> str | None: the leader's API address, for hints
-        self.keeper = LeaseKeeper(guard)
+        # The keeper reads TTLs from the replicated state instead of copying them.
+        self.keeper = LeaseKeeper(guard, _StateTtls(holder))
         self._term = -1
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        with holder.lock:
-            for lease, ttl in holder.state.lease_ttls().items():
-                self.keeper.granted(lease, ttl, time.monotonic())
+        #: Keepalives served since the last tick; added to the Prometheus counter
+        #: there, in one inc() (an inc() per keepalive costs more than the keepalive).
+        self._keepalives_unflushed = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        self.flush_metrics()
         if self._task is not None:
             self._task.cancel()
         for task in list(self._background):
@@ -69,27 +79,29 @@ class LeaseService:
             # events) gets its plain TTL rather than the hand-over grace.
             self._tick()
         now = time.monotonic()
+        keeper = self.keeper
         for event in events:
             if event.get("kind") != "lease":
                 continue
-            lease = int(event["id"])
             if event["type"] == "put" and event.get("after"):
-                self.keeper.granted(lease, int(event["after"]["ttl_ms"]), now)
+                after = event["after"]
+                # The record's int, not int(event["id"]): the keeper's key is then the
+                # same object as the state's, not a second 28-byte int per lease.
+                keeper.granted(after["lease"], after["ttl_ms"], now)
             elif event["type"] in ("delete", "expire"):
-                self.keeper.removed(lease)
+                keeper.removed(int(event["id"]))
                 if event["type"] == "expire":
                     self._metrics.lease_expiries.inc()
-        self._metrics.leases.set(len(self.keeper))
+        self._metrics.leases.set(len(keeper))
 
     def on_restore(self) -> None:
         """The state was replaced by a snapshot: rebuild from it."""
+        if not self._raft._isLeader():
+            self.keeper.deactivate()  # followers keep no deadlines; TTLs are read from the new state
+            return
         with self._holder.lock:
             ttls = self._holder.state.lease_ttls()
         self.keeper.reset_all(ttls, time.monotonic())
-        if not self._raft._isLeader():
-            self.keeper.deactivate()
-            for lease, ttl in ttls.items():
-                self.keeper.granted(lease, ttl, time.monotonic())
 
     # -- ops ----------------------------------------------------------------------
 
@@ -102,12 +114,35 @@ class LeaseService:
         if not self._leading():
             raise NotLeader("lease keepalives are served by the leader", hint=self._leader_api())
 
-    async def keepalive(self, args: dict[str, Any]) -> tuple[int, Any]:
+    def keepalive_now(self, args: dict[str, Any]) -> tuple[int, Any]:
+        """``lease_keepalive``: renew one lease (NOT_FOUND if it is gone)."""
         lease = _lease_arg(args)
         self._require_leader()
         ttl_ms = self.keeper.keepalive(lease, time.monotonic())
-        self._metrics.keepalives.inc()
+        self._keepalives_unflushed += 1
         return self._holder.state.revision, {"lease": lease, "ttl_ms": ttl_ms}
+
+    def keepalive_batch_now(self, args: dict[str, Any]) -> tuple[int, Any]:
+        """``lease_keepalive_batch``: renew many leases; a gone one is reported, not an error.
+
+        One lost lease among an agent's hundred must not make the other 99
+        fail, so the frame succeeds and ``missing`` lists the ids that are not
+        live (expired, revoked, never granted); ``ttl_ms`` has each id's TTL in
+        request order, 0 for a missing one.
+        """
+        leases = _lease_list_arg(args)
+        self._require_leader()
+        ttls = self.keeper.keepalive_many(leases, time.monotonic())
+        missing = [lease for lease, ttl in zip(leases, ttls, strict=True) if not ttl]
+        renewed = len(leases) - len(missing)
+        self._keepalives_unflushed += renewed
+        return self._holder.state.revision, {"renewed": renewed, "ttl_ms": ttls, "missing": missing}
+
+    async def keepalive(self, args: dict[str, Any]) -> tuple[int, Any]:
+        return self.keepalive_now(args)
+
+    async def keepalive_batch(self, args: dict[str, Any]) -> tuple[int, Any]:
+        return self.keepalive_batch_now(args)
 
     async def time_to_live(self, args: dict[str, Any]) -> tuple[int, Any]:
         lease = _lease_arg(args)
@@ -120,9 +155,15 @@ class LeaseService:
 
     # -- the tick -----------------------------------------------------------------
 
+    def flush_metrics(self) -> None:
+        if self._keepalives_unflushed:
+            self._metrics.keepalives.inc(self._keepalives_unflushed)
+            self._keepalives_unflushed = 0
+
     async def _run(self) -> None:
         while True:
             try:
+                self.flush_metrics()
                 self._tick()
             except Exception:
                 log.exception("lease tick failed")
@@ -206,3 +247,39 @@ def _lease_arg(args: dict[str, Any]) -> int:
     if not isinstance(lease, int) or isinstance(lease, bool):
         raise BadRequest("field 'lease' must be an integer")
     return lease
+
+
+def _lease_list_arg(args: dict[str, Any]) -> list[int]:
+    unknown = set(args) - {"leases"}
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+    leases = args.get("leases")
+    if not isinstance(leases, list):
+        raise BadRequest("field 'leases' must be a list of integers")
+    if not 1 <= len(leases) <= model.LEASE_KEEPALIVE_IDS_MAX:
+        raise InvalidArgument(f"field 'leases' must hold 1..{model.LEASE_KEEPALIVE_IDS_MAX} lease ids, "
+                              f"not {len(leases)}")
+    # ``type() is int`` also refuses bools (an int subclass), at C speed for 10k ids.
+    if not all(type(lease) is int for lease in leases):
+        raise BadRequest("field 'leases' must be a list of integers")
+    return leases
+
+
+class _StateTtls:
+    """The keeper's TTL table: a read-only view of the replicated state, so no per-lease copy.
+
+    Read from the loop without ``holder.lock``: each call is one dict lookup,
+    atomic under the GIL, and a lease the Raft thread just removed simply
+    reads as gone, which is what a keepalive racing its expiry should see.
+    """
+
+    __slots__ = ("_holder",)
+
+    def __init__(self, holder: StateHolder) -> None:
+        self._holder = holder
+
+    def get(self, lease: int, /) -> int | None:
+        return self._holder.state.lease_ttl_ms(lease)
+
+    def __len__(self) -> int:
+        return self._holder.state.lease_count()

@@ -30,16 +30,41 @@ tick, each of them is deferred once, by its TTL at most
 still due after its one deferral expires, so a real mass failure is hidden
 for one TTL at the longest.
 
+Memory and CPU (the leader holds every lease: 100k leases x N bytes).  The
+keeper's only per-lease structure is one dict ``lease id -> deadline`` (a
+float; about 75 B per lease).  TTLs are not copied: they are read from a
+``TtlTable`` -- on a node, a view of the replicated state, which holds them
+anyway; in tests, a plain dict.  A lease that is being expired keeps its
+entry with an infinite deadline instead of living in a second table.  The
+tick does not scan the table every 100 ms: it keeps ``_earliest``, a lower
+bound on every finite deadline, and scans only once that has passed (then
+recomputes it).  Keepalives move deadlines later almost always, so with
+healthy clients a scan happens about once per TTL, not ten times a second;
+a keepalive that moves a deadline earlier (after a hand-over grace or a
+stall push) lowers the bound itself.
+
 Pure: the caller passes ``now`` (monotonic seconds); no clock, no I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .errors import NotFound
 
-__all__ = ["LeaseKeeper", "StallGuard", "TickResult"]
+__all__ = ["LeaseKeeper", "StallGuard", "TickResult", "TtlTable"]
+
+_INF = float("inf")
+
+
+class TtlTable(Protocol):
+    """Where the keeper reads TTLs (ms) and the live lease count from."""
+
+    def get(self, lease: int, /) -> int | None: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,19 +87,28 @@ class TickResult:
 
 
 class LeaseKeeper:
-    def __init__(self, guard: StallGuard | None = None) -> None:
+    __slots__ = ("_deadline", "_deferred", "_earliest", "_expiring", "_last_tick", "_own_ttls", "_ttls",
+                 "active", "guard")
+
+    def __init__(self, guard: StallGuard | None = None, ttls: TtlTable | None = None) -> None:
+        """``ttls``: the replicated TTL table to read; None = keep a private copy (``granted``/``removed``)."""
         self.guard = guard or StallGuard()
-        self._ttl_s: dict[int, float] = {}
+        #: Our own copy of the TTLs (ms) when nobody gave us a table to read.
+        self._own_ttls: dict[int, int] | None = {} if ttls is None else None
+        self._ttls: TtlTable = ttls if ttls is not None else self._own_ttls  # type: ignore[assignment]
+        #: lease -> deadline (monotonic s) while leading; +inf while its expiry is in flight.
         self._deadline: dict[int, float] = {}
+        #: A lower bound on every finite deadline: no tick scans before it.
+        self._earliest = _INF
         #: Leases deferred once by the mass-expiry guard and not renewed since.
         self._deferred: set[int] = set()
-        #: Leases proposed for expiry and not yet gone: do not propose twice.
+        #: Leases proposed for expiry and not yet gone (-> when): do not propose twice.
         self._expiring: dict[int, float] = {}
         self._last_tick: float | None = None
         self.active = False
 
     def __len__(self) -> int:
-        return len(self._ttl_s)
+        return len(self._ttls)
 
     # -- what the replicated state says exists --------------------------------
 
@@ -87,8 +121,14 @@ class LeaseKeeper:
         new leader adds that timeout to every countdown (etcd's lessor extends
         leases by the election timeout on promotion for the same reason).
         """
-        self._ttl_s = {lease: ttl / 1000.0 for lease, ttl in ttls_ms.items()}
-        self._deadline = {lease: now + grace_s + ttl for lease, ttl in self._ttl_s.items()}
+        if self._own_ttls is not None:
+            self._own_ttls.clear()
+            self._own_ttls.update(ttls_ms)
+        start = now + grace_s
+        # Leases share a handful of TTLs: one float per distinct TTL, not one per lease.
+        ttl_s = {ttl: ttl / 1000.0 for ttl in set(ttls_ms.values())}
+        self._deadline = {lease: start + ttl_s[ttl] for lease, ttl in ttls_ms.items()}
+        self._earliest = min(self._deadline.values(), default=_INF)
         self._deferred.clear()
         self._expiring.clear()
         self._last_tick = now
@@ -97,18 +137,26 @@ class LeaseKeeper:
     def deactivate(self) -> None:
         """Lost leadership: forget deadlines; the next leader restarts them."""
         self.active = False
-        self._deadline.clear()
+        self._deadline = {}  # a new dict: a cleared one would keep its 100k-slot table
+        self._earliest = _INF
         self._deferred.clear()
         self._expiring.clear()
         self._last_tick = None
 
     def granted(self, lease: int, ttl_ms: int, now: float) -> None:
-        self._ttl_s[lease] = ttl_ms / 1000.0
+        if self._own_ttls is not None:
+            self._own_ttls[lease] = ttl_ms
         if self.active:
-            self._deadline[lease] = now + ttl_ms / 1000.0
+            deadline = now + ttl_ms / 1000.0
+            self._deadline[lease] = deadline
+            self._deferred.discard(lease)
+            self._expiring.pop(lease, None)
+            if deadline < self._earliest:
+                self._earliest = deadline
 
     def removed(self, lease: int) -> None:
-        self._ttl_s.pop(lease, None)
+        if self._own_ttls is not None:
+            self._own_ttls.pop(lease, None)
         self._deadline.pop(lease, None)
         self._deferred.discard(lease)
         self._expiring.pop(lease, None)
@@ -117,16 +165,36 @@ class LeaseKeeper:
 
     def keepalive(self, lease: int, now: float) -> int:
         """Renew ``lease``; return its TTL in ms. NotFound if it does not exist (or is expiring)."""
-        ttl = self._ttl_s.get(lease)
-        if ttl is None or lease in self._expiring:
+        ttl = self._renew(lease, now)
+        if not ttl:
             raise NotFound(f"lease {lease} not found (expired or revoked)")
-        self._deadline[lease] = now + ttl
-        self._deferred.discard(lease)
-        return int(ttl * 1000)
+        return ttl
+
+    def keepalive_many(self, leases: Iterable[int], now: float) -> list[int]:
+        """Renew each lease; return their TTLs in ms, 0 for one that does not exist (or is expiring)."""
+        renew = self._renew
+        return [renew(lease, now) for lease in leases]
+
+    def _renew(self, lease: int, now: float) -> int:
+        # The hot path (one call per lease id in every keepalive frame): two dict
+        # lookups and a store.  The deadline of an expiring lease is +inf.
+        old = self._deadline.get(lease)
+        if old is None or old == _INF:
+            return 0
+        ttl = self._ttls.get(lease)
+        if not ttl:
+            return 0  # already gone from the replicated state; the removal event is on its way
+        deadline = now + ttl / 1000.0
+        self._deadline[lease] = deadline
+        if deadline < self._earliest:
+            self._earliest = deadline
+        if self._deferred:
+            self._deferred.discard(lease)
+        return ttl
 
     def remaining_ms(self, lease: int, now: float) -> int:
         deadline = self._deadline.get(lease)
-        if deadline is None or lease in self._expiring:
+        if deadline is None or deadline == _INF:
             raise NotFound(f"lease {lease} not found (expired or revoked)")
         return max(0, int((deadline - now) * 1000))
 
@@ -136,29 +204,41 @@ class LeaseKeeper:
         """Return the leases to propose for expiry now, applying the stall guard."""
         result = TickResult()
         guard = self.guard
+        deadlines = self._deadline
         if self._last_tick is not None:
             gap = now - self._last_tick
             if gap > guard.stall_s:
                 result.stall_s = gap
-                for lease, deadline in self._deadline.items():
-                    self._deadline[lease] = deadline + min(gap, self._ttl_s.get(lease, 0.0))
+                ttls = self._ttls
+                for lease, deadline in deadlines.items():
+                    deadlines[lease] = deadline + min(gap, (ttls.get(lease) or 0) / 1000.0)
+                self._earliest = -_INF  # deadlines changed wholesale: scan now
         self._last_tick = now
-        # An expiry proposal that never committed (leader change) is retried.
+        # An expiry proposal that never committed (leader change) is retried:
+        # the lease is due again at once (its deadline had passed).
         for lease, since in list(self._expiring.items()):
             if now - since > expiring_retry_s:
                 del self._expiring[lease]
-        due = [lease for lease, deadline in self._deadline.items() if deadline <= now and lease not in self._expiring]
-        if not due:
-            return result
-        fresh = [lease for lease in due if lease not in self._deferred]
-        live = len(self._deadline)
-        if len(fresh) >= guard.mass_count_min and len(fresh) > guard.mass_share * live:
-            for lease in fresh:
-                self._deadline[lease] = now + min(self._ttl_s.get(lease, 0.0), guard.mass_defer_s_max)
-                self._deferred.add(lease)
-            result.deferred = len(fresh)
-            due = [lease for lease in due if lease not in set(fresh)]
-        for lease in due:
-            self._expiring[lease] = now
-        result.due = sorted(due)
+                if lease in deadlines:
+                    deadlines[lease] = since
+                    self._earliest = min(self._earliest, since)
+        if now < self._earliest:
+            return result  # nothing can be due yet: no scan
+        due = [lease for lease, deadline in deadlines.items() if deadline <= now]
+        if due:
+            fresh = [lease for lease in due if lease not in self._deferred]
+            live = len(deadlines)
+            if len(fresh) >= guard.mass_count_min and len(fresh) > guard.mass_share * live:
+                ttls = self._ttls
+                for lease in fresh:
+                    deadlines[lease] = now + min((ttls.get(lease) or 0) / 1000.0, guard.mass_defer_s_max)
+                    self._deferred.add(lease)
+                result.deferred = len(fresh)
+                fresh_set = set(fresh)
+                due = [lease for lease in due if lease not in fresh_set]
+            for lease in due:
+                self._expiring[lease] = now
+                deadlines[lease] = _INF
+            result.due = sorted(due)
+        self._earliest = min(deadlines.values(), default=_INF)
         return result

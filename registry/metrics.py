@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["NodeMetrics"]
@@ -55,6 +57,22 @@ class NodeMetrics:
             "regctl_acl_denials", "requests refused by ACLs, by reason", ["reason"], registry=r
         )
         self.watch_resyncs = Counter("regctl_watch_resyncs", "watch resyncs sent", ["reason"], registry=r)
+
+        #: Label children by (op, code) and op: ``labels()`` costs a few us per call
+        #: (argument checks, a lock, a dict lookup), paid twice per request.
+        self._request_counts: dict[tuple[str, str], Any] = {}
+        self._request_latency: dict[str, Any] = {}
+
+    def request_done(self, op: str, code: str, seconds: float) -> None:
+        """Count one finished client request and observe its latency (``op`` must be bounded)."""
+        counter = self._request_counts.get((op, code))
+        if counter is None:
+            counter = self._request_counts[(op, code)] = self.requests.labels(op=op, code=code)
+        counter.inc()
+        latency = self._request_latency.get(op)
+        if latency is None:
+            latency = self._request_latency[op] = self.request_seconds.labels(op=op)
+        latency.observe(seconds)
 
     def set_role(self, role: str) -> None:
         for name in ("leader", "follower", "candidate"):

@@ -49,6 +49,8 @@ __all__ = [
     "LEASE_TTL_MS_MIN",
     "LEASE_TTL_MS_MAX",
     "LEASE_EXPIRE_BATCH_MAX",
+    "LEASE_KEEPALIVE_IDS_MAX",
+    "LEASE_TTL_BITS",
     "KEY_CHARS_MAX",
     "VALUE_BYTES_MAX",
     "HOLDER_CHARS_MAX",
@@ -81,6 +83,9 @@ __all__ = [
     "service_record",
     "instance_record",
     "lease_record",
+    "lease_pack",
+    "lease_ttl_ms",
+    "lease_granted_ms",
     "key_record",
     "lock_record",
     "parse_service_record",
@@ -146,6 +151,18 @@ LEASE_TTL_MS_MAX: Final = 86_400_000
 #: Leases per lease_expire command: bounds the size of one Raft entry and the
 #: time one apply holds the state machine; the leader batches beyond it.
 LEASE_EXPIRE_BATCH_MAX: Final = 10_000
+
+#: Lease ids per ``lease_keepalive_batch`` request: 10k ids pack to <= 90 KiB
+#: and the answer (a TTL per id) to <= 50 KiB, well inside a 1 MiB frame, and
+#: renewing them holds the leader's loop for a few ms at most.
+LEASE_KEEPALIVE_IDS_MAX: Final = 10_000
+
+#: A live lease is stored in the state as one int, ``granted_ms << 27 | ttl_ms``
+#: (see ``lease_pack``), not a dict: ~36 bytes instead of ~270 per lease on
+#: every node.  27 bits hold any TTL up to LEASE_TTL_MS_MAX.
+LEASE_TTL_BITS: Final = 27
+_LEASE_TTL_MASK: Final = (1 << LEASE_TTL_BITS) - 1
+assert LEASE_TTL_MS_MAX <= _LEASE_TTL_MASK
 
 #: KV keys and lock names: room for path-like hierarchical keys.
 KEY_CHARS_MAX: Final = 512
@@ -250,8 +267,11 @@ def check_meta(field: str, value: dict[str, str]) -> dict[str, str]:
     if len(value) > META_KEYS_MAX:
         raise InvalidArgument(f"field {field!r}: {len(value)} entries, at most {META_KEYS_MAX} allowed")
     for key, val in value.items():
-        check_name(f"{field}.key", key)
-        if len(val) > META_VALUE_CHARS_MAX or not _encodable(val):
+        # Inline name check: building the error's field name per key costs more than the check.
+        if not 0 < len(key) <= NAME_CHARS_MAX or _NAME_RE.fullmatch(key) is None:
+            check_name(f"{field}.key", key)
+        # isascii() is O(1) on CPython's compact strings; only non-ASCII needs the encode test.
+        if len(val) > META_VALUE_CHARS_MAX or not (val.isascii() or _encodable(val)):
             raise InvalidArgument(
                 f"field {field!r}: value of {key!r} must be at most {META_VALUE_CHARS_MAX} "
                 "chars of valid unicode"
@@ -279,7 +299,7 @@ def check_status(field: str, value: str) -> str:
 
 
 def check_note(field: str, value: str) -> str:
-    if len(value) > NOTE_CHARS_MAX or not _encodable(value):
+    if len(value) > NOTE_CHARS_MAX or not (value.isascii() or _encodable(value)):
         raise InvalidArgument(f"field {field!r}: at most {NOTE_CHARS_MAX} chars of valid unicode")
     return value
 
@@ -409,6 +429,19 @@ def instance_record(
 
 def lease_record(lease: int, ttl_ms: int, granted_ms: int) -> Record:
     return {"lease": lease, "ttl_ms": ttl_ms, "granted_ms": granted_ms}
+
+
+def lease_pack(ttl_ms: int, granted_ms: int) -> int:
+    """The compact in-state form of a lease (its id is the dict key); exact for any int granted_ms."""
+    return (granted_ms << LEASE_TTL_BITS) | ttl_ms
+
+
+def lease_ttl_ms(packed: int) -> int:
+    return packed & _LEASE_TTL_MASK
+
+
+def lease_granted_ms(packed: int) -> int:
+    return packed >> LEASE_TTL_BITS
 
 
 def key_record(key: str, value: str, lease: int | None, create_revision: int, mod_revision: int) -> Record:

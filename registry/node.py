@@ -100,11 +100,16 @@ class Node:
             api_by_raft=dict(config.peer_apis),
         )
         self.api = RegistryAPI(info, self.holder, raft, self._proposer, waiters, config.request_timeout_s)
+        if config.dev and config.unsafe_local_reads:
+            log.warning("UNSAFE: linearizable reads are served locally without the read barrier (dev mode and "
+                        "REGCTL_UNSAFE_LOCAL_READS=1); only for jepsen-lite's self-test")
+            self.api.unsafe_local_reads = True
         # A cut-off leader answers keepalives until it steps down (leader
         # fallback) plus a heartbeat; a new leader's countdowns start that late.
         self.leases = LeaseService(raft, self.holder, self._proposer, self.metrics, self._leader_api,
                                    handover_grace_s=config.raft.leader_fallback_s + config.raft.heartbeat_s)
         self.api.add_handler("lease_keepalive", self.leases.keepalive)
+        self.api.add_handler("lease_keepalive_batch", self.leases.keepalive_batch)
         self.api.add_handler("lease_ttl", self.leases.time_to_live)
         self.leases.start()
         self.members = MembershipService(raft, self.holder, self._proposer, self._leader_api, config.api_addr,
@@ -122,6 +127,9 @@ class Node:
             acl=self.acl if config.acl else None, ssl_context=server_ssl_context(config),
         )
         self.api.extra_status = self._live_numbers
+        # Keepalives touch only the leader's memory: answered inline, no task per request.
+        self._server.add_inline("lease_keepalive", self.leases.keepalive_now)
+        self._server.add_inline("lease_keepalive_batch", self.leases.keepalive_batch_now)
         self._server.add_stream("watch", self.watches.watch)
         self._server.add_stream("snapshot_save", self.api.snapshot_save)
         self._server.known_ops.update(self.api.ops)

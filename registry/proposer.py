@@ -39,21 +39,31 @@ from typing import Any, Protocol
 
 import msgpack
 
+from .commands import validate_command
 from .errors import CODES, LimitExceeded, RegistryError, Timeout
 from .metrics import NodeMetrics
 from .replication import submit_error
 
-__all__ = ["Proposer", "Submitter"]
+__all__ = ["Proposer", "Submitter", "outcome_result"]
 
 log = logging.getLogger("registry.proposer")
 
-_BARRIER = {"op": "barrier"}
+#: Normalised (as validate_command returns it), so replicas apply it without re-validating.
+_BARRIER = validate_command({"op": "barrier"})
 #: How often expired waiters are failed: a timeout fires within this much after its deadline.
 _SWEEP_S = 0.1
 
 
 class Submitter(Protocol):
     def submit(self, batch: bytes, done: Callable[[Any, int], None]) -> None: ...
+
+
+def outcome_result(outcome: Any) -> dict[str, Any]:
+    """A command's result from its batch outcome, or raise its error."""
+    if outcome[0]:
+        result: dict[str, Any] = outcome[1]
+        return result
+    raise CODES.get(outcome[1], RegistryError)(outcome[2])
 
 
 class _Waiter:
@@ -96,19 +106,36 @@ class Proposer:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def write(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Commit one command; return its result or raise its error."""
-        outcome = await self._enqueue(command)
-        if outcome[0]:
-            result: dict[str, Any] = outcome[1]
-            return result
-        raise CODES.get(outcome[1], RegistryError)(outcome[2])
+    async def write(self, command: dict[str, Any], *, validated: bool = False) -> dict[str, Any]:
+        """Commit one command; return its result or raise its error.
+
+        Every command is validated here, on the proposing node, before it
+        enters the log (``validated=True``: the caller already did, with
+        ``validate_command``): replicas then apply log entries without
+        validating again (``RegistryState.apply(trusted=True)``).
+        """
+        return outcome_result(await self.propose(command, validated=validated))
+
+    def propose(self, command: dict[str, Any], *, validated: bool = False) -> asyncio.Future[Any]:
+        """``write`` without a coroutine: the future of the command's outcome (see ``outcome_result``).
+
+        For callers that answer from a done-callback instead of a task (the
+        server's request fast path).  Cancelling the future withdraws the
+        command if its batch is not sealed yet, as a cancelled ``write`` does.
+        """
+        if not validated:
+            command = validate_command(command)
+        return self._add(command)
 
     async def barrier(self) -> None:
         """Return once an entry proposed after this call has committed and applied here."""
-        await self._enqueue(None)
+        await self._add(None)
 
-    async def _enqueue(self, command: dict[str, Any] | None) -> Any:
+    def barrier_future(self) -> asyncio.Future[Any]:
+        """``barrier`` without a coroutine: a future done once the barrier has applied here."""
+        return self._add(None)
+
+    def _add(self, command: dict[str, Any] | None) -> asyncio.Future[Any]:
         if self._closed:
             raise Timeout("node is shutting down")
         if len(self._pending) >= self._pending_max:
@@ -121,7 +148,7 @@ class Proposer:
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(_SWEEP_S, self._sweep)
         self._schedule_flush()
-        return await future
+        return future
 
     def _sweep(self) -> None:
         self._sweep_handle = None

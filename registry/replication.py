@@ -235,6 +235,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             dynamicMembershipChange=True,
             # Snapshots are ours (msgpack); pysyncobj must not fork to pickle.
             useFork=False,
+            # Peers named by DNS (docker compose) get a new IP when their
+            # container restarts; pysyncobj's default 600 s cache kept dialing
+            # the old one, so a restarted node never caught up. Resolution runs
+            # only on a connect attempt, so a short cache costs nothing steady.
+            dnsCacheTime=2.0,
+            dnsFailCacheTime=1.0,
         )
         super().__init__(config.raft_addr, list(config.peers), conf)
 
@@ -278,7 +284,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                         outcomes.append((True, {"revision": state.revision, "dropped": True}))
                         continue
                 try:
-                    applied = state.apply(command)
+                    # trusted: proposers validate before proposing (Proposer.write);
+                    # apply only runs its structural guard on log entries.
+                    applied = state.apply(command, trusted=True)
                 except RegistryError as err:
                     outcomes.append((False, err.code, err.message))
                     continue

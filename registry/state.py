@@ -12,7 +12,14 @@ through the command (``now_ms`` stamped by the proposer; ``lease_expire``
 decided by the leader and committed through the log).
 
 * ``apply`` validates the command fully (:func:`registry.commands.validate_command`)
-  and checks every precondition *before* mutating anything.  A command that
+  and checks every precondition *before* mutating anything.  The one
+  exception is ``apply(cmd, trusted=True)``, used for commands read from the
+  Raft log: every proposer validated them already (``Proposer.write``), and
+  validation is a fixed point, so re-running it on every replica only costs
+  CPU.  Those get a cheap structural guard instead
+  (:func:`registry.commands.is_normalised`: exact key set and value types);
+  a command failing the guard -- an entry written by an older version, a
+  hand-built command -- is validated fully, as before.  A command that
   raises leaves the state unchanged -- with one deliberate exception: if it
   carried a ``rid``, its failure is remembered in the de-duplication table so
   a retry gets the same answer (see below).  Only ``RegistryError``
@@ -38,7 +45,11 @@ Primary data: ``_services`` (name -> record), ``_instances`` (service name ->
 instance id -> record; a service has an entry iff it exists), ``_leases``,
 ``_keys``, ``_locks``.  Derived index: ``_attached`` (lease id -> the
 instances, keys and locks carrying that lease), maintained on every change so
-revoke/expire cost O(attachments), never a scan.  The index is not in the
+revoke/expire cost O(attachments), never a scan.  Every node holds every
+lease, so both are compact: ``_leases`` maps an id to one packed int
+(``model.lease_pack``; the record dict is built only for events, queries and
+snapshots), and a lease has an ``_attached`` entry only once something is
+attached to it (a bare lease costs no sets).  The index is not in the
 snapshot; ``restore`` rebuilds it from the records.  Whenever a command
 touches several records they are processed in sorted order, so event order
 does not depend on dict insertion history (a replica restored from a snapshot
@@ -74,7 +85,7 @@ from typing import Any, Final, NamedTuple
 import msgpack
 
 from . import acl, model
-from .commands import OPS, validate_command
+from .commands import OPS, is_normalised, validate_command
 from .errors import CODES, BadRequest, Conflict, LimitExceeded, NotFound, RegistryError
 from .model import Record
 
@@ -110,14 +121,32 @@ class Applied(NamedTuple):
 
 
 class _Attached:
-    """What carries one lease: the derived index revoke/expire walk."""
+    """What carries one lease: the derived index revoke/expire walk.
+
+    Each set is created on first access: an empty set costs 216 bytes, and a
+    lease typically carries one instance and no keys or locks, so eager sets
+    would be two thirds of the index's memory on every node.
+    """
 
     __slots__ = ("instances", "keys", "locks")
+    instances: set[tuple[str, str]]
+    keys: set[str]
+    locks: set[str]
 
-    def __init__(self) -> None:
-        self.instances: set[tuple[str, str]] = set()
-        self.keys: set[str] = set()
-        self.locks: set[str] = set()
+    def __getattr__(self, name: str) -> set[Any]:
+        # Python calls this only for a slot that was never assigned.
+        if name not in _Attached.__slots__:
+            raise AttributeError(name)
+        value: set[Any] = set()
+        object.__setattr__(self, name, value)
+        return value
+
+
+_LEASE_TTL_MASK: Final = (1 << model.LEASE_TTL_BITS) - 1
+
+#: What an absent ``_attached`` entry means: nothing attached.  Only ever read
+#: (``discard`` on its empty sets is a no-op); ``_attach`` creates real entries.
+_NOTHING_ATTACHED: Final = _Attached()
 
 
 class _Outcome(NamedTuple):
@@ -221,7 +250,9 @@ class RegistryState:
         self._next_lease = 1
         self._services: dict[str, Record] = {}
         self._instances: dict[str, dict[str, Record]] = {}
-        self._leases: dict[int, Record] = {}
+        #: lease id -> model.lease_pack(ttl_ms, granted_ms)
+        self._leases: dict[int, int] = {}
+        #: Only leases that carry something (see the module docstring).
         self._attached: dict[int, _Attached] = {}
         self._keys: dict[str, Record] = {}
         self._locks: dict[str, Record] = {}
@@ -249,9 +280,17 @@ class RegistryState:
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, command: dict[str, Any]) -> Applied:
-        """Validate, de-duplicate and apply one command."""
-        cmd = validate_command(command)
+    def apply(self, command: dict[str, Any], *, trusted: bool = False) -> Applied:
+        """Validate, de-duplicate and apply one command.
+
+        ``trusted``: the command came through the Raft log, so it was validated
+        where it was proposed; only the structural guard runs (module docstring).
+        The caller must not keep or mutate it: its containers become the state's.
+        """
+        if trusted and type(command) is dict and is_normalised(command):
+            cmd = command
+        else:
+            cmd = validate_command(command)
         op: str = cmd["op"]
         rid: str | None = cmd["rid"]
         if op in _UNRECORDED_OPS:
@@ -296,6 +335,17 @@ class RegistryState:
         self._revision = rev
         return rev
 
+    def _attach(self, lease: int) -> _Attached:
+        """The attachment entry of a live lease, created on first use."""
+        att = self._attached.get(lease)
+        if att is None:
+            att = self._attached[lease] = _Attached()
+        return att
+
+    def _lease_record(self, lease: int) -> Record:
+        packed = self._leases[lease]
+        return model.lease_record(lease, model.lease_ttl_ms(packed), model.lease_granted_ms(packed))
+
     def _check_lease_exists(self, lease: int | None) -> None:
         if lease is not None and lease not in self._leases:
             raise NotFound(f"lease {lease} not found")
@@ -329,7 +379,7 @@ class RegistryState:
         for iid in sorted(insts):
             rec = insts[iid]
             if rec["lease"] is not None:
-                self._attached[rec["lease"]].instances.discard((name, iid))
+                self._attached.get(rec["lease"], _NOTHING_ATTACHED).instances.discard((name, iid))
             events.append(_event(rev, "delete", "instance", name, iid, rec, None))
         del self._services[name]
         events.append(_event(rev, "delete", "service", name, None, old, None))
@@ -374,9 +424,9 @@ class RegistryState:
         old_lease = None if old is None else old["lease"]
         if old_lease != lease:
             if old_lease is not None:
-                self._attached[old_lease].instances.discard((svc, iid))
+                self._attached.get(old_lease, _NOTHING_ATTACHED).instances.discard((svc, iid))
             if lease is not None:
-                self._attached[lease].instances.add((svc, iid))
+                self._attach(lease).instances.add((svc, iid))
         events.append(_event(rev, "put", "instance", svc, iid, old, new))
         return {"revision": rev, "created": old is None}, events
 
@@ -393,7 +443,7 @@ class RegistryState:
         rev = self._bump()
         del insts[iid]
         if old["lease"] is not None:
-            self._attached[old["lease"]].instances.discard((svc, iid))
+            self._attached.get(old["lease"], _NOTHING_ATTACHED).instances.discard((svc, iid))
         return {"revision": rev}, [_event(rev, "delete", "instance", svc, iid, old, None)]
 
     def _op_set_status(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
@@ -421,17 +471,17 @@ class RegistryState:
         ttl_ms = cmd["ttl_ms"]
         rev = self._bump()
         self._next_lease = lease + 1
+        self._leases[lease] = model.lease_pack(ttl_ms, cmd["now_ms"])
         rec = model.lease_record(lease, ttl_ms, cmd["now_ms"])
-        self._leases[lease] = rec
-        self._attached[lease] = _Attached()
         return {"revision": rev, "lease": lease, "ttl_ms": ttl_ms}, [
             _event(rev, "put", "lease", None, str(lease), None, rec)
         ]
 
     def _drop_lease(self, lease: int, rev: int, type_: str, events: list[Record]) -> _Attached:
         """Remove a lease and everything attached to it; append the events."""
-        att = self._attached.pop(lease)
-        rec = self._leases.pop(lease)
+        att = self._attached.pop(lease, _NOTHING_ATTACHED)
+        rec = self._lease_record(lease)
+        del self._leases[lease]
         for svc, iid in sorted(att.instances):
             old = self._instances[svc].pop(iid)
             events.append(_event(rev, type_, "instance", svc, iid, old, None))
@@ -495,9 +545,9 @@ class RegistryState:
         old_lease = None if old is None else old["lease"]
         if old_lease != lease:
             if old_lease is not None:
-                self._attached[old_lease].keys.discard(key)
+                self._attached.get(old_lease, _NOTHING_ATTACHED).keys.discard(key)
             if lease is not None:
-                self._attached[lease].keys.add(key)
+                self._attach(lease).keys.add(key)
         return {"revision": rev, "created": old is None}, [_event(rev, "put", "key", None, key, old, new)]
 
     def _op_key_delete(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
@@ -511,7 +561,7 @@ class RegistryState:
         rev = self._bump()
         del self._keys[key]
         if old["lease"] is not None:
-            self._attached[old["lease"]].keys.discard(key)
+            self._attached.get(old["lease"], _NOTHING_ATTACHED).keys.discard(key)
         return {"revision": rev}, [_event(rev, "delete", "key", None, key, old, None)]
 
     # ------------------------------------------------------------------ locks
@@ -532,7 +582,7 @@ class RegistryState:
         # grows across every holder, so resources can reject stale holders.
         rec = model.lock_record(name, lease, cmd["holder"], rev, rev)
         self._locks[name] = rec
-        self._attached[lease].locks.add(name)
+        self._attach(lease).locks.add(name)
         return {"revision": rev, "token": rev, "acquired": True}, [
             _event(rev, "put", "lock", None, name, None, rec)
         ]
@@ -544,7 +594,7 @@ class RegistryState:
             raise NotFound(f"lock {name!r} is not held by lease {lease}")
         rev = self._bump()
         del self._locks[name]
-        self._attached[lease].locks.discard(name)
+        self._attached.get(lease, _NOTHING_ATTACHED).locks.discard(name)
         return {"revision": rev}, [_event(rev, "delete", "lock", None, name, cur, None)]
 
     def _op_barrier(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
@@ -753,12 +803,11 @@ class RegistryState:
 
     def get_lease(self, lease_id: int) -> dict[str, Any]:
         lease_id = _arg_lease(lease_id)
-        rec = self._leases.get(lease_id)
-        if rec is None:
+        if lease_id not in self._leases:
             raise NotFound(f"lease {lease_id} not found")
-        att = self._attached[lease_id]
+        att = self._attached.get(lease_id, _NOTHING_ATTACHED)
         return {
-            **rec,
+            **self._lease_record(lease_id),
             "instances": [list(pair) for pair in sorted(att.instances)],
             "locks": sorted(att.locks),
             "keys": sorted(att.keys),
@@ -768,10 +817,10 @@ class RegistryState:
         """Leases sorted by id, with attachment *counts* (get_lease has the lists)."""
         out = []
         for lease in sorted(self._leases):
-            att = self._attached[lease]
+            att = self._attached.get(lease, _NOTHING_ATTACHED)
             out.append(
                 {
-                    **self._leases[lease],
+                    **self._lease_record(lease),
                     "instances": len(att.instances),
                     "locks": len(att.locks),
                     "keys": len(att.keys),
@@ -780,7 +829,17 @@ class RegistryState:
         return out
 
     def lease_ttls(self) -> dict[int, int]:
-        return {lease: rec["ttl_ms"] for lease, rec in self._leases.items()}
+        ttl_ms = model.lease_ttl_ms
+        return {lease: ttl_ms(packed) for lease, packed in self._leases.items()}
+
+    def lease_ttl_ms(self, lease: int) -> int | None:
+        """The TTL of a live lease, None if there is none (the leader's keepalive path: one lookup)."""
+        packed = self._leases.get(lease)
+        # model.lease_ttl_ms inlined: this runs once per lease id in every keepalive frame.
+        return None if packed is None else packed & _LEASE_TTL_MASK
+
+    def lease_count(self) -> int:
+        return len(self._leases)
 
     def get_key(self, key: str) -> dict[str, Any]:
         key = _arg_str("key", key)
@@ -821,7 +880,7 @@ class RegistryState:
             "next_lease": self._next_lease,
             "services": [self._services[n] for n in sorted(self._services)],
             "instances": instances,
-            "leases": [self._leases[n] for n in sorted(self._leases)],
+            "leases": [self._lease_record(n) for n in sorted(self._leases)],
             "keys": [self._keys[n] for n in sorted(self._keys)],
             "locks": [self._locks[n] for n in sorted(self._locks)],
             "dedup": dedup,
@@ -889,8 +948,7 @@ class RegistryState:
             lease = rec["lease"]
             if lease in st._leases or lease >= st._next_lease:
                 raise BadRequest(f"lease {lease}: duplicate or not below next_lease")
-            st._leases[lease] = rec
-            st._attached[lease] = _Attached()
+            st._leases[lease] = model.lease_pack(rec["ttl_ms"], rec["granted_ms"])
         for raw in snap_list("services"):
             rec = model.parse_service_record(raw)
             name = rec["name"]
@@ -909,7 +967,7 @@ class RegistryState:
             check_rev(f"instance {svc}/{iid}", rec)
             insts[iid] = rec
             if lease is not None:
-                st._attached[lease].instances.add((svc, iid))
+                st._attach(lease).instances.add((svc, iid))
         for raw in snap_list("keys"):
             rec = model.parse_key_record(raw)
             key, lease = rec["key"], rec["lease"]
@@ -919,7 +977,7 @@ class RegistryState:
             check_rev(f"key {key!r}", rec)
             st._keys[key] = rec
             if lease is not None:
-                st._attached[lease].keys.add(key)
+                st._attach(lease).keys.add(key)
         for raw in snap_list("locks"):
             rec = model.parse_lock_record(raw)
             name, lease = rec["name"], rec["lease"]
@@ -928,7 +986,7 @@ class RegistryState:
             check_lease(f"lock {name!r}", lease)
             check_rev(f"lock {name!r}", rec, "create_revision")
             st._locks[name] = rec
-            st._attached[lease].locks.add(name)
+            st._attach(lease).locks.add(name)
         dedup = snap_list("dedup")
         if len(dedup) > model.DEDUP_ENTRIES_MAX:
             raise BadRequest(f"dedup table has {len(dedup)} entries, at most {model.DEDUP_ENTRIES_MAX}")
@@ -1045,15 +1103,21 @@ class RegistryState:
 
         if set(self._services) != set(self._instances):
             fail("services and instance tables disagree")
-        if set(self._leases) != set(self._attached):
-            fail("leases and attachment index disagree")
-        expect = {lease: _Attached() for lease in self._leases}
+        if not set(self._attached) <= set(self._leases):
+            fail("attachment index names a lease that does not exist")
+        # Built only for leases that carry something: a bare lease costs no sets here either.
+        expect: dict[int, _Attached] = {}
 
         def holder_of(what: str, rec: Record) -> _Attached | None:
             lease = rec["lease"]
-            if lease is not None and lease not in expect:
+            if lease is None:
+                return None
+            if lease not in self._leases:
                 fail(f"{what} carries missing lease {lease}")
-            return None if lease is None else expect[lease]
+            att = expect.get(lease)
+            if att is None:
+                att = expect[lease] = _Attached()
+            return att
 
         for svc, insts in self._instances.items():
             for iid, rec in insts.items():
@@ -1076,12 +1140,13 @@ class RegistryState:
             att = holder_of(f"lock {name!r}", rec)
             if att is not None:
                 att.locks.add(name)
-        for lease, att in self._attached.items():
-            want = expect[lease]
+        for lease in expect.keys() | self._attached.keys():
+            att = self._attached.get(lease, _NOTHING_ATTACHED)
+            want = expect.get(lease, _NOTHING_ATTACHED)
             if (att.instances, att.keys, att.locks) != (want.instances, want.keys, want.locks):
                 fail(f"attachment index of lease {lease} is stale")
-            if lease >= self._next_lease:
-                fail(f"lease {lease} not below next_lease")
+        if self._leases and max(self._leases) >= self._next_lease:
+            fail(f"lease {max(self._leases)} not below next_lease")
 
 
 _Handler = Callable[[RegistryState, dict[str, Any]], tuple[dict[str, Any], list[Record]]]

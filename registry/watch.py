@@ -8,13 +8,16 @@ bytes) so a watcher can start, or resume after a reconnect, from an older
 revision; below the history's floor it gets an explicit resync instead.
 
 Watchers with the same selector (one service, a name prefix, everything)
-share one group: each published batch is filtered once per *distinct*
-selector, and the matching list is appended to every watcher of the group,
-so fan-out cost grows with distinct watches, not watchers.
+share one group: each published batch is encoded once (each event once),
+filtered once per *distinct* selector and cut into ``Chunk``s, whose wire
+bytes (a stream item body) are shared by every watcher of the group.  So the
+per-watcher cost of an event is a reference, not an encode: a watcher that
+keeps up hands the chunk straight to its ``direct`` sender (the shell writes
+the shared bytes behind a per-stream frame header), any other queues it.
 
-Each watcher has a bounded queue.  ``publish`` never waits for a watcher: a
-watcher whose queue would overflow drops it and is flagged for resync
-(reason ``slow``).  The shell then sends it a consistent snapshot at some
+Each watcher has a bounded queue (events and bytes).  ``publish`` never
+waits for a watcher: a watcher whose queue would overflow drops it and is
+flagged for resync (reason ``slow``).  The shell then sends it a consistent snapshot at some
 revision R read from the state and continues from R + 1; events at or below R
 that still arrive are skipped.  So a slow watcher costs bounded memory and
 never blocks apply or other watchers.
@@ -25,7 +28,7 @@ Pure: no I/O, no clock, no asyncio; ``notify`` callbacks wake the shell.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +36,8 @@ import msgpack
 
 from .errors import BadRequest, InvalidArgument
 
-__all__ = ["Selector", "Watcher", "WatchHub", "HubLimits", "event_matches", "parse_selector"]
+__all__ = ["CHUNK_BYTES_MAX", "Chunk", "Selector", "Watcher", "WatchHub", "HubLimits", "event_matches", "make_chunks",
+           "parse_selector"]
 
 Event = dict[str, Any]
 
@@ -86,51 +90,197 @@ class HubLimits:
     history_bytes_max: int = 64 << 20
     #: Events queued for one watcher before it is resynced instead.
     queue_events_max: int = 10_000
+    #: Encoded bytes queued for one watcher (the chunks are shared with the
+    #: other watchers of its selector, but a watcher this far behind is
+    #: resynced all the same: catching up by snapshot is cheaper).
+    queue_bytes_max: int = 64 << 20
     #: Watchers on one node.
     watchers_max: int = 100_000
 
     def validate(self) -> None:
-        if self.history_events_max < 1 or self.history_bytes_max < 1 or self.queue_events_max < 1:
+        if (self.history_events_max < 1 or self.history_bytes_max < 1 or self.queue_events_max < 1
+                or self.queue_bytes_max < 1):
             raise InvalidArgument("watch limits must be positive")
 
 
-class Watcher:
-    __slots__ = ("_notify", "_pending", "_queue_max", "dropped", "next_revision", "resync_reason", "selector")
+#: Encoded event bytes per stream message (soft: one revision is split only
+#: when it alone is bigger, into ``partial`` pieces): half the default 1 MiB
+#: frame, so a message always fits a frame with room to spare.
+CHUNK_BYTES_MAX = 512 << 10
 
-    def __init__(self, selector: Selector, next_revision: int, queue_max: int, notify: Callable[[], None]) -> None:
+_EVENTS_ITEM_HEAD = b"\x82\xa4type\xa6events\xa6events"  # {"type": "events", "events": <array>}
+_PARTIAL_ITEM_HEAD = b"\x83\xa7partial\xc3\xa4type\xa6events\xa6events"
+
+
+def _array_head(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def encode_events(events: list[Event]) -> list[bytes]:
+    return [msgpack.packb(e, use_bin_type=True) for e in events]
+
+
+class Chunk:
+    """A run of whole revisions' events (or one piece of a revision too big for a message),
+    encoded once as a stream item body and shared by every watcher that needs it.
+
+    ``body`` is the msgpack of ``{"type": "events", "events": [...]}`` (plus
+    ``"partial": true`` for a piece), built by concatenating the events'
+    encodings: the fan-out writes these same bytes to every watcher of a
+    selector instead of encoding per watcher.
+    """
+
+    __slots__ = ("body", "events", "first", "last", "partial")
+
+    def __init__(self, events: list[Event], encoded: list[bytes] | None = None, partial: bool = False) -> None:
+        self.events = events
+        self.first: int = events[0]["revision"]
+        self.last: int = events[-1]["revision"]
+        self.partial = partial
+        parts = encoded if encoded is not None else encode_events(events)
+        head = _PARTIAL_ITEM_HEAD if partial else _EVENTS_ITEM_HEAD
+        self.body: bytes = b"".join((head, _array_head(len(events)), *parts))
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def after(self, revision: int) -> Chunk | None:
+        """This chunk without its events at or below ``revision`` (None if nothing is left)."""
+        if self.first > revision:
+            return self
+        if self.last <= revision:
+            return None
+        return Chunk([e for e in self.events if e["revision"] > revision], partial=self.partial)
+
+
+def make_chunks(events: list[Event], encoded: list[bytes] | None = None,
+                bytes_max: int = CHUNK_BYTES_MAX) -> list[Chunk]:
+    """Chunks of whole revisions of at most about ``bytes_max`` encoded bytes each.
+
+    A revision bigger than ``bytes_max`` on its own is split into pieces, all
+    but the last marked ``partial``: the client holds pieces back until the
+    revision is complete, so a resume never sees half a revision.
+    """
+    if not events:
+        return []
+    if encoded is None:
+        encoded = encode_events(events)
+    chunks: list[Chunk] = []
+    start = 0  # first event of the chunk being built
+    size = 0
+    i = 0
+    n = len(events)
+    while i < n:
+        revision = events[i]["revision"]
+        j = i + 1
+        group_size = len(encoded[i])
+        while j < n and events[j]["revision"] == revision:
+            group_size += len(encoded[j])
+            j += 1
+        if i > start and size + group_size > bytes_max:
+            chunks.append(Chunk(events[start:i], encoded[start:i]))
+            start, size = i, 0
+        if group_size > bytes_max and j - i > 1:
+            # One revision alone is too big for a message: pieces.
+            piece_start, piece_size = i, 0
+            for k in range(i, j):
+                if k > piece_start and piece_size + len(encoded[k]) > bytes_max:
+                    chunks.append(Chunk(events[piece_start:k], encoded[piece_start:k], partial=True))
+                    piece_start, piece_size = k, 0
+                piece_size += len(encoded[k])
+            chunks.append(Chunk(events[piece_start:j], encoded[piece_start:j]))
+            start, size = j, 0
+        else:
+            size += group_size
+        i = j
+    if start < n:
+        chunks.append(Chunk(events[start:], encoded[start:]))
+    return chunks
+
+
+#: Sends encoded chunk bodies to the client right away (all of them), or returns False having
+#: sent nothing, to have them queued instead.
+DirectSend = Callable[[list[bytes]], bool]
+
+
+class Watcher:
+    __slots__ = ("_bytes", "_bytes_max", "_chunks", "_notify", "_pending", "_queue_max", "direct", "dropped",
+                 "next_revision", "resync_reason", "selector")
+
+    def __init__(self, selector: Selector, next_revision: int, queue_max: int, notify: Callable[[], None],
+                 bytes_max: int = 1 << 62) -> None:
         self.selector = selector
         #: Events below this revision are not for this watcher (already covered).
         self.next_revision = next_revision
         self.resync_reason: str | None = None
-        self._pending: deque[Event] = deque()
+        #: Queued chunks (shared with the other watchers of the selector), with
+        #: their event count and encoded bytes: both are bounded.
+        self._chunks: deque[Chunk] = deque()
+        self._pending = 0
+        self._bytes = 0
         self._queue_max = queue_max
+        self._bytes_max = bytes_max
         self._notify = notify
+        #: Set by the shell while the stream can take bytes at once: a watcher
+        #: with nothing queued then sends new chunks from ``publish`` itself,
+        #: with no wake-up of its task (the common case of a watcher keeping up).
+        self.direct: DirectSend | None = None
         #: Events dropped because the watcher was too slow (for metrics).
         self.dropped = 0
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return self._pending
 
-    def push(self, events: Iterable[Event]) -> bool:
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def push(self, events: list[Event]) -> bool:
         """Queue the events this watcher still needs; True if that made it overflow (now "slow")."""
-        if self.resync_reason is not None:
+        return self.push_chunks(make_chunks(events)) if events else False
+
+    def push_chunks(self, chunks: list[Chunk]) -> bool:
+        """Deliver or queue ``chunks`` (whole revisions, in order); True if the queue overflowed."""
+        if self.resync_reason is not None or not chunks:
             return False  # a snapshot will cover these
-        fresh = [e for e in events if e["revision"] >= self.next_revision]
-        if not fresh:
+        floor = self.next_revision - 1
+        if chunks[0].first <= floor:
+            chunks = [c for c in (c.after(floor) for c in chunks) if c is not None]
+            if not chunks:
+                return False
+        if not self._chunks and self.direct is not None and self.direct([c.body for c in chunks]):
+            self.next_revision = chunks[-1].last + 1
             return False
-        overflow = len(self._pending) + len(fresh) > self._queue_max
-        if overflow:
-            self.dropped += len(self._pending) + len(fresh)
-            self._pending.clear()
+        count = 0
+        size = 0
+        for chunk in chunks:
+            count += len(chunk.events)
+            size += len(chunk.body)
+        if self._pending + count > self._queue_max or self._bytes + size > self._bytes_max:
+            self.dropped += self._pending + count
+            self._clear()
             self.resync_reason = "slow"
-        else:
-            self._pending.extend(fresh)
+            self._notify()
+            return True
+        self._chunks.extend(chunks)
+        self._pending += count
+        self._bytes += size
         self._notify()
-        return overflow
+        return False
+
+    def _clear(self) -> None:
+        self._chunks.clear()
+        self._pending = 0
+        self._bytes = 0
 
     def mark_resync(self, reason: str) -> None:
-        self._pending.clear()
+        self._clear()
         self.resync_reason = reason
         self._notify()
 
@@ -138,8 +288,36 @@ class Watcher:
         """The shell sent a snapshot at ``revision``: continue after it."""
         self.resync_reason = None
         self.next_revision = revision + 1
-        while self._pending and self._pending[0]["revision"] <= revision:
-            self._pending.popleft()
+        chunks = self._chunks
+        while chunks and chunks[0].first <= revision:
+            head = chunks.popleft()
+            self._pending -= len(head.events)
+            self._bytes -= len(head.body)
+            rest = head.after(revision)
+            if rest is not None:
+                chunks.appendleft(rest)
+                self._pending += len(rest.events)
+                self._bytes += len(rest.body)
+                break
+
+    def _popleft(self) -> Chunk:
+        chunk = self._chunks.popleft()
+        self._pending -= len(chunk.events)
+        self._bytes -= len(chunk.body)
+        return chunk
+
+    def take_chunks(self, bytes_max: int = CHUNK_BYTES_MAX) -> list[Chunk]:
+        """Queued chunks up to about ``bytes_max`` bytes; never ends inside a revision."""
+        out: list[Chunk] = []
+        size = 0
+        chunks = self._chunks
+        while chunks and (size < bytes_max or out[-1].partial):
+            chunk = self._popleft()
+            out.append(chunk)
+            size += len(chunk.body)
+        if out:
+            self.next_revision = max(self.next_revision, out[-1].last + 1)
+        return out
 
     def take(self, count_max: int) -> list[Event]:
         """Up to ``count_max`` queued events, extended to whole revisions.
@@ -149,9 +327,24 @@ class Watcher:
         message boundary would lose its other half on a reconnect.
         """
         out: list[Event] = []
-        pending = self._pending
-        while pending and (len(out) < count_max or (out and pending[0]["revision"] == out[-1]["revision"])):
-            out.append(pending.popleft())
+        chunks = self._chunks
+        while chunks and (len(out) < count_max or chunks[0].first == out[-1]["revision"]):
+            chunk = self._popleft()
+            events = chunk.events
+            room = max(count_max - len(out), 1)
+            if len(events) <= room or events[room - 1]["revision"] == events[-1]["revision"]:
+                out.extend(events)
+                continue
+            # Cut after the revision that reaches the budget; the rest goes back.
+            cut = room
+            while cut < len(events) and events[cut]["revision"] == events[cut - 1]["revision"]:
+                cut += 1
+            out.extend(events[:cut])
+            rest = Chunk(events[cut:], partial=chunk.partial)
+            chunks.appendleft(rest)
+            self._pending += len(rest.events)
+            self._bytes += len(rest.body)
+            break
         if out:
             self.next_revision = max(self.next_revision, out[-1]["revision"] + 1)
         return out
@@ -172,6 +365,8 @@ class WatchHub:
         self._groups: dict[Selector, set[Watcher]] = {}
         self.watchers = 0
         self.events_published = 0
+        #: Events written to watchers straight from ``publish`` (the shell counts the rest).
+        self.events_sent_direct = 0
         #: Watchers flagged for resync by the hub, by reason (compacted, slow,
         #: restore), counted when flagged: a watcher stuck behind a full socket
         #: may never get to send its snapshot, but it was dropped all the same.
@@ -185,21 +380,46 @@ class WatchHub:
         return len(self._groups)
 
     def publish(self, revision: int, events: list[Event]) -> None:
-        fresh = [e for e in events if e["revision"] > self.revision]
+        if events and events[0]["revision"] <= self.revision:
+            fresh = [e for e in events if e["revision"] > self.revision]
+        else:
+            fresh = events
         if revision <= self.revision and not fresh:
             return
         if fresh:
-            size = len(msgpack.packb(fresh, use_bin_type=True))
+            # Each event is encoded once; a selector's chunks are joined from
+            # these bytes, and each chunk is shared by every watcher of it.
+            encoded = encode_events(fresh)
+            size = sum(map(len, encoded))
             self._history.append((fresh[-1]["revision"], fresh, size))
             self._history_events += len(fresh)
             self._history_bytes += size
             self._trim()
             for selector, group in self._groups.items():
-                matched = fresh if selector.kind == "all" else [e for e in fresh if event_matches(selector, e)]
-                if matched:
-                    for watcher in group:
-                        if watcher.push(matched):
-                            self._flagged("slow")
+                if selector.kind == "all":
+                    chunks = make_chunks(fresh, encoded)
+                else:
+                    picked = [i for i, e in enumerate(fresh) if event_matches(selector, e)]
+                    if not picked:
+                        continue
+                    chunks = make_chunks([fresh[i] for i in picked], [encoded[i] for i in picked])
+                # The common case inlined (this loop runs once per watcher per batch): a watcher
+                # with nothing queued, not resyncing and not past these revisions gets the shared
+                # bytes written at once; any other goes through push_chunks.
+                bodies = [c.body for c in chunks]
+                first = chunks[0].first
+                after = chunks[-1].last + 1
+                direct_sends = 0
+                for watcher in group:
+                    direct = watcher.direct
+                    if (direct is not None and not watcher._chunks and watcher.resync_reason is None
+                            and watcher.next_revision <= first and direct(bodies)):
+                        watcher.next_revision = after
+                        direct_sends += 1
+                    elif watcher.push_chunks(chunks):
+                        self._flagged("slow")
+                if direct_sends:
+                    self.events_sent_direct += direct_sends * sum(len(c.events) for c in chunks)
             self.events_published += len(fresh)
         self.revision = max(self.revision, revision, fresh[-1]["revision"] if fresh else 0)
 
@@ -222,7 +442,7 @@ class WatchHub:
         start = self.revision + 1 if start_revision is None else start_revision
         if start < 1:
             raise InvalidArgument("start_revision must be at least 1")
-        watcher = Watcher(selector, start, self.limits.queue_events_max, notify)
+        watcher = Watcher(selector, start, self.limits.queue_events_max, notify, self.limits.queue_bytes_max)
         if start <= self.revision:
             if start <= self.floor:
                 watcher.mark_resync("compacted")

@@ -6,15 +6,27 @@ Wire items (the ``body`` of each stream event):
   ``start_revision`` it covers every revision after R.
 - ``{"type": "events", "events": [...]}``: events in revision order.  A
   revision's events are never split across messages (a client resumes from
-  the last revision it got + 1); messages hold at most about 256 events or
-  512 KiB, except that one revision bigger than that is one message.
+  the last revision it got + 1); messages hold whole revisions up to about
+  512 KiB.  A single revision bigger than that comes in pieces, all but the
+  last marked ``"partial": true``, which the client joins before delivering.
 - ``{"type": "snapshot", "reason": "list"|"compacted"|"slow"|"restore",
   "revision": R, "services": [...], "keys": [...]}``: the whole selection at
   revision R; events after it follow.  Sent for list-then-watch, for a start
   older than the history, for a watcher that fell behind, and after the node
   installed a snapshot ahead of what it had applied.  R is never below a
   revision the stream already covered.
-- ``{"type": "progress", "revision": R}``: nothing for this watch up to R.
+- ``{"type": "progress", "revision": R}``: nothing more for this watch up to
+  R (sent every ``progress_ms``, also while events flow).
+
+Cost model.  The hub encodes each published event once and cuts one set of
+chunks per distinct selector; every watcher of the selector gets the same
+bytes.  A watcher that keeps up is written to from ``publish`` itself
+(``StreamSink.try_send_encoded``: a per-stream frame head + the shared body,
+queued on the connection and written once per loop pass), so its task does
+not even wake.  Only a watcher whose connection is backed up, or that must be
+resynced, or that sees events through an ACL filter, goes through its task:
+it then sends queued chunks (still shared bytes) and waits for the socket.
+Resync snapshots are read and encoded once per (selector, reason, revision).
 """
 
 from __future__ import annotations
@@ -52,6 +64,9 @@ EVENT_BYTES_PER_MESSAGE_MAX = 512 << 10
 PROGRESS_MS_MIN = 100
 PROGRESS_MS_MAX = 60_000
 PROGRESS_MS_DEFAULT = 5_000
+#: Longest an applied batch waits to be merged with the next ones into one fan-out (only when
+#: batches come faster than this; see ``WatchService.publish``).
+PUBLISH_LINGER_S = 0.05
 
 _ARGS = {"service", "prefix", "all", "start_revision", "list", "progress_ms"}
 
@@ -190,16 +205,60 @@ class WatchService:
         self.acl: AclService | None = None
         #: Streams to wake when an ACL record changes (they re-check their token).
         self._acl_listeners: set[Callable[[], None]] = set()
+        #: Encoded snapshot parts by (selector, reason), all at ``_snapshots_revision``.
+        self._snapshots: dict[tuple[Selector, str], list[bytes]] = {}
+        self._snapshots_revision = -1
+        #: hub.events_sent_direct already added to the events counter.
+        self._events_exported = 0
+        #: Applied batches not yet handed to the hub (see ``publish``).
+        self.linger_s = PUBLISH_LINGER_S
+        self._pending_events: list[dict[str, Any]] = []
+        self._pending_revision = hub.revision
+        self._last_flush = -1e9
+        self._flush_handle: asyncio.TimerHandle | None = None
 
     def publish(self, revision: int, events: list[dict[str, Any]]) -> None:
-        self.hub.publish(revision, events)
+        """An applied batch.  Handed to the hub at once when the last hand-off was ``linger_s`` ago,
+        else with whatever else arrives until then.
+
+        Under load that merges several applied batches into one fan-out: each
+        watcher gets one message (and the node one write per watcher) per
+        ``linger_s`` instead of one per Raft batch, which divides the per-watcher
+        cost of an event on both ends; an idle node adds no delay.
+        """
+        self._pending_revision = max(self._pending_revision, revision)
+        self._pending_events.extend(events)
+        if self._snapshots and revision > self._snapshots_revision:
+            self._snapshots.clear()  # cached snapshot parts are only good for one revision
         if self._acl_listeners and any(e.get("kind") in ACL_EVENT_KINDS for e in events):
             for listener in list(self._acl_listeners):
                 listener()
-        self._export_resyncs()
+        if self._flush_handle is None:
+            wait_s = self._last_flush + self.linger_s - time.monotonic()
+            try:
+                loop = asyncio.get_running_loop() if wait_s > 0 else None
+            except RuntimeError:
+                loop = None
+            if loop is None:
+                self._flush()
+            else:
+                self._flush_handle = loop.call_later(wait_s, self._flush)
+        # The state moved on: a snapshot waiting for it may go (the hub may still lag; a
+        # snapshot ahead of the hub is fine, the events it covers are skipped later).
         self._wake_apply_waiters()
 
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._last_flush = time.monotonic()
+        events, self._pending_events = self._pending_events, []
+        self.hub.publish(self._pending_revision, events)
+        self._export_events()
+        self._export_resyncs()
+
     def restored(self) -> None:
+        self._flush()  # what was applied before the snapshot install goes out first
         with self._holder.lock:
             revision = self._holder.state.revision
         self.hub.reset(revision)
@@ -217,7 +276,10 @@ class WatchService:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._apply_waiters.append(future)
         try:
-            await asyncio.wait_for(future, timeout_s)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+            # lands as the future completes, and a cancelled stream would then run on.
+            async with asyncio.timeout(timeout_s):
+                await future
         except TimeoutError:
             pass
         finally:
@@ -235,6 +297,38 @@ class WatchService:
     def _update_gauges(self) -> None:
         self._metrics.watchers.set(self.hub.watchers)
         self._metrics.watches_distinct.set(self.hub.distinct)
+
+    def _snapshot_parts(self, selector: Selector, reason: str, need: int) -> tuple[int, list[bytes]] | None:
+        """Encoded snapshot parts of ``selector`` at the state's revision (None while it is below ``need``).
+
+        Shared per (selector, reason, revision): the watchers of a selector that
+        fell behind together (they overflow in the same publish) are resynced
+        from one read and one encoding, not one per watcher.
+        """
+        with self._holder.lock:
+            state = self._holder.state
+            revision = state.revision
+            if revision < need:
+                return None
+            if self._snapshots_revision != revision:
+                self._snapshots.clear()
+                self._snapshots_revision = revision
+            cached = self._snapshots.get((selector, reason))
+            if cached is not None:
+                return revision, cached
+            body = selection_snapshot(state, selector)
+        base = {"type": "snapshot", "reason": reason, "revision": revision}
+        parts = [msgpack.packb(part, use_bin_type=True) for part in snapshot_messages(body, base)]
+        if self._snapshots_revision == revision:
+            self._snapshots[(selector, reason)] = parts
+        return revision, parts
+
+    def _export_events(self) -> None:
+        # One counter update per publish, not one per watcher per chunk (a locked call each).
+        sent = self.hub.events_sent_direct
+        if sent > self._events_exported:
+            self._metrics.watch_events.inc(sent - self._events_exported)
+            self._events_exported = sent
 
     async def watch(self, args: dict[str, Any], sink: StreamSink) -> None:
         unknown = set(args) - _ARGS
@@ -269,6 +363,10 @@ class WatchService:
 
         if acl is not None:
             self._acl_listeners.add(on_acl_change)
+        if self._flush_handle is not None:
+            # Batches held for merging go out first, so that "from now" means from the node's
+            # applied revision, as without the linger.
+            self._flush()
         watcher = self.hub.subscribe(selector, start, wake.set)
         self._update_gauges()
         self._export_resyncs()
@@ -278,6 +376,11 @@ class WatchService:
             #: The highest revision this stream has told the client about: it resumes after it.
             covered = watcher.next_revision - 1
             sink.send({"type": "created", "revision": covered})
+            if acl is None:
+                # With ACLs, events are filtered per token: each goes through the task below.
+                # Otherwise publish writes the shared bytes itself while the client keeps up
+                # (the sink refuses when its socket is backed up: then they queue, bounded).
+                watcher.direct = sink.try_send_encoded
             progress_s = progress_ms / 1000.0
             while not sink.closed:
                 wake.clear()
@@ -290,43 +393,56 @@ class WatchService:
                     # dropped; older events are not pushed again) and everything the client has.
                     # The state is normally ahead of the hub; it is behind only after the node
                     # installed a snapshot older than what it had applied, and then re-applies.
+                    covered = max(covered, watcher.next_revision - 1)
                     need = max(self.hub.revision, covered)
-                    with self._holder.lock:
-                        state = self._holder.state
-                        revision = state.revision
-                        body = selection_snapshot(state, selector) if revision >= need else None
-                    if body is None:
-                        await self._next_apply(progress_s)
-                        continue
-                    watcher.resynced(revision)
-                    covered = revision
-                    if acl is not None:
+                    if acl is None:
+                        found = self._snapshot_parts(selector, reason, need)
+                        if found is None:
+                            await self._next_apply(progress_s)
+                            continue
+                        revision, encoded = found
+                        # All parts go out before the watcher is live again (no await in between),
+                        # so no event can land between two parts of the snapshot.
+                        for data in encoded:
+                            sink.send_encoded(data)
+                    else:
+                        with self._holder.lock:
+                            state = self._holder.state
+                            revision = state.revision
+                            body = selection_snapshot(state, selector) if revision >= need else None
+                        if body is None:
+                            await self._next_apply(progress_s)
+                            continue
                         body = {
                             "services": readable(body["services"], lambda s: "service:" + s["service"]["name"]),
                             "keys": readable(body["keys"], lambda k: "key:" + k["key"]),
                         }
-                    for part in snapshot_messages(body, {"type": "snapshot", "reason": reason, "revision": revision}):
-                        sink.send(part)
-                        await sink.drain()
+                        for part in snapshot_messages(body, {"type": "snapshot", "reason": reason,
+                                                             "revision": revision}):
+                            sink.send(part)
+                    watcher.resynced(revision)
+                    covered = revision
+                    await sink.drain()
                     continue
-                events = watcher.take(EVENTS_PER_MESSAGE_MAX)
-                if events and acl is not None:
-                    taken_to = events[-1]["revision"]
-                    events = readable(events, event_resource)
-                    if not events:
-                        covered = max(covered, taken_to)
-                        continue
-                if events:
-                    for message in event_messages(events):
-                        chunk = message["events"]
-                        if not message.get("partial"):
-                            covered = max(covered, chunk[-1]["revision"])
-                        sink.send(message)
-                        self._metrics.watch_events.inc(len(chunk))
-                        await sink.drain()
+                chunks = watcher.take_chunks(EVENT_BYTES_PER_MESSAGE_MAX)
+                if chunks:
+                    taken_to = chunks[-1].last
+                    if acl is None:
+                        for chunk in chunks:
+                            sink.send_encoded(chunk.body)
+                        self._metrics.watch_events.inc(sum(len(chunk.events) for chunk in chunks))
+                    else:
+                        events = readable([e for chunk in chunks for e in chunk.events], event_resource)
+                        for message in event_messages(events):
+                            sink.send(message)
+                        self._metrics.watch_events.inc(len(events))
+                    covered = max(covered, taken_to)
+                    await sink.drain()
                     continue
                 try:
-                    await asyncio.wait_for(wake.wait(), progress_s)
+                    # Not wait_for (see _next_apply): a cancelled watch must end, not leak its watcher.
+                    async with asyncio.timeout(progress_s):
+                        await wake.wait()
                 except TimeoutError:
                     if acl is not None:
                         acl.recheck(principal)  # an expired token ends the stream too
@@ -336,6 +452,7 @@ class WatchService:
                         sink.send({"type": "progress", "revision": covered})
                         await sink.drain()
         finally:
+            watcher.direct = None
             self._acl_listeners.discard(on_acl_change)
             self.hub.unsubscribe(watcher)
             self._update_gauges()

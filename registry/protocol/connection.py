@@ -133,8 +133,8 @@ class _Connection:
         self._error = exc
         raise exc
 
-    def _encode(self, event: ClientMessage | ServerMessage) -> bytes:
-        return encode_frame(event.to_wire(), self._frame_bytes_max)
+    def _encode(self, event: ClientMessage | ServerMessage, check_model: bool = True) -> bytes:
+        return encode_frame(event.to_wire(), self._frame_bytes_max, check_model=check_model)
 
 
 class ServerConnection(_Connection):
@@ -201,8 +201,13 @@ class ServerConnection(_Connection):
             self._owed_rejections[request_id] = self._owed_rejections.get(request_id, 0) + 1
         return BadMessage(request_id, error)
 
-    def send(self, event: ServerMessage) -> bytes:
-        """Encode ``event`` for the client.  ``Bye`` works in any state."""
+    def send(self, event: ServerMessage, *, body_in_model: bool = False) -> bytes:
+        """Encode ``event`` for the client.  ``Bye`` works in any state.
+
+        ``body_in_model``: the caller vouches that the event's body is in the
+        protocol's data model (built from state records, say), so the encoder's
+        data-model walk is skipped (see ``encode_frame``).
+        """
         if isinstance(event, Bye):
             data = self._encode(event)
             self._finished = True
@@ -219,7 +224,7 @@ class ServerConnection(_Connection):
             raise Internal(f"a server cannot send {type(event).__name__}")
         if not self._hello_ok_sent:
             raise Internal("send hello_ok before any reply")
-        data = self._encode(event)
+        data = self._encode(event, not body_in_model)
         if isinstance(event, Response | StreamEnd):
             # An error Response may be the answer owed to a rejected message
             # that reused this id; that one must leave the original open.
@@ -245,15 +250,79 @@ class ServerConnection(_Connection):
         self._open.discard(request_id)
 
 
-class ClientConnection(_Connection):
-    """The client's side: sends hello first, then parses the server's messages."""
+#: How a ``StreamEvent`` frame body starts: fixmap(3), "t": "ev", "id" (see protocol.shared).
+_EV_HEAD: Final = b"\x83\xa1t\xa2ev\xa2id"
+_BODY_KEY: Final = b"\xa4body"
+#: Bytes of a msgpack unsigned int by its first byte (positive fixint: 1).
+_UINT_SIZES: Final = {0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9}
 
-    __slots__ = ("_hello_ok_received", "_hello_sent")
+
+def _stream_event_split(raw: bytes) -> tuple[int, int] | None:
+    """(stream id, offset of the body value) of an encoded ``StreamEvent``, or None if it is not one."""
+    if not raw.startswith(_EV_HEAD) or len(raw) < len(_EV_HEAD) + 1:
+        return None
+    at = len(_EV_HEAD)
+    first = raw[at]
+    size = 1 if first < 0x80 else _UINT_SIZES.get(first)
+    if size is None:
+        return None
+    end = at + size
+    if raw[end : end + len(_BODY_KEY)] != _BODY_KEY:
+        return None
+    request_id = first if size == 1 else int.from_bytes(raw[at + 1 : end], "big")
+    return request_id, end + len(_BODY_KEY)
+
+
+class ClientConnection(_Connection):
+    """The client's side: sends hello first, then parses the server's messages.
+
+    A node writes the same stream item to every identical watch (protocol.shared),
+    so consecutive ``StreamEvent`` frames often differ only in their stream id.
+    The body of such a frame is not decoded again: the event carries the body
+    object decoded from the previous one (shared, so callers must not mutate
+    stream bodies).  A client with 500 identical watches decodes each item once.
+    """
+
+    __slots__ = ("_hello_ok_received", "_hello_sent", "_last_body", "_last_body_bytes")
 
     def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
         super().__init__(frame_bytes_max)
         self._hello_sent = False
         self._hello_ok_received = False
+        #: The encoded body value of the last StreamEvent decoded, and its decoded object.
+        self._last_body_bytes = b""
+        self._last_body: Any = None
+
+    def _next_stream_frame(self) -> dict[str, Any] | StreamEvent | NeedData | Closed:
+        """Like ``_next_frame``, but a StreamEvent whose body repeats the last one is not decoded."""
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        if self._finished:
+            return CLOSED
+        try:
+            raw = self._decoder.next_body()
+        except RegistryError as exc:
+            self._fail(exc)
+        if raw is None:
+            if not self._eof:
+                return NEED_DATA
+            if self._decoder.pending_bytes:
+                self._fail(ProtocolError("connection closed in the middle of a frame"))
+            return CLOSED
+        split = _stream_event_split(raw)
+        if split is not None and self._last_body_bytes:
+            request_id, at = split
+            if len(raw) - at == len(self._last_body_bytes) and raw[at:] == self._last_body_bytes:
+                return StreamEvent(request_id, self._last_body)
+        try:
+            frame = self._decoder.decode_body(raw)
+        except RegistryError as exc:
+            self._fail(exc)
+        if split is not None and len(frame) == 3:
+            # Exactly {"t", "id", "body"}: the next identical body can reuse this decode.
+            self._last_body_bytes = raw[split[1] :]
+            self._last_body = frame.get("body")
+        return frame
 
     def send(self, event: ClientMessage) -> bytes:
         """Encode ``event`` for the server; the first must be ``Hello``."""
@@ -275,8 +344,8 @@ class ClientConnection(_Connection):
         Replies for ids the client no longer waits for (say after a local
         timeout) are returned like any other: matching ids is the shell's job.
         """
-        frame = self._next_frame()
-        if isinstance(frame, NeedData | Closed):
+        frame = self._next_stream_frame() if self._hello_ok_received else self._next_frame()
+        if isinstance(frame, NeedData | Closed | StreamEvent):
             return frame
         try:
             msg = parse_server_message(frame)

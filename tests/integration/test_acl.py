@@ -84,6 +84,10 @@ def test_acl_end_to_end(acl_cluster: Cluster) -> None:
     admin = c.client(token=secret)
     admin.register("web", "w1", "10.0.0.1", 80)
     admin.register("db", "d1", "10.0.0.2", 5432)
+    # With ACLs on, keepalives take the authorized (task) path instead of the inline one.
+    admin_lease = admin.lease_grant(60_000)
+    assert admin.lease_keepalive_many([admin_lease, 424242]) == {"renewed": 1, "ttl_ms": [60_000, 0],
+                                                                 "missing": [424242]}
 
     # Read-only token.
     ro = make_token(admin, "ro", ["service:*=read", "key:=read", "lease=read"])
@@ -93,6 +97,7 @@ def test_acl_end_to_end(acl_cluster: Cluster) -> None:
         lambda: reader.register("web", "w2", "10.0.0.3", 80),
         lambda: reader.deregister("web", "w1"),
         lambda: reader.lease_grant(5000),
+        lambda: reader.lease_keepalive_many([admin_lease]),
         lambda: reader.call("acl_role_put", {"name": "x", "rules": []}),
         lambda: reader.call("acl_token_create", {"roles": ["ro"]}),
         lambda: reader.call("acl_token_list", {}),

@@ -22,6 +22,7 @@ import pytest
 
 from registry.client import SyncClient
 from registry.errors import Conflict, NotFound, RegistryError, Unavailable
+from registry.model import LEASE_KEEPALIVE_IDS_MAX
 from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
 from tests.support.workers import Worker, running
 
@@ -411,6 +412,14 @@ def test_lock_holders_never_overlap_under_leader_kill_and_pause(cluster: Cluster
         ("lease_keepalive", {"lease": "1"}, {"BAD_REQUEST"}),
         ("lease_keepalive", {}, {"BAD_REQUEST"}),
         ("lease_keepalive", {"lease": 1, "ttl_ms": 5}, {"BAD_REQUEST"}),
+        ("lease_keepalive_batch", {}, {"BAD_REQUEST"}),
+        ("lease_keepalive_batch", {"leases": 1}, {"BAD_REQUEST"}),
+        ("lease_keepalive_batch", {"leases": [1, "2"]}, {"BAD_REQUEST"}),
+        ("lease_keepalive_batch", {"leases": [True]}, {"BAD_REQUEST"}),
+        ("lease_keepalive_batch", {"leases": [1.0]}, {"BAD_REQUEST"}),
+        ("lease_keepalive_batch", {"leases": [1], "ttl_ms": 5}, {"BAD_REQUEST"}),
+        ("lease_keepalive_batch", {"leases": []}, {"INVALID_ARGUMENT"}),
+        ("lease_keepalive_batch", {"leases": [424242] * (LEASE_KEEPALIVE_IDS_MAX + 1)}, {"INVALID_ARGUMENT"}),
         ("lease_revoke", {"lease": 424242}, {"NOT_FOUND"}),
         ("lease_revoke", {"lease": 0}, {"INVALID_ARGUMENT"}),
         ("lease_revoke", {"lease": -1}, {"INVALID_ARGUMENT"}),
@@ -452,6 +461,37 @@ def test_revoked_lease_cannot_be_kept_alive_or_revoked_again(shared_cluster: Clu
     with pytest.raises(NotFound):
         client.call("lock_get", {"name": "revoked-lock"})
     assert linearizable_revision(client) == revision
+
+
+def test_keepalive_batch_renews_many_reports_the_missing_and_keeps_them_alive(shared_cluster: Cluster) -> None:
+    # Start at a follower: the batch is refused there with NOT_LEADER and the client follows the hint.
+    leader = shared_cluster.wait_leader()
+    followers_first = [n.api for n in shared_cluster.nodes if n is not leader] + [leader.api]
+    client = shared_cluster.client(followers_first)
+    kept = [register_on_lease(client, "batch-kept", f"k{i}") for i in range(3)]
+    lapsing = register_on_lease(client, "batch-lapsing", "l1")
+    revoked = client.lease_grant(60_000)
+    client.lease_revoke(revoked)
+    # Duplicates are renewed twice; a revoked and a never-granted id are reported, not fatal.
+    ask = [kept[0], kept[1], revoked, 424242, kept[2], kept[0]]
+    result = client.lease_keepalive_many(ask)
+    assert result == {"renewed": 4, "ttl_ms": [TTL_MS, TTL_MS, 0, 0, TTL_MS, TTL_MS], "missing": [revoked, 424242]}
+    # More ids than one request may carry: the client splits them, in order.
+    many = client.lease_keepalive_many([kept[1]] * (LEASE_KEEPALIVE_IDS_MAX + 5))
+    assert (many["renewed"], many["missing"], len(many["ttl_ms"])) == (LEASE_KEEPALIVE_IDS_MAX + 5, [],
+                                                                      LEASE_KEEPALIVE_IDS_MAX + 5)
+    # Renewed by batches only, for 2 TTLs: the kept leases live, the one left out expires.
+    end = time.monotonic() + 2 * TTL_S
+    while time.monotonic() < end:
+        assert client.lease_keepalive_many(kept)["missing"] == []
+        _, body = client.call("lease_ttl", {"lease": kept[2]})
+        assert body["remaining_ms"] > TTL_MS - 1000
+        time.sleep(TTL_S / 4)
+    assert instance_ids(client, "batch-kept") == {"k0", "k1", "k2"}
+    wait_until(lambda: not instance_ids(client, "batch-lapsing"), TTL_S + 2, "the lapsed lease's instance gone")
+    assert client.lease_keepalive_many([lapsing, kept[0]])["missing"] == [lapsing]
+    for lease in kept:
+        client.lease_revoke(lease)
 
 
 # -- CLI ----------------------------------------------------------------------------------------------------
@@ -501,6 +541,25 @@ def regctl(shared_cluster: Cluster) -> Iterator[Regctl]:
         yield r
     finally:
         r.close()
+
+
+def test_cli_keepalive_of_several_leases_renews_all_and_exits_when_one_is_lost(
+    regctl: Regctl, shared_cluster: Cluster
+) -> None:
+    # 5 s, not 2: the leases must outlive regctl's interpreter start on a loaded machine.
+    ttl_ms = 5000
+    client = shared_cluster.client()
+    a, b = client.lease_grant(ttl_ms), client.lease_grant(ttl_ms)
+    proc = regctl.start("lease", "keepalive", str(a), str(b))
+    assert proc.stderr is not None
+    assert "keeping 2 leases alive" in proc.stderr.readline()
+    time.sleep(1.5 * ttl_ms / 1000)  # both would have expired without the one-request-per-round renewals
+    assert proc.poll() is None, proc.communicate()
+    assert {client.call("lease_get", {"lease": x})[1]["lease"] for x in (a, b)} == {a, b}
+    client.lease_revoke(b)
+    assert proc.wait(timeout=10) == 1
+    assert f"lease(s) {b} not found" in proc.communicate()[1]
+    client.lease_revoke(a)
 
 
 def test_cli_lease_grant_list_ttl_revoke(regctl: Regctl) -> None:

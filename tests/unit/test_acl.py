@@ -121,6 +121,7 @@ def test_parse_rule_canonical() -> None:
     ("key_put", {"key": "a/b"}, ("write", "key:a/b")),
     ("lock_acquire", {"name": "l"}, ("write", "key:l")),
     ("lease_grant", {}, ("write", "lease")), ("lease_keepalive", {}, ("write", "lease")),
+    ("lease_keepalive_batch", {}, ("write", "lease")),
     ("lease_revoke", {}, ("write", "lease")), ("lease_list", {}, ("read", "lease")),
     ("watch", {"service": "web"}, ("read", "service:web")), ("watch", {"all": True}, ("read", None)),
     ("acl_token_create", {}, ("admin", "acl")), ("acl_token_list", {}, ("admin", "acl")),

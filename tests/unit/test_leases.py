@@ -362,3 +362,60 @@ def test_stall_then_mass_expiry_hides_a_real_failure_for_one_ttl_at_most() -> No
     result = keeper.tick(10.2)
     assert (result.due, result.deferred) == ([], 20)
     assert ticks(keeper, 10.2, 12.0) == [(11.2, list(range(1, 21)))]
+
+
+# -- many at once, a borrowed TTL table, the scan bound ---------------------------------------------
+
+
+def test_keepalive_many_renews_each_and_gives_zero_for_the_missing() -> None:
+    keeper = leader({1: 1000, 2: 3000, 3: 1000})
+    assert ticks(keeper, 0.0, 1.0) == [(1.0, [1, 3])]  # 1 and 3 are being expired
+    keeper.removed(3)
+    assert keeper.keepalive_many([2, 1, 3, 99, 2], 1.5) == [3000, 0, 0, 0, 3000]
+    assert keeper.remaining_ms(2, 1.5) == 3000
+    assert keeper.keepalive_many([], 1.5) == []
+
+
+def test_keeper_reads_ttls_from_a_table_it_does_not_own() -> None:
+    table = {1: 1000, 2: 2000}
+    keeper = LeaseKeeper(ttls=table)
+    keeper.granted(3, 5000, 0.0)  # the owner of the table records grants, not the keeper
+    assert 3 not in table and len(keeper) == 2
+    keeper.reset_all(dict(table), 0.0)
+    assert keeper.keepalive(2, 0.5) == 2000
+    table[2] = 4000  # the keeper copies nothing: it sees the table as it is now
+    assert keeper.keepalive(2, 0.5) == 4000
+    del table[1]  # gone from the table before its removal reached the keeper: already not renewable
+    with pytest.raises(NotFound):
+        keeper.keepalive(1, 0.6)
+    keeper.removed(1)
+    assert len(keeper) == 1
+
+
+def test_a_keepalive_that_moves_a_deadline_earlier_is_honoured() -> None:
+    keeper = LeaseKeeper()
+    keeper.granted(1, 1000, 0.0)
+    keeper.reset_all({1: 1000}, 0.0, grace_s=5.0)  # due at 6.0 ...
+    keeper.keepalive(1, 0.5)  # ... until this renewal makes it 1.5
+    assert first_due(keeper, 0.5, 8.0) == {1: pytest.approx(1.5, abs=STEP)}
+
+
+class _CountingDict(dict[int, float]):
+    scans = 0
+
+    def items(self):  # type: ignore[no-untyped-def,override]
+        type(self).scans += 1
+        return super().items()
+
+
+def test_tick_scans_only_once_the_earliest_deadline_has_passed() -> None:
+    keeper = leader({1: 10_000, 2: 20_000})
+    keeper._deadline = _CountingDict(keeper._deadline)
+    _CountingDict.scans = 0
+    assert ticks(keeper, 0.0, 9.9) == []
+    assert _CountingDict.scans == 0, "ticked 99 times before anything could be due, and scanned"
+    assert keeper.keepalive(1, 9.95) == 10_000  # moves lease 1 later: the next scan finds nothing
+    assert ticks(keeper, 9.9, 19.9) == []
+    assert _CountingDict.scans == 1  # at 10.0 (the old bound); then the bound is 19.95
+    assert ticks(keeper, 19.9, 20.0) == [(20.0, [1, 2])]  # 1 due at 19.95, 2 at 20.0: both in this tick
+    assert _CountingDict.scans == 2

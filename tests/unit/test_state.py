@@ -1027,3 +1027,27 @@ def test_snapshot_never_pickles() -> None:
     snap = state_with(*WORLD).snapshot()
     assert not snap.startswith(b"\x80")
     assert msgpack.unpackb(snap)["format"] == 1
+
+
+def test_lease_storage_is_compact_and_reads_back_whole() -> None:
+    # A bare lease is one packed int and no attachment entry; queries, events and snapshots see the record.
+    st = RegistryState()
+    granted = st.apply({"op": "lease_grant", "ttl_ms": 86_400_000, "now_ms": 1_764_000_000_123})
+    (event,) = granted.events
+    record = {"lease": 1, "ttl_ms": 86_400_000, "granted_ms": 1_764_000_000_123}
+    assert event["after"] == record
+    assert st.get_lease(1) == {**record, "instances": [], "locks": [], "keys": []}
+    assert st.lease_ttl_ms(1) == 86_400_000 and st.lease_ttl_ms(2) is None and st.lease_count() == 1
+    assert type(st._leases[1]) is int and st._attached == {}
+    # Attaching creates the entry; detaching everything leaves an equivalent (empty) state.
+    st.apply(reg("web", "w9", lease=1))
+    assert st.get_lease(1)["instances"] == [["web", "w9"]]
+    st.apply({"op": "deregister", "service": "web", "id": "w9"})
+    st.check_invariants()
+    restored = RegistryState.restore(st.snapshot())
+    assert restored.snapshot() == st.snapshot()
+    assert restored.get_lease(1) == st.get_lease(1)
+    assert restored.list_leases() == st.list_leases() == [{**record, "instances": 0, "locks": 0, "keys": 0}]
+    revoked = st.apply({"op": "lease_revoke", "lease": 1})
+    assert [e["before"] for e in revoked.events if e["kind"] == "lease"] == [record]
+    assert st.lease_count() == 0 and st._attached == {}

@@ -8,7 +8,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry.commands import OPS, validate_command
+from registry.commands import OPS, is_normalised, validate_command
 from registry.errors import BadRequest, LimitExceeded, RegistryError
 from registry.state import RegistryState
 
@@ -282,3 +282,50 @@ def test_restore_bitflipped_snapshot(cmds: list[Any], pos: int, patch: bytes) ->
     restored.check_invariants()
     again = restored.snapshot()
     assert RegistryState.restore(again).snapshot() == again
+
+
+def _through_log(cmd: Any) -> Any:
+    """What a replica's apply gets: the command after a msgpack round trip (as in a Raft entry)."""
+    try:
+        return msgpack.unpackb(msgpack.packb(cmd, use_bin_type=True), raw=False)
+    except (TypeError, ValueError, OverflowError):
+        return cmd
+
+
+@SETTINGS
+@given(commands)
+def test_trusted_apply_matches_full_validation(cmds: list[Any]) -> None:
+    """apply(trusted=True) (the Raft apply path) behaves exactly like apply() on every input.
+
+    Validated commands take the structural guard instead of re-validation and must give the
+    same results, events and state; anything else (garbage, unnormalised commands) must fall
+    back to full validation and fail or succeed the same way.
+    """
+    full, trusted = RegistryState(), RegistryState()
+    for cmd in cmds:
+        normalised = _valid(cmd)
+        if normalised is not None:
+            assert is_normalised(_through_log(normalised))
+        expected = _run(full, [cmd])
+        for candidate in (cmd if normalised is None else _through_log(normalised),):
+            try:
+                applied = trusted.apply(candidate, trusted=True)
+            except RegistryError as err:
+                got: Any = (err.code, err.message)
+            else:
+                got = (applied.result, applied.events)
+            assert [got] == expected
+        assert trusted.snapshot() == full.snapshot()
+
+
+@SETTINGS
+@given(commands)
+def test_guard_refuses_what_validation_would_change(cmds: list[Any]) -> None:
+    """is_normalised accepts a command only if validation would return it unchanged."""
+    for cmd in cmds:
+        if isinstance(cmd, dict) and is_normalised(cmd):
+            try:
+                assert validate_command(cmd) == cmd
+            except BadRequest:
+                # The guard checks shape and types, not values (proposers validated those).
+                pass

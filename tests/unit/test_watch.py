@@ -620,6 +620,13 @@ class FakeSink:
     def send(self, body: Any) -> None:
         self.items.append(body)
 
+    def send_encoded(self, body: bytes) -> None:
+        self.items.append(msgpack.unpackb(body))
+
+    def try_send_encoded(self, bodies: list[bytes]) -> bool:
+        self.items.extend(msgpack.unpackb(body) for body in bodies)
+        return True
+
     async def drain(self) -> None:
         return None
 
