@@ -39,6 +39,7 @@ and are dropped, as are writes that definitely failed.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ __all__ = [
     "check_lease",
     "check_lock",
     "check_revisions",
+    "check_watch",
+    "watch_segment",
+    "WatchSegment",
     "merge_valid",
     "check_history",
     "check_convergence",
@@ -558,7 +562,8 @@ def check_lock(ops: Sequence[Op], workload: str = "lock") -> CheckResult:
 # ---------------------------------------------------------------------------------------------- revisions
 
 #: Operations that create a new revision when they succeed (strictly above anything before them).
-MUTATING = frozenset(("write", "cas", "add", "remove", "grant", "revoke", "acquire", "release"))
+MUTATING = frozenset(("write", "cas", "add", "remove", "grant", "revoke", "acquire", "release", "put",
+                      "delete"))
 #: Operations whose revision is not linearizable: keepalives are answered from the leader's memory.
 UNORDERED = frozenset(("keepalive",))
 
@@ -592,6 +597,263 @@ def check_revisions(ops: Sequence[Op]) -> CheckResult:
     return CheckResult("revisions", not bad, details)
 
 
+# ---------------------------------------------------------------------------------------------- watches
+
+#: One observed change of the watched selection: (type "put"/"delete", key, value or None).
+WatchChange = tuple[str, str, Any]
+
+
+@dataclass
+class WatchSegment:
+    """One watch stream as the checker sees it: what it delivered, and what it vouched for.
+
+    ``intervals`` are the revision ranges [a, b] over which the stream delivered *every* change
+    of the selection: from its start to the last revision it covered (event or progress),
+    broken where a snapshot (resync) replaced events.
+    """
+
+    op: Op
+    events: dict[int, list[WatchChange]]
+    times: dict[int, int]
+    intervals: list[tuple[int, int]]
+    snapshots: list[tuple[int, dict[str, tuple[Any, int]]]]
+
+
+def watch_segment(op: Op, flag: Any) -> WatchSegment:
+    """Parse a ``watch`` op's delivered items, flagging order violations within the stream.
+
+    ``op.value["start_revision"]`` is where the stream was asked to start (None: after the
+    ``created`` revision); ``op.result["items"]`` is the delivered sequence:
+    ``["event", revision, type, key, value, t_ns]``, ``["progress", revision, t_ns]`` (nothing
+    up to revision), ``["snapshot", revision, {key: [value, mod_revision]}, t_ns]``.
+    """
+    result = op.result or {}
+    start = (op.value or {}).get("start_revision")
+    if start is None:
+        start = int(result.get("created") or 0) + 1
+    start = int(start)
+    events: dict[int, list[WatchChange]] = {}
+    times: dict[int, int] = {}
+    intervals: list[tuple[int, int]] = []
+    snapshots: list[tuple[int, dict[str, tuple[Any, int]]]] = []
+    first, last = start, start - 1
+    last_event = 0
+    for item in result.get("items", []):
+        kind, revision = item[0], int(item[1])
+        if kind == "event":
+            change: WatchChange = (str(item[2]), str(item[3]), item[4])
+            if revision in events and revision == last_event and change not in events[revision]:
+                events[revision].append(change)  # several changes in one revision
+                continue
+            if revision <= last or revision < start:
+                flag("out-of-order" if revision not in events else "duplicate",
+                     {"stream": op.index, "revision": revision, "after": last, "change": list(change)})
+                continue
+            events[revision] = [change]
+            times[revision] = int(item[5])
+            last = last_event = revision
+        elif kind == "progress":
+            last = max(last, revision)
+        elif kind == "snapshot":
+            if revision < last:
+                flag("snapshot-backwards", {"stream": op.index, "revision": revision, "after": last})
+                continue
+            if last >= first:
+                intervals.append((first, last))
+            snapshots.append((revision, {k: (v[0], int(v[1])) for k, v in item[2].items()}))
+            first, last = revision + 1, revision
+        else:
+            raise ValueError(f"unknown watch item {kind!r} in op {op.index}")
+    if last >= first:
+        intervals.append((first, last))
+    return WatchSegment(op, events, times, intervals, snapshots)
+
+
+def _merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _covered(merged: list[tuple[int, int]], a: int, b: int) -> bool:
+    """Whether [a, b] lies inside the union ``merged`` (empty ranges are covered)."""
+    if a > b:
+        return True
+    return any(x <= a and b <= y for x, y in merged)
+
+
+def check_watch(ops: Sequence[Op], workload: str = "watch") -> CheckResult:
+    """Watch streams deliver every committed change of their selection, in order, exactly once.
+
+    The workload's writers ``put`` unique values (and ``delete``) keys under one prefix; watch
+    streams (``watch`` ops, on different nodes, one after another) record what they got; a
+    linearizable ``final-read`` lists the prefix after healing.  The selection is empty at
+    revision 0 (a fresh cluster).  Violations:
+
+    * ``out-of-order`` / ``duplicate``: a stream's revisions do not strictly increase;
+    * ``disagree``: two streams delivered different changes at one revision;
+    * ``gap``: a change another stream delivered, or an acknowledged write, is missing from a
+      stream that vouched for that revision (it delivered events or progress past it);
+    * ``wrong-revision``: an acknowledged write shows up at another revision than it was
+      acknowledged with, or not with its value;
+    * ``phantom``: a value nobody wrote, or that was written by a write that definitely failed,
+      or delivered before the write was invoked; a delete where no delete of that key could be;
+    * ``snapshot-mismatch`` / ``final-read-mismatch``: a resync snapshot, or the final read,
+      differs from the state the delivered changes add up to at that revision.
+    """
+    puts: dict[Any, Op] = {}
+    deletes: dict[str, list[Op]] = defaultdict(list)
+    acked: dict[int, list[tuple[WatchChange, Op]]] = defaultdict(list)
+    segments_ops: list[Op] = []
+    finals: list[Op] = []
+    for op in ops:
+        if op.workload != workload:
+            continue
+        if op.f == "put":
+            puts[op.value] = op
+            if op.type == "ok" and op.revision is not None:
+                acked[op.revision].append((("put", str(op.key), op.value), op))
+        elif op.f == "delete":
+            deletes[str(op.key)].append(op)
+            if op.type == "ok" and op.revision is not None:
+                acked[op.revision].append((("delete", str(op.key), None), op))
+        elif op.f == "watch" and op.type == "ok":
+            segments_ops.append(op)
+        elif op.f == "final-read" and op.type == "ok":
+            finals.append(op)
+    found: dict[str, list[Any]] = defaultdict(list)
+
+    def flag(kind: str, example: Any) -> None:
+        found[kind].append(example)
+
+    segments = [watch_segment(op, flag) for op in segments_ops]
+    # The changes at each revision, as the first stream that delivered it saw them.
+    truth: dict[int, list[WatchChange]] = {}
+    truth_from: dict[int, int] = {}
+    for seg in segments:
+        for revision, changes in seg.events.items():
+            if revision not in truth:
+                truth[revision], truth_from[revision] = changes, seg.op.index
+            elif sorted(map(repr, truth[revision])) != sorted(map(repr, changes)):
+                flag("disagree", {"revision": revision, "stream": truth_from[revision],
+                                  "changes": [list(c) for c in truth[revision]], "other_stream": seg.op.index,
+                                  "other_changes": [list(c) for c in changes]})
+    revisions = sorted(truth)
+    # Changes must come from writes that may have happened, no sooner than they were invoked.
+    for revision in revisions:
+        for type_, key, value in truth[revision]:
+            delivered = min(seg.times[revision] for seg in segments if revision in seg.times)
+            if type_ == "put":
+                put = puts.get(value)
+                if put is None or put.type == "fail" or put.key != key:
+                    flag("phantom", {"revision": revision, "key": key, "value": value,
+                                     "write": None if put is None else _brief(put)})
+                elif put.invoke_time > delivered:
+                    flag("phantom", {"revision": revision, "key": key, "value": value, "why": "delivered before "
+                                     "the write was invoked", "write": _brief(put)})
+                elif put.type == "ok" and put.revision is not None and put.revision != revision:
+                    flag("wrong-revision", {"revision": revision, "write": _brief(put)})
+            elif type_ == "delete":
+                if not any(d.type != "fail" and d.invoke_time <= delivered for d in deletes.get(key, [])):
+                    flag("phantom", {"revision": revision, "key": key, "why": "no delete of this key could "
+                                     "have happened"})
+    # Every stream delivered every change (known from other streams and from acks) in its ranges.
+    acked_revisions = sorted(acked)
+    uncovered_acks = 0
+    coverage = _merge_intervals([iv for seg in segments for iv in seg.intervals])
+    for revision in acked_revisions:
+        if not _covered(coverage, revision, revision):
+            uncovered_acks += 1
+    for seg in segments:
+        for a, b in seg.intervals:
+            for revision in revisions[bisect_left(revisions, a):bisect_right(revisions, b)]:
+                if revision not in seg.events:
+                    flag("gap", {"stream": seg.op.index, "node": (seg.op.value or {}).get("node"),
+                                 "revision": revision, "missing": [list(c) for c in truth[revision]],
+                                 "seen_by_stream": truth_from[revision]})
+            for revision in acked_revisions[bisect_left(acked_revisions, a):bisect_right(acked_revisions, b)]:
+                got = seg.events.get(revision)
+                for change, write in acked[revision]:
+                    if got is None:
+                        flag("gap", {"stream": seg.op.index, "node": (seg.op.value or {}).get("node"),
+                                     "revision": revision, "missing_acknowledged": _brief(write)})
+                    elif change not in got:
+                        flag("wrong-revision", {"stream": seg.op.index, "revision": revision,
+                                                "delivered": [list(c) for c in got], "write": _brief(write)})
+
+    bases = sorted(((rev, snap) for seg in segments for rev, snap in seg.snapshots), key=lambda t: t[0])
+
+    def state_at(revision: int, skip: int | None = None) -> dict[str, tuple[Any, int]] | None:
+        """The selection at ``revision`` from the delivered changes, or None if they do not cover it."""
+        base: dict[str, tuple[Any, int]] = {}
+        base_rev = 0
+        for snap_rev, snap in bases:
+            if snap_rev <= revision and snap_rev != skip and _covered(coverage, snap_rev + 1, revision):
+                base, base_rev = snap, snap_rev
+        if base_rev == 0 and not _covered(coverage, 1, revision):
+            return None
+        state = dict(base)
+        for rev in revisions[bisect_right(revisions, base_rev):bisect_right(revisions, revision)]:
+            for type_, key, value in truth[rev]:
+                if type_ == "put":
+                    state[key] = (value, rev)
+                else:
+                    state.pop(key, None)
+        return state
+
+    unchecked: list[str] = []
+    for seg in segments:
+        for snap_rev, snap in seg.snapshots:
+            expected = state_at(snap_rev, skip=snap_rev)
+            if expected is None:
+                unchecked.append(f"snapshot at {snap_rev} (changes before it not covered)")
+            elif expected != snap:
+                flag("snapshot-mismatch", {"stream": seg.op.index, "revision": snap_rev,
+                                           "differs": _diff_states(expected, snap)})
+    final_checked = False
+    for final in finals:
+        if final.revision is None:
+            continue
+        listed = {k: (v[0], int(v[1])) for k, v in (final.result or {}).items()}
+        expected = state_at(final.revision)
+        if expected is None:
+            unchecked.append(f"final read at {final.revision} (streams do not cover every revision up to it)")
+            continue
+        final_checked = True
+        if expected != listed:
+            flag("final-read-mismatch", {"revision": final.revision, "final_read": _brief(final),
+                                         "differs": _diff_states(expected, listed)})
+    details: dict[str, Any] = {"counts": {
+        "streams": len(segments),
+        "revisions_delivered": len(revisions),
+        "events_delivered": sum(len(seg.events) for seg in segments),
+        "resyncs": sum(len(seg.snapshots) for seg in segments),
+        "writes_ok": sum(len(v) for v in acked.values()),
+        "writes_ok_not_covered": uncovered_acks,
+        "covered": [list(iv) for iv in coverage],
+    }}
+    for kind, examples in found.items():
+        details[kind] = {"count": len(examples), "examples": examples[:EXAMPLES_MAX]}
+    if unchecked:
+        details["unchecked"] = unchecked[:EXAMPLES_MAX]
+    if found:
+        return CheckResult("watch", False, details)
+    if not segments or not final_checked:
+        details["reason"] = "no watch stream" if not segments else "the final read could not be checked"
+        return CheckResult("watch", "unknown", details)
+    return CheckResult("watch", True, details)
+
+
+def _diff_states(expected: dict[str, tuple[Any, int]], got: dict[str, tuple[Any, int]]) -> list[Any]:
+    return [{"key": k, "expected": list(expected[k]) if k in expected else None,
+             "got": list(got[k]) if k in got else None}
+            for k in sorted(set(expected) | set(got)) if expected.get(k) != got.get(k)][:EXAMPLES_MAX]
+
+
 # ---------------------------------------------------------------------------------------------- all
 
 
@@ -609,6 +871,8 @@ def check_history(ops: Sequence[Op], workloads: Sequence[str], *, clock_rate_max
         results["lease"] = check_lease(ops, clock_rate_max=clock_rate_max)
     if "lock" in workloads:
         results["lock"] = check_lock(ops)
+    if "watch" in workloads:
+        results["watch"] = check_watch(ops)
     results["revisions"] = check_revisions(ops)
     results["convergence"] = check_convergence(convergence)
     return results

@@ -20,11 +20,13 @@ from types import FrameType
 from typing import Any
 
 from .checker import check_history, merge_valid
+from .compose import ComposeProject
+from .compose import check_usable as compose_check_usable
 from .history import pair, read_jsonl
 from .nemesis import KINDS, plan
-from .report import count_ops, write_results, write_summary, write_timeline
+from .report import count_ops, latency_summary, unavailability, write_html, write_results, write_summary, write_timeline
 from .runner import NetnsNetwork, Topology, faketime_library, iptables_available, local_topology, write_json
-from .scenario import SCENARIOS
+from .scenario import SCENARIO_NEEDS_SPARE, SCENARIO_NEMESES, SCENARIO_TARGETS, SCENARIO_WORKLOADS, SCENARIOS
 from .session import SessionSpec, run_session, session_main
 from .workload import WORKLOADS
 
@@ -32,6 +34,8 @@ __all__ = ["main", "EXIT_VALID", "EXIT_VIOLATION", "EXIT_UNKNOWN"]
 
 EXIT_VALID, EXIT_VIOLATION, EXIT_UNKNOWN = 0, 1, 2
 TARGETS = ("local", "netns", "compose")
+#: Deliberately unsafe node modes (see --unsafe): the run must then come back invalid.
+UNSAFE_MODES = ("local-reads",)
 RUN_SCRIPT = Path(__file__).resolve().parent.parent / "run"
 
 
@@ -58,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed of the fault schedule and of the clients' choices")
     p.add_argument("--nemesis", default="all", help=f"comma list of {','.join(KINDS)}, or all, or none")
     p.add_argument("--workload", default="all", help=f"comma list of {','.join(WORKLOADS)}, or all")
-    p.add_argument("--target", default="local", help="local | netns | compose (compose is not available yet)")
+    p.add_argument("--target", default="local", help="local | netns | compose (root: docker-compose.yml's cluster)")
     p.add_argument("--out", default=None, help="output directory (default jepsen-lite/out/<time>-<seed>)")
     p.add_argument("--concurrency", type=int, default=5, help="client processes per workload (default 5)")
     p.add_argument("--nodes", type=int, default=3, help="cluster size, 3 or 5 (default 3)")
@@ -68,6 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scenario", default=None, help=f"run a directed scenario instead ({', '.join(SCENARIOS)}; "
                    "netns target); --time-limit, --nemesis and --workload are then ignored")
     p.add_argument("--trials", type=int, default=5, help="trials of a --scenario (default 5)")
+    p.add_argument("--unsafe", default=None, choices=UNSAFE_MODES,
+                   help="self-test: run the nodes in a deliberately broken mode the checkers must catch "
+                        "(local-reads: linearizable reads served locally, without the read barrier)")
     p.add_argument("--session", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -76,12 +83,18 @@ def _replay_command(args: argparse.Namespace, seed: int, out: Path) -> str:
     if args.scenario:
         parts = ["jepsen-lite/run", "--target", args.target, "--scenario", args.scenario, "--trials",
                  str(args.trials), "--seed", str(seed)]
+        if args.unsafe:
+            parts += ["--unsafe", args.unsafe]
         return " ".join(shlex.quote(p) for p in parts) + f" --out {shlex.quote(str(out))}-replay"
     parts = ["jepsen-lite/run", "--time-limit", f"{args.time_limit:g}", "--seed", str(seed), "--nemesis",
              args.nemesis, "--workload", args.workload, "--target", args.target, "--concurrency",
              str(args.concurrency)]
     if args.nodes != 3:
         parts += ["--nodes", str(args.nodes)]
+    if args.op_timeout != 2.0:
+        parts += ["--op-timeout", f"{args.op_timeout:g}"]
+    if args.unsafe:
+        parts += ["--unsafe", args.unsafe]
     return " ".join(shlex.quote(p) for p in parts) + f" --out {shlex.quote(str(out))}-replay"
 
 
@@ -127,6 +140,30 @@ def _run_netns(spec: SessionSpec, network: NetnsNetwork, out: Path) -> tuple[Ses
     return spec, problem
 
 
+def _run_compose(spec: SessionSpec, project: ComposeProject, out: Path) -> tuple[SessionSpec, str | None]:
+    """Bring up a compose project, run the session against it from here, always take it down (volumes too)."""
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    problem: str | None = None
+    try:
+        spec.topology = project.setup()
+        write_json(out / "session-spec.json", spec.to_json())
+        info = asyncio.run(run_session(spec))
+        if info["status"] != "done":
+            problem = info.get("error") or info["status"]
+    except (KeyboardInterrupt, _Terminated) as err:
+        problem = f"interrupted ({type(err).__name__})"
+    except RuntimeError as err:
+        problem = f"compose setup failed: {err}"
+    finally:
+        try:
+            project.teardown()
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            print(f"jepsen-lite: compose teardown failed, remove project {project.name} by hand: {err}",
+                  file=sys.stderr)
+        signal.signal(signal.SIGTERM, old_term)
+    return spec, problem
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.session:
@@ -141,17 +178,17 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.target not in TARGETS:
         raise UsageError(f"unknown target {args.target!r} (local, netns, compose)")
-    if args.target == "compose":
-        raise UsageError("target compose is not available yet: needs the docker-compose issue "
-                         "(a docker-compose.yml cluster to run against); use --target local or netns")
+    if args.target == "compose" and args.nodes != 3:
+        raise UsageError("the compose target runs docker-compose.yml's three nodes: --nodes 3")
     if args.scenario is not None:
         if args.scenario not in SCENARIOS:
             raise UsageError(f"unknown scenario {args.scenario!r} (known: {', '.join(SCENARIOS)})")
-        if args.target != "netns":
-            raise UsageError(f"scenario {args.scenario} isolates the leader: it needs --target netns")
+        if args.target not in SCENARIO_TARGETS[args.scenario]:
+            raise UsageError(f"scenario {args.scenario} runs on --target "
+                             f"{' or '.join(SCENARIO_TARGETS[args.scenario])}")
         if args.trials < 1:
             raise UsageError("--trials must be positive")
-        args.workload, args.nemesis = "lease", "none"
+        args.workload, args.nemesis = SCENARIO_WORKLOADS[args.scenario], "none"
     workloads = _names(args.workload, tuple(WORKLOADS), "workload")
     nemeses = _names(args.nemesis, KINDS, "nemesis")
     if not workloads:
@@ -164,6 +201,10 @@ def _main(args: argparse.Namespace) -> int:
         why = NetnsNetwork.check_usable()
         if why:
             raise UsageError(why)
+    if args.target == "compose":
+        why = compose_check_usable()
+        if why:
+            raise UsageError(why)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(3), "big")
     out = Path(args.out or Path(__file__).resolve().parent.parent / "out" / f"{time.strftime('%Y%m%d-%H%M%S')}-{seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -172,12 +213,16 @@ def _main(args: argparse.Namespace) -> int:
     skipped: dict[str, str] = {}
     faketime_lib = faketime_library()
     if "partition" in nemeses:
-        if args.target != "netns":
+        if args.target not in ("netns", "compose"):
             skipped["partition"] = "partitions need separate network stacks: use --target netns (root)"
         elif not iptables_available():
             skipped["partition"] = "iptables is not installed (apt-get install iptables)"
-    if "clock" in nemeses and faketime_lib is None:
+    if "clock" in nemeses and args.target == "compose":
+        skipped["clock"] = "the node image has no libfaketime: use --target local or netns"
+    elif "clock" in nemeses and faketime_lib is None:
         skipped["clock"] = "libfaketime is not installed (apt-get install faketime)"
+    if "membership" in nemeses and args.target == "compose":
+        skipped["membership"] = "docker-compose.yml has no spare node to add: use --target local or netns"
     for name, why in skipped.items():
         notes.append(f"nemesis {name} skipped: {why}")
     active = [n for n in nemeses if n not in skipped]
@@ -187,20 +232,23 @@ def _main(args: argparse.Namespace) -> int:
     cluster_root = out / "cluster"
     placeholder = Topology(args.target, (), "")
     spec = SessionSpec(str(out), seed, args.time_limit, workloads, args.concurrency, args.op_timeout, placeholder,
-                       faults, faketime_lib, args.scenario, args.trials)
+                       faults, faketime_lib, args.scenario, args.trials, args.unsafe)
+    spares = 1 if "membership" in active or args.scenario in SCENARIO_NEEDS_SPARE else 0
     problem: str | None = None
     started = time.monotonic()
     what = (f"scenario {args.scenario} x{args.trials}" if args.scenario else
             f"workloads {','.join(workloads)}, nemesis {','.join(active) or 'none'}, {len(faults)} fault(s)")
     print(f"jepsen-lite: seed {seed}, target {args.target}, {what}, output {out}", file=sys.stderr)
     if args.target == "local":
-        spec.topology = local_topology(cluster_root, args.nodes)
+        spec.topology = local_topology(cluster_root, args.nodes, spares)
         write_json(out / "session-spec.json", spec.to_json())
         info = asyncio.run(run_session(spec))
         if info["status"] != "done":
             problem = info.get("error") or info["status"]
+    elif args.target == "compose":
+        spec, problem = _run_compose(spec, ComposeProject(cluster_root), out)
     else:
-        spec, problem = _run_netns(spec, NetnsNetwork(cluster_root, args.nodes), out)
+        spec, problem = _run_netns(spec, NetnsNetwork(cluster_root, args.nodes, spares), out)
 
     results = _check_and_report(args, seed, out, spec, workloads, active, skipped, notes, clock_rate_max, problem,
                                 time.monotonic() - started)
@@ -256,14 +304,17 @@ def _check_and_report(args: argparse.Namespace, seed: int, out: Path, spec: Sess
         "target": args.target,
         "time_limit_s": args.time_limit,
         "workloads": workloads,
-        "nemeses": active if not args.scenario else ["partition"],
+        "nemeses": active if not args.scenario else SCENARIO_NEMESES[args.scenario],
         "scenario": args.scenario,
+        "unsafe": args.unsafe,
         "skipped_nemeses": skipped,
         "concurrency": args.concurrency,
         "nodes": args.nodes,
         "op_timeout_s": args.op_timeout,
         "checkers": {name: res.to_json() for name, res in checks.items()},
         "counts": count_ops(ops),
+        "latency_ms": latency_summary(ops, t0, session.get("t_end_ns")),
+        "unavailability": unavailability(ops, t0, int(session.get("t_end_ns") or t0)),
         "nemesis_schedule": [f.to_json() for f in spec.faults],
         "faults": faults,
         "recovered": session.get("recovered"),
@@ -287,4 +338,5 @@ def _check_and_report(args: argparse.Namespace, seed: int, out: Path, spec: Sess
     title = (f"seed {seed} · {args.target} · {','.join(workloads)} · nemesis {','.join(active) or 'none'} · "
              f"valid {valid}")
     write_timeline(out / "timeline.svg", ops, session.get("faults", []), t0, markers=markers, title=title)
+    write_html(out / "report.html", results, ops, session.get("faults", []), t0, markers=markers, title=title)
     return results

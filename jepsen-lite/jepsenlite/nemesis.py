@@ -18,9 +18,16 @@ Faults (each lasts a few seconds, then is healed; gaps between them):
 ``clock``      restart a node with libfaketime making its clock run at a
                different rate (x0.5 .. x2: its timers, elections and lease
                countdowns speed up or slow down); healed by a normal restart.
+``membership`` ``remove-follower``: the leader removes a follower (``member_remove``),
+               which is then stopped; healed by starting it again (with its data:
+               a node under a former member's address must keep its log and vote,
+               see README bug 2) and adding it back (``member_add``).
+               ``add-node``: start a spare node and add it (four members, quorum
+               three); healed by removing and stopping it (its data kept too).
 
 Everything is healed before the final reads: ``heal_all`` resumes paused
-nodes, restarts dead or clock-skewed ones and flushes every rule.
+nodes, restarts dead or clock-skewed ones, flushes every rule and makes the
+members exactly the starting nodes again.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from .runner import Cluster
 
 __all__ = ["Fault", "KINDS", "PARTITION_SHAPES", "plan", "Nemesis", "partition_groups"]
 
-KINDS = ("kill", "pause", "partition", "clock")
+KINDS = ("kill", "pause", "partition", "clock", "membership")
+MEMBERSHIP_CHANGES = ("remove-follower", "add-node")
 PARTITION_SHAPES = ("isolate-leader", "isolate-node", "halves", "bridge", "syn-drop")
 CLOCK_RATES = (0.5, 1.5, 2.0)
 #: Fault length and the quiet gap after it, in seconds.
@@ -89,6 +97,8 @@ def plan(seed: int, kinds: list[str], time_limit_s: float) -> list[Fault]:
             target = rng.choice(("leader", "random"))
         elif kind == "partition":
             target = rng.choice(PARTITION_SHAPES)
+        elif kind == "membership":
+            target = rng.choice(MEMBERSHIP_CHANGES)
         else:
             target = rng.choice(("leader", "random"))
             rate = rng.choice(CLOCK_RATES)
@@ -143,6 +153,8 @@ class Nemesis:
         #: What actually happened: one dict per fault, with resolved nodes and times.
         self.windows: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        #: Static nodes the membership nemesis removed (heal_all leaves their restart to restore_membership).
+        self.removed: set[str] = set()
 
     def _node_ids(self) -> list[str]:
         return sorted(self.cluster.nodes)
@@ -166,7 +178,7 @@ class Nemesis:
                 await asyncio.sleep(delay)
             window = await self.apply(fault)
             try:
-                await asyncio.sleep(fault.duration_s)
+                await asyncio.sleep(max(0.0, fault.duration_s - (time.monotonic_ns() - window["start_ns"]) / 1e9))
             finally:
                 await self.heal(fault, window)
 
@@ -187,6 +199,8 @@ class Nemesis:
                     cluster.start(node, clock_rate=fault.rate)
             if fault.rate is not None:
                 window["rate"] = fault.rate
+        elif fault.kind == "membership":
+            await self._change_membership(fault, window)
         elif fault.kind == "partition":
             leader = await cluster.leader()
             rules = partition_groups(fault.target, self._node_ids(), leader, fault.pick)
@@ -196,7 +210,8 @@ class Nemesis:
                 await cluster.drop(dst, src, syn_only=syn)
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
-        window["start_ns"] = time.monotonic_ns()
+        if fault.kind != "membership":  # a membership window starts with the change request
+            window["start_ns"] = time.monotonic_ns()
         self.recorder.nemesis(f"start-{fault.kind}", window.get("nodes"), {k: v for k, v in window.items()
                                                                           if k not in ("start_ns",)})
         self.windows.append(window)
@@ -217,6 +232,17 @@ class Nemesis:
                 cluster.start(node)
         elif fault.kind == "partition":
             await cluster.heal()
+        elif fault.kind == "membership":
+            try:
+                for node in window.get("nodes", []):
+                    if fault.target == "remove-follower" and node in self.removed:
+                        await cluster.add_member(node)
+                        self.removed.discard(node)
+                    elif fault.target == "add-node":
+                        await cluster.remove_member(node)
+            except RuntimeError as err:
+                self.notes.append(f"membership {fault.target} at {fault.start_s}s: heal failed ({err}); "
+                                  "restored before the final reads")
         window["end_ns"] = time.monotonic_ns()
         self.recorder.nemesis(f"stop-{fault.kind}", window.get("nodes"), {"target": fault.target})
 
@@ -230,7 +256,46 @@ class Nemesis:
                 cluster.resume(node_id)
             if node.clock_rate is not None:
                 cluster.kill(node_id)
-            if not cluster.running(node_id):
+            if not cluster.running(node_id) and node_id not in self.removed:
                 cluster.start(node_id)
         if cluster.partitionable:
             await cluster.heal()
+        if any(f.kind == "membership" for f in self.faults):
+            try:
+                done = await cluster.restore_membership()
+                if done:
+                    self.notes.append(f"membership restored after the schedule: {', '.join(done)}")
+                self.removed.clear()
+            except RuntimeError as err:
+                self.notes.append(f"membership could not be restored: {err}")
+
+    async def _change_membership(self, fault: Fault, window: dict[str, Any]) -> None:
+        """Remove a follower, or add a spare; the window starts once the change is made."""
+        cluster = self.cluster
+        if fault.target == "add-node":
+            if not cluster.spares:
+                raise RuntimeError("the membership nemesis needs a spare node in the topology")
+            spare = sorted(cluster.spares)[fault.pick % len(cluster.spares)]
+            window["nodes"] = [spare]
+            try:
+                await cluster.add_member(spare)
+            except RuntimeError as err:
+                self.notes.append(f"membership add-node at {fault.start_s}s: {err}")
+                window["error"] = str(err)
+        else:
+            leader = await cluster.wait_leader(5.0)
+            if leader is None:
+                self.notes.append(f"membership remove-follower at {fault.start_s}s: no leader, nothing changed")
+                window["error"] = "no leader"
+                window["nodes"] = []
+                return
+            followers = [n for n in self._node_ids() if n != leader]
+            victim = followers[fault.pick % len(followers)]
+            window["nodes"] = [victim]
+            window["leader"] = leader
+            self.removed.add(victim)
+            try:
+                await cluster.remove_member(victim)
+            except RuntimeError as err:
+                self.notes.append(f"membership remove-follower at {fault.start_s}s: {err}")
+                window["error"] = str(err)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.client import Client
-from registry.errors import RegistryError
+from registry.errors import Conflict, NotFound, RegistryError
 from registry.ports import ports_free
 
 __all__ = [
@@ -65,6 +65,8 @@ NETNS_CLIENT_HOST = 100
 NETNS_API_PORT, NETNS_RAFT_PORT, NETNS_HTTP_PORT = 7001, 7101, 7201
 #: Status requests during leader discovery: short, a paused node must not stall the nemesis.
 STATUS_TIMEOUT_S = 0.5
+#: A membership change may take the node up to 10 s to commit (registry.membership.CHANGE_TIMEOUT_S).
+MEMBER_CALL_TIMEOUT_S = 12.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,10 @@ class Topology:
     client_netns: str | None = None
     #: Every namespace of the run (switch included), for teardown.
     namespaces: tuple[str, ...] = ()
+    #: Nodes that are not members at the start: the membership nemesis adds and removes them.
+    spares: tuple[NodeSpec, ...] = ()
+    #: The docker-compose project of the compose target (compose.py), else None.
+    compose_project: str | None = None
 
     @property
     def endpoints(self) -> list[str]:
@@ -98,7 +104,9 @@ class Topology:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Topology:
         nodes = tuple(NodeSpec(**n) for n in obj["nodes"])
-        return cls(obj["target"], nodes, obj["key_file"], obj.get("client_netns"), tuple(obj.get("namespaces", ())))
+        spares = tuple(NodeSpec(**n) for n in obj.get("spares", ()))
+        return cls(obj["target"], nodes, obj["key_file"], obj.get("client_netns"), tuple(obj.get("namespaces", ())),
+                   spares, obj.get("compose_project"))
 
 
 def _write_key(root: Path) -> Path:
@@ -109,12 +117,12 @@ def _write_key(root: Path) -> Path:
     return key_file
 
 
-def local_topology(root: Path, size: int = 3) -> Topology:
+def local_topology(root: Path, size: int = 3, spares: int = 0) -> Topology:
     """Nodes on loopback, ports picked from a free block (the block is random, not seeded)."""
     picker = random.Random()
     for _ in range(200):
         base = picker.randrange(LOCAL_PORT_RANGE[0], LOCAL_PORT_RANGE[1] - 300, 10)
-        ports = [base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]
+        ports = [base + off + i for i in range(1, size + spares + 1) for off in (0, 100, 200)]
         if ports_free(ports):
             break
     else:
@@ -122,9 +130,9 @@ def local_topology(root: Path, size: int = 3) -> Topology:
     nodes = tuple(
         NodeSpec(f"n{i}", f"127.0.0.1:{base + i}", f"127.0.0.1:{base + 100 + i}", f"127.0.0.1:{base + 200 + i}",
                  str(root / f"n{i}"))
-        for i in range(1, size + 1)
+        for i in range(1, size + spares + 1)
     )
-    return Topology("local", nodes, str(_write_key(root)))
+    return Topology("local", nodes[:size], str(_write_key(root)), spares=nodes[size:])
 
 
 def regctl_command() -> list[str]:
@@ -177,14 +185,15 @@ def _pid_alive(pid: int) -> bool:
 class NetnsNetwork:
     """Namespaces, bridge and addresses of one run (root only).  ``teardown`` is idempotent."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, spares: int = 0) -> None:
         self.root = root
         self.size = size
+        self.spares = spares
         self.owner = os.getpid()
         self.prefix = f"{NETNS_PREFIX}-{self.owner}-{secrets.token_hex(2)}"
         self.switch = f"{self.prefix}-sw"
         self.client = f"{self.prefix}-cl"
-        self.node_ns = [f"{self.prefix}-n{i}" for i in range(1, size + 1)]
+        self.node_ns = [f"{self.prefix}-n{i}" for i in range(1, size + spares + 1)]
         self.created: list[str] = []
 
     @staticmethod
@@ -250,7 +259,8 @@ class NetnsNetwork:
             ip = f"{NETNS_SUBNET}.{10 + i}"
             nodes.append(NodeSpec(f"n{i}", f"{ip}:{NETNS_API_PORT}", f"{ip}:{NETNS_RAFT_PORT}",
                                   f"{ip}:{NETNS_HTTP_PORT}", str(self.root / f"n{i}"), ns, ip))
-        return Topology("netns", tuple(nodes), str(_write_key(self.root)), self.client, tuple(self.created))
+        return Topology("netns", tuple(nodes[:self.size]), str(_write_key(self.root)), self.client,
+                        tuple(self.created), tuple(nodes[self.size:]))
 
     def teardown(self) -> None:
         # Nodes first, then the namespaces (which takes veths, bridge and rules with them).
@@ -279,17 +289,29 @@ class Cluster:
         self.topology = topology
         self.faketime_lib = faketime_lib
         self.nodes = {spec.node_id: _NodeProc(spec) for spec in topology.nodes}
+        #: Spare nodes (not members at the start; the membership nemesis adds them for a while).
+        self.spares = {spec.node_id: _NodeProc(spec) for spec in topology.spares}
+        #: How many times a node's data directory was set aside (removed from the cluster).
+        self.retired: dict[str, int] = {}
         self._regctl = regctl_command()
+        #: Extra environment of every node process (tests: the unsafe read mode).
+        self.node_env: dict[str, str] = {}
+        #: Extra server flags of every node (tests: --dev for the unsafe read mode).
+        self.node_args: list[str] = []
+
+    def _proc(self, node_id: str) -> _NodeProc:
+        return self.nodes[node_id] if node_id in self.nodes else self.spares[node_id]
 
     @property
     def specs(self) -> list[NodeSpec]:
         return list(self.topology.nodes)
 
     def _command(self, spec: NodeSpec) -> list[str]:
+        # A spare joins with the static members as its peers (then the leader adds it).
         others = [n for n in self.topology.nodes if n.node_id != spec.node_id]
         cmd = [*self._regctl, "server", "--id", spec.node_id, "--data-dir", spec.data_dir, "--raft", spec.raft,
                "--peers", ",".join(n.raft for n in others), "--api", spec.api, "--http", spec.http,
-               "--cluster-key-file", self.topology.key_file]
+               "--cluster-key-file", self.topology.key_file, *self.node_args]
         for n in others:
             cmd += ["--peer-api", f"{n.raft}={n.api}"]
         if spec.netns is not None:
@@ -297,12 +319,12 @@ class Cluster:
         return cmd
 
     def start(self, node_id: str, *, clock_rate: float | None = None) -> None:
-        node = self.nodes[node_id]
+        node = self._proc(node_id)
         if node.proc is not None and node.proc.poll() is None:
             raise RuntimeError(f"node {node_id} is already running")
         Path(node.spec.data_dir).mkdir(parents=True, exist_ok=True)
         node.log_path = Path(node.spec.data_dir) / "node.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.node_env}
         if clock_rate is not None:
             if self.faketime_lib is None:
                 raise RuntimeError("no libfaketime: cannot change a node's clock rate")
@@ -325,12 +347,12 @@ class Cluster:
             self.start(node_id)
 
     def running(self, node_id: str) -> bool:
-        proc = self.nodes[node_id].proc
+        proc = self._proc(node_id).proc
         return proc is not None and proc.poll() is None
 
     def kill(self, node_id: str) -> None:
         """kill -9 (a paused node is continued first so the kill is not queued behind the stop)."""
-        node = self.nodes[node_id]
+        node = self._proc(node_id)
         if node.proc is not None and node.proc.poll() is None:
             node.proc.send_signal(signal.SIGCONT)
             node.proc.kill()
@@ -338,20 +360,135 @@ class Cluster:
         node.paused = False
 
     def pause(self, node_id: str) -> None:
-        node = self.nodes[node_id]
+        node = self._proc(node_id)
         if node.proc is not None and node.proc.poll() is None:
             node.proc.send_signal(signal.SIGSTOP)
             node.paused = True
 
     def resume(self, node_id: str) -> None:
-        node = self.nodes[node_id]
+        node = self._proc(node_id)
         if node.proc is not None and node.proc.poll() is None:
             node.proc.send_signal(signal.SIGCONT)
         node.paused = False
 
     def stop_all(self) -> None:
-        for node_id in self.nodes:
+        for node_id in [*self.nodes, *self.spares]:
             self.kill(node_id)
+
+    def retire_data(self, node_id: str) -> None:
+        """Set a stopped node's data directory aside (a removed member rejoins as a new, empty node)."""
+        node = self._proc(node_id)
+        assert not self.running(node_id), "stop the node first"
+        data = Path(node.spec.data_dir)
+        if data.exists():
+            self.retired[node_id] = self.retired.get(node_id, 0) + 1
+            data.rename(data.with_name(f"{data.name}.removed{self.retired[node_id]}"))
+
+    # -- membership ---------------------------------------------------------------------------
+
+    async def call_leader(self, op: str, args: dict[str, Any], deadline_s: float) -> Any:
+        """Send a membership request to the leader, retrying (idempotently) until it is done.
+
+        ``CONFLICT`` "already a member" (add) and ``NOT_FOUND`` (remove) mean an earlier attempt
+        whose answer was lost went through; other errors are retried until the deadline.
+        """
+        end = time.monotonic() + deadline_s
+        last: Exception | None = None
+        while time.monotonic() < end:
+            leader = await self.leader() or await self.leader_claim()
+            if leader is None:
+                await asyncio.sleep(0.2)
+                continue
+            client = Client([self._proc(leader).spec.api], timeout_s=MEMBER_CALL_TIMEOUT_S,
+                            connect_timeout_s=STATUS_TIMEOUT_S, client_name="jepsen-lite-nemesis")
+            try:
+                _, body = await client.call(op, args, retry=False)
+                return body
+            except Conflict as err:
+                if "already a member" in err.message:
+                    return {"already": True}
+                if "cannot be removed" in err.message:
+                    raise RuntimeError(f"{op} {args}: {err.message}") from None  # it became the leader
+                last = err
+            except NotFound as err:
+                if op == "member_remove":
+                    return {"already": True}
+                last = err
+            except (RegistryError, OSError, TimeoutError) as err:
+                last = err
+            finally:
+                await client.close()
+            await asyncio.sleep(0.3)
+        raise RuntimeError(f"{op} {args} did not complete within {deadline_s:g}s: {last!r}")
+
+    async def leader_claim(self) -> str | None:
+        """The running node (spares included) that says it leads, in the highest term: for when too few
+        of the starting nodes answer for ``leader`` to see a majority agree."""
+        ids = [nid for nid in [*self.nodes, *self.spares] if self.running(nid)]
+        statuses = await asyncio.gather(*(self.status(nid) for nid in ids))
+        claims = [(int(st.get("term") or 0), nid) for nid, st in zip(ids, statuses, strict=True)
+                  if st and st.get("role") == "leader"]
+        return max(claims)[1] if claims else None
+
+    async def members(self) -> set[str] | None:
+        """Raft addresses of the members, as the leader lists them (None if no leader answered)."""
+        leader = await self.leader()
+        if leader is None:
+            return None
+        client = Client([self.nodes[leader].spec.api], timeout_s=2.0, connect_timeout_s=STATUS_TIMEOUT_S,
+                        client_name="jepsen-lite-nemesis")
+        try:
+            _, body = await client.call("member_list", {}, retry=False)
+            return {m["raft"] for m in body["members"]}
+        except (RegistryError, OSError, TimeoutError):
+            return None
+        finally:
+            await client.close()
+
+    async def remove_member(self, node_id: str, deadline_s: float = 20.0, wipe: bool = False) -> None:
+        """Remove a member and stop it; with ``wipe``, also set its data aside.
+
+        The nemesis keeps the data: a node that comes back under the same
+        address must come back with its log and vote (members are known by
+        address only, so a wiped node under a former member's address is the
+        operator error of README bug 2, which only the ``rejoin-empty-voter``
+        scenario commits on purpose).
+        """
+        await self.call_leader("member_remove", {"raft": self._proc(node_id).spec.raft}, deadline_s)
+        self.kill(node_id)
+        if wipe:
+            self.retire_data(node_id)
+
+    async def add_member(self, node_id: str, deadline_s: float = 20.0) -> None:
+        """Start a node (on whatever data directory it has), with the static members as peers, and add it."""
+        spec = self._proc(node_id).spec
+        if not self.running(node_id):
+            self.start(node_id)
+        await self.call_leader("member_add", {"raft": spec.raft, "api": spec.api}, deadline_s)
+
+    async def restore_membership(self, deadline_s: float = 40.0) -> list[str]:
+        """Make the members exactly the static nodes again; return what was done."""
+        done: list[str] = []
+        end = time.monotonic() + deadline_s
+        members: set[str] | None = None
+        while members is None and time.monotonic() < end:
+            members = await self.members()
+            if members is None:
+                await asyncio.sleep(0.3)
+        if members is None:
+            raise RuntimeError("no leader listed the members within the deadline")
+        for node_id in self.spares:
+            if self.spares[node_id].spec.raft in members:
+                await self.remove_member(node_id, max(end - time.monotonic(), 5.0))
+                done.append(f"removed {node_id}")
+            elif self.running(node_id):
+                self.kill(node_id)
+        for node_id, node in self.nodes.items():
+            if node.spec.raft not in members:
+                self.kill(node_id)
+                await self.add_member(node_id, max(end - time.monotonic(), 5.0))
+                done.append(f"added {node_id}")
+        return done
 
     def exit_codes(self) -> dict[str, int | None]:
         return {nid: (n.proc.poll() if n.proc is not None else None) for nid, n in self.nodes.items()}
@@ -359,8 +496,8 @@ class Cluster:
     # -- leader discovery ---------------------------------------------------------------------
 
     async def status(self, node_id: str) -> dict[str, Any] | None:
-        spec = self.nodes[node_id].spec
-        if not self.running(node_id) or self.nodes[node_id].paused:
+        spec = self._proc(node_id).spec
+        if not self.running(node_id) or self._proc(node_id).paused:
             return None
         client = Client([spec.api], timeout_s=STATUS_TIMEOUT_S, connect_timeout_s=STATUS_TIMEOUT_S,
                         client_name="jepsen-lite-nemesis")
@@ -401,7 +538,7 @@ class Cluster:
         return None
 
     def log_tail(self, node_id: str, lines: int = 5) -> str:
-        path = self.nodes[node_id].log_path
+        path = self._proc(node_id).log_path
         try:
             text = path.read_text(errors="replace")
         except OSError:

@@ -23,6 +23,7 @@ from typing import Any
 from registry.client import Client
 from registry.errors import NotFound, RegistryError
 
+from .compose import make_cluster
 from .history import Recorder, write_jsonl
 from .nemesis import Fault, Nemesis
 from .runner import Cluster, NodeSpec, Topology, write_json
@@ -52,6 +53,8 @@ class SessionSpec:
     #: A directed scenario (scenario.SCENARIOS) instead of random workloads and faults.
     scenario: str | None = None
     trials: int = 5
+    #: A deliberately unsafe node mode (main.UNSAFE_MODES), to show the checkers catch it.
+    unsafe: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +69,7 @@ class SessionSpec:
             "faketime_lib": self.faketime_lib,
             "scenario": self.scenario,
             "trials": self.trials,
+            "unsafe": self.unsafe,
         }
 
     @classmethod
@@ -73,7 +77,7 @@ class SessionSpec:
         return cls(obj["out_dir"], int(obj["seed"]), float(obj["time_limit_s"]), list(obj["workloads"]),
                    int(obj["concurrency"]), float(obj["op_timeout_s"]), Topology.from_json(obj["topology"]),
                    [Fault.from_json(f) for f in obj["faults"]], obj.get("faketime_lib"), obj.get("scenario"),
-                   int(obj.get("trials", 5)))
+                   int(obj.get("trials", 5)), obj.get("unsafe"))
 
 
 async def _drive(spec: SessionSpec, cluster: Cluster, recorder: Recorder, info: dict[str, Any]) -> None:
@@ -200,7 +204,11 @@ async def run_session(spec: SessionSpec) -> dict[str, Any]:
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recorder = Recorder()
-    cluster = Cluster(spec.topology, faketime_lib=spec.faketime_lib)
+    cluster = make_cluster(spec.topology, faketime_lib=spec.faketime_lib)
+    if spec.unsafe == "local-reads":
+        # registry.config.UNSAFE_LOCAL_READS_ENV, honoured only by a node started with --dev.
+        cluster.node_env["REGCTL_UNSAFE_LOCAL_READS"] = "1"
+        cluster.node_args.append("--dev")
     info: dict[str, Any] = {"status": "running", "started_unix": time.time()}
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()

@@ -32,17 +32,21 @@ Workloads
               renew); finally revoke it, or let it lapse and ask again.
 ``lock``      grant a lease, acquire a lock with it (fencing token), hold it
               briefly while keeping the lease alive, release, revoke.
+``watch``     put / delete keys under one prefix while watch streams on the
+              nodes record every change they deliver; a final linearizable
+              list and one stream per node up to its revision.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from registry.client import Client
 from registry.errors import (
@@ -375,9 +379,158 @@ class LockWorkload(Workload):
             await w.op("revoke", name, {"lease": lease}, "lease_revoke", {"lease": lease}, result=lambda body: None)
 
 
+# ---------------------------------------------------------------------------------------------- watch
+
+
+class WatchWorkload(Workload):
+    """Writers change keys under one prefix; watch streams on the nodes record what they deliver.
+
+    Every slot writes (``put`` of a unique value, or ``delete``, of a few keys).  The first
+    ``STREAMS`` slots also run a watcher: a sequence of watch streams ("segments"), each a few
+    seconds long on a different node (the client resumes on another node if its node fails), each
+    starting where the previous one stopped -- the first from revision 1, when the selection was
+    empty.  A segment is one ``watch`` op: invoked when opened, completed ``ok`` with every item it
+    delivered.  After healing, a linearizable ``final-read`` lists the prefix at revision F, then
+    one more segment per node, pinned to it, from where the watchers stopped until it covered F.
+    """
+
+    name = "watch"
+    PREFIX = "jepsen-w/"
+    STREAMS = 3
+    PROGRESS_MS = 200
+    SEGMENT_S = (2.0, 8.0)
+    FINAL_STREAM_DEADLINE_S = 30.0
+
+    def __init__(self, keys: int = 4) -> None:
+        self.keys = [f"{self.PREFIX}k{i}" for i in range(keys)]
+        #: Per watcher slot: the next revision its last segment would have delivered.
+        self.next_revision: dict[int, int] = {}
+
+    async def run(self, w: Worker) -> None:
+        if w.slot < self.STREAMS:
+            await asyncio.gather(self._write(w), self._watcher(w))
+        else:
+            await self._write(w)
+
+    async def _write(self, w: Worker) -> None:
+        while await w.ctx.sleep(w.rng.uniform(0.0, 0.05)):
+            key = w.rng.choice(self.keys)
+            if w.rng.random() < 0.8:
+                value = w.unique("v")
+                await w.op("put", key, value, "key_put", {"key": key, "value": value}, result=lambda body: None)
+            else:
+                await w.op("delete", key, None, "key_delete", {"key": key}, result=lambda body: None)
+
+    async def _watcher(self, w: Worker) -> None:
+        n = len(w.ctx.endpoints)
+        start = 1
+        segment = 0
+        while not w.ctx.stop.is_set():
+            shift = (w.slot + segment) % n
+            endpoints = w.ctx.endpoints[shift:] + w.ctx.endpoints[:shift]
+            start = await self.segment(w.ctx, endpoints, start, duration_s=w.rng.uniform(*self.SEGMENT_S))
+            self.next_revision[w.slot] = start
+            segment += 1
+
+    async def segment(self, ctx: Context, endpoints: list[str], start: int, *, duration_s: float,
+                      until_revision: int | None = None) -> int:
+        """One watch stream from ``start``, recorded as one op; return the next revision it would deliver.
+
+        Ends after ``duration_s``, when the run stops (unless ``until_revision`` is given: then it ends
+        once it covered that revision).
+        """
+        process = ctx.new_process()
+        invoked = ctx.recorder.invoke(process, self.name, "watch", self.PREFIX,
+                                      {"start_revision": start, "node": endpoints[0]})
+        items: list[list[Any]] = []
+        state: dict[str, Any] = {"created": None, "covered": start - 1, "error": None}
+        client = Client(endpoints, timeout_s=ctx.op_timeout_s, connect_timeout_s=min(0.5, ctx.op_timeout_s),
+                        client_name=f"jepsen-watch-{process}")
+
+        async def consume() -> None:
+            stream = client.watch(prefix=self.PREFIX, start_revision=start, progress_ms=self.PROGRESS_MS)
+            async with contextlib.aclosing(cast(AsyncGenerator[dict[str, Any], None], stream)) as items_in:
+                await self._consume(items_in, items, state, until_revision)
+
+        task = asyncio.create_task(consume())
+        waits: list[asyncio.Future[Any]] = [task]
+        stopper: asyncio.Task[Any] | None = None
+        if until_revision is None:
+            stopper = asyncio.create_task(ctx.stop.wait())
+            waits.append(stopper)
+        try:
+            await asyncio.wait(waits, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (task, stopper):
+                if t is not None and not t.done():
+                    t.cancel()
+            results = await asyncio.gather(task, *([stopper] if stopper else []), return_exceptions=True)
+            if isinstance(results[0], BaseException) and not isinstance(results[0], asyncio.CancelledError):
+                state["error"] = repr(results[0])
+            await client.close()
+            ctx.recorder.complete(invoked, "ok", {"created": state["created"], "items": items,
+                                                  "covered": state["covered"], "error": state["error"]},
+                                  extra={"endpoint": client.endpoint} if client.endpoint else None)
+        return int(state["covered"]) + 1
+
+    @staticmethod
+    async def _consume(items_in: AsyncGenerator[dict[str, Any], None], items: list[list[Any]], state: dict[str, Any],
+                       until_revision: int | None) -> None:
+        async for item in items_in:
+            now = time.monotonic_ns()
+            kind = item.get("type")
+            if kind == "created":
+                state["created"] = int(item["revision"])
+            elif kind == "events":
+                for event in item["events"]:
+                    revision = int(event["revision"])
+                    type_ = event["type"] if event.get("kind") == "key" else f"{event.get('kind')}-{event['type']}"
+                    after = event.get("after") or {}
+                    items.append(["event", revision, type_, event.get("id"),
+                                  after.get("value") if event["type"] == "put" else None, now])
+                    state["covered"] = max(state["covered"], revision)
+            elif kind == "progress":
+                revision = int(item["revision"])
+                if items and items[-1][0] == "progress":
+                    items[-1] = ["progress", revision, now]
+                else:
+                    items.append(["progress", revision, now])
+                state["covered"] = max(state["covered"], revision)
+            elif kind == "snapshot":
+                revision = int(item["revision"])
+                keys = {k["key"]: [k["value"], k["mod_revision"]] for k in item.get("keys", [])}
+                items.append(["snapshot", revision, keys, now])
+                state["covered"] = max(state["covered"], revision)
+            if until_revision is not None and state["covered"] >= until_revision:
+                return
+
+    async def final(self, ctx: Context) -> None:
+        worker = Worker(ctx, self.name, 0)
+        final_revision: int | None = None
+        end = time.monotonic() + FINAL_READ_DEADLINE_S
+        try:
+            while time.monotonic() < end:
+                out = await worker.op("final-read", self.PREFIX, None, "key_list",
+                                      {"prefix": self.PREFIX, "consistency": "linearizable"},
+                                      timeout_s=FINAL_READ_TIMEOUT_S,
+                                      result=lambda body: {k["key"]: [k["value"], k["mod_revision"]] for k in body})
+                if out.ok:
+                    final_revision = out.revision
+                    break
+                await asyncio.sleep(0.5)
+        finally:
+            await worker.close()
+        if final_revision is None:
+            return
+        start = min(self.next_revision.values(), default=1)
+        await asyncio.gather(*(self.segment(ctx, [endpoint], start, duration_s=self.FINAL_STREAM_DEADLINE_S,
+                                            until_revision=final_revision) for endpoint in ctx.endpoints))
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     "register": RegisterWorkload,
     "set": SetWorkload,
     "lease": LeaseWorkload,
     "lock": LockWorkload,
+    "watch": WatchWorkload,
 }

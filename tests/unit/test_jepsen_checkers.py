@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jepsen-lite"))
 
 from jepsenlite.checker import (
+    CheckResult,
     RegisterOp,
     RegistryKeyModel,
     check_lease,
@@ -22,10 +23,12 @@ from jepsenlite.checker import (
     check_register,
     check_revisions,
     check_set,
+    check_watch,
     merge_valid,
 )
 from jepsenlite.history import Event, Op, Recorder, pair
 from jepsenlite.nemesis import partition_groups, plan
+from jepsenlite.report import lanes_svg, latency_summary, report_html, unavailability
 
 MS = 1_000_000
 
@@ -353,6 +356,104 @@ def test_revisions_a_later_write_needs_a_new_revision() -> None:
     assert check_revisions(h.ops()).valid is False
 
 
+# ---------------------------------------------------------------------------------------------- watch
+
+WATCH_WRITES: list[tuple[str, str, Any, int, int, str, int | None]] = [
+    # f, key, value, t0, t1, outcome, revision
+    ("put", "k0", "a", 0, 1, "ok", 1),
+    ("put", "k1", "b", 2, 3, "ok", 2),
+    ("delete", "k0", None, 4, 5, "ok", 3),
+    ("put", "k1", "c", 6, 7, "ok", 4),
+]
+
+
+def ev(revision: int, type_: str, key: str, value: Any, t: int = 50) -> list[Any]:
+    return ["event", revision, type_, key, value, t * MS]
+
+
+GOOD_EVENTS = [ev(1, "put", "k0", "a"), ev(2, "put", "k1", "b"), ev(3, "delete", "k0", None), ev(4, "put", "k1", "c")]
+
+
+def _watch(streams: list[list[list[Any]]], final: dict[str, list[Any]] | None = None, final_revision: int = 5,
+           writes: list[tuple[str, str, Any, int, int, str, int | None]] | None = None) -> CheckResult:
+    h = H()
+    for n, (f, key, value, t0, t1, outcome, revision) in enumerate(writes if writes is not None else WATCH_WRITES):
+        h.op(10 + n, "watch", f, key, value, t0, t1, outcome, revision=revision,
+             error="NOT_FOUND" if outcome == "fail" else None)
+    for n, items in enumerate(streams):
+        h.op(100 + n, "watch", "watch", "w/", {"start_revision": 1, "node": f"n{n + 1}"}, 0, 60,
+             result={"created": 0, "items": items})
+    if final is not False:
+        h.op(200, "watch", "final-read", "w/", None, 70, 71, result=final if final is not None else {"k1": ["c", 4]},
+             revision=final_revision)
+    return check_watch(h.ops())
+
+
+def _both(items: list[list[Any]]) -> list[list[list[Any]]]:
+    return [[*GOOD_EVENTS, ["progress", 5, 55 * MS]], items]
+
+
+WATCH_CASES: list[tuple[str, list[list[list[Any]]], dict[str, Any], Any, str | None]] = [
+    ("every stream gets every change", _both([*GOOD_EVENTS, ["progress", 5, 55 * MS]]), {}, True, None),
+    ("a stream that ended early vouches for less", _both(GOOD_EVENTS[:2]), {}, True, None),
+    ("gap: one change missing", _both([GOOD_EVENTS[0], *GOOD_EVENTS[2:]]), {}, False, "gap"),
+    ("gap: progress past an undelivered change", _both([GOOD_EVENTS[0], ["progress", 5, 55 * MS]]), {}, False,
+     "gap"),
+    ("duplicate delivery", _both([*GOOD_EVENTS[:2], GOOD_EVENTS[1], *GOOD_EVENTS[2:]]), {}, False, "duplicate"),
+    ("out of order", _both([GOOD_EVENTS[0], GOOD_EVENTS[2], GOOD_EVENTS[1], GOOD_EVENTS[3]]), {}, False,
+     "out-of-order"),
+    ("streams disagree on a revision", _both([*GOOD_EVENTS[:3], ev(4, "put", "k0", "c")]), {}, False, "disagree"),
+    ("acknowledged write delivered nowhere", [[*GOOD_EVENTS, ["progress", 6, 55 * MS]]],
+     {"writes": [*WATCH_WRITES, ("put", "k1", "d", 8, 9, "ok", 5)], "final": {"k1": ["c", 4]}}, False, "gap"),
+    ("acknowledged write at another revision", [[*GOOD_EVENTS[:3], ev(5, "put", "k1", "c")]],
+     {"final_revision": 5, "final": {"k1": ["c", 5]}}, False, "wrong-revision"),
+    ("a failed write is visible", [[*GOOD_EVENTS, ev(5, "put", "k1", "z")]],
+     {"writes": [*WATCH_WRITES, ("put", "k1", "z", 8, 9, "fail", None)], "final": {"k1": ["z", 5]}}, False,
+     "phantom"),
+    ("a value nobody wrote", [[*GOOD_EVENTS, ev(5, "put", "k1", "nobody")]], {"final": {"k1": ["nobody", 5]}},
+     False, "phantom"),
+    ("delivered before the write was invoked", [[*GOOD_EVENTS[:3], ev(4, "put", "k1", "c", t=5)]], {}, False,
+     "phantom"),
+    ("an unknown write may show up, on every stream", [[*GOOD_EVENTS, ev(5, "put", "k1", "e")]] * 2,
+     {"writes": [*WATCH_WRITES, ("put", "k1", "e", 8, 9, "info", None)], "final": {"k1": ["e", 5]}}, True, None),
+    ("an unknown write seen by one stream only", [[*GOOD_EVENTS, ev(5, "put", "k1", "e"), ["progress", 6, 0]],
+                                                 [*GOOD_EVENTS, ["progress", 6, 0]]],
+     {"writes": [*WATCH_WRITES, ("put", "k1", "e", 8, 9, "info", None)], "final": {"k1": ["e", 5]}}, False, "gap"),
+    ("final read disagrees (lost write)", _both(GOOD_EVENTS), {"final": {"k1": ["b", 2]}}, False,
+     "final-read-mismatch"),
+    ("final read disagrees (deleted key back)", _both(GOOD_EVENTS), {"final": {"k0": ["a", 1], "k1": ["c", 4]}},
+     False, "final-read-mismatch"),
+    ("resync snapshot that matches", _both([GOOD_EVENTS[0], ["snapshot", 3, {"k1": ["b", 2]}, 0], GOOD_EVENTS[3]]),
+     {}, True, None),
+    ("resync snapshot that does not match", _both([GOOD_EVENTS[0], ["snapshot", 3, {"k1": ["x", 2]}, 0],
+                                                  GOOD_EVENTS[3]]), {}, False, "snapshot-mismatch"),
+    ("no final read", _both(GOOD_EVENTS), {"final": False}, "unknown", None),
+    ("streams do not reach the final read", [GOOD_EVENTS[:2]], {}, "unknown", None),
+]
+
+
+@pytest.mark.parametrize(("name", "streams", "kw", "valid", "kind"), WATCH_CASES, ids=[c[0] for c in WATCH_CASES])
+def test_watch(name: str, streams: list[list[list[Any]]], kw: dict[str, Any], valid: Any, kind: str | None) -> None:
+    res = check_watch_case(streams, kw)
+    assert res.valid == valid, res.details
+    if kind is not None:
+        assert res.details[kind]["count"] >= 1, res.details
+
+
+def check_watch_case(streams: list[list[list[Any]]], kw: dict[str, Any]) -> CheckResult:
+    return _watch(streams, **kw)
+
+
+def test_watch_several_changes_in_one_revision() -> None:
+    writes = [("put", "k0", "a", 0, 1, "ok", 1), ("put", "k1", "b", 0, 1, "info", None)]
+    # e.g. a lease expiry removing two keys in one revision: both changes share revision 2.
+    writes += [("delete", "k0", None, 2, 3, "info", None), ("delete", "k1", None, 2, 3, "info", None)]
+    items = [ev(1, "put", "k0", "a"), ev(1, "put", "k1", "b"), ev(2, "delete", "k0", None),
+             ev(2, "delete", "k1", None), ["progress", 3, 0]]
+    res = _watch([items, list(items)], final={}, final_revision=3, writes=writes)
+    assert res.valid is True, res.details
+
+
 # ---------------------------------------------------------------------------------------------- misc
 
 
@@ -388,3 +489,50 @@ def test_partition_shapes(shape: str) -> None:
         assert {(d, s) for d, s, _ in rules} == {("n2", "n1"), ("n1", "n2"), ("n2", "n3"), ("n3", "n2")}
     if shape == "syn-drop":
         assert rules[0][1] == "n2" and rules[0][2] is True
+
+
+def test_membership_changes_are_planned() -> None:
+    faults = plan(5, ["membership"], 120)
+    assert faults and {f.kind for f in faults} == {"membership"}
+    assert {f.target for f in faults} == {"remove-follower", "add-node"}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _report_history() -> list[Op]:
+    h = H()
+    h.op(1, "register", "write", "k", "a", 0, 10, revision=1)
+    h.op(1, "register", "read", "k", None, 20, 30, result="a", revision=1)
+    h.op(2, "register", "write", "k", "b", 25, None)  # never completed: info to the end
+    h.op(3, "register", "read", "k", None, 3000, 3050, result="a", revision=1)
+    h.op(4, "watch", "watch", "w/", {"start_revision": 1}, 0, 3100, result={"created": 0, "items": []})
+    return h.ops()
+
+
+def test_unavailability_windows() -> None:
+    ops = _report_history()
+    res = unavailability(ops, 0, 4000 * MS, threshold_s=1.0)
+    # ok completions at 10, 30 and 3050 ms (the watch stream does not count): 30 -> 3050 and 3050 -> 4000 ms.
+    assert res["count"] == 1 and res["windows"][0] == {"start_s": 0.03, "duration_s": 3.02}
+    assert unavailability(ops, 0, 4100 * MS)["count"] == 2
+
+
+def test_latency_summary_leaves_streams_out() -> None:
+    res = latency_summary(_report_history(), 0, 4000 * MS)
+    assert res["all"]["n"] == 3
+    assert res["by_op"]["register/read"] == {"n": 2, "p50": 10.0, "p95": 50.0, "p99": 50.0, "max": 50.0}
+    assert "watch/watch" not in res["by_op"]
+
+
+def test_lanes_merge_and_report_page() -> None:
+    ops = _report_history()
+    svg = lanes_svg(ops, [{"kind": "pause", "target": "leader", "start_ns": 100 * MS, "end_ns": 200 * MS}], 0,
+                    4000 * MS)
+    assert svg.startswith("<svg") and svg.count("<rect") >= 5
+    results = {"valid": False, "seed": 9, "replay": "jepsen-lite/run --seed 9", "checkers": {
+        "watch": {"valid": False, "gap": {"count": 1, "examples": [{"revision": 3}]}, "counts": {"streams": 2}}},
+        "faults": [{"kind": "pause", "target": "leader", "nodes": ["n1"], "start_s": 0.1, "duration_s": 0.1}]}
+    page = report_html(results, ops, [], 0, title="t")
+    assert "valid = False" in page and "jepsen-lite/run --seed 9" in page and "gap: 1" in page
+    assert page.count("<svg") == 2 and "<script" not in page
