@@ -6,14 +6,20 @@ then, from one uvloop driver process talking to the leader only:
 1. grants ``--leases`` leases (TTL 600 s, ``--grant-concurrency`` in flight over ``--connections``
    connections) and records grants/s;
 2. reads every node's RSS (``/proc/PID/status``) before and after granting: bytes per lease;
-3. renews the leases round-robin at ``--concurrency`` in flight for ``--duration`` seconds (after a
-   1 s warm-up) and records keepalives/s, p50/p99 latency, leader CPU cores and the driver's own CPU.
+3. renews the leases round-robin at ``--concurrency`` requests in flight for ``--duration`` seconds
+   (after a 1 s warm-up), ``--batch`` lease ids per ``lease_keepalive_batch`` request (``--batch 1``:
+   one ``lease_keepalive`` per lease), and records keepalives/s (leases renewed), requests/s, p50/p99
+   request latency, leader CPU cores and the driver's own CPU;
+4. in this process, with ``tracemalloc``: the bytes per lease of the leader's deadline table
+   (``LeaseKeeper``) and of the replicated lease records (``RegistryState``), apart from each other
+   and from the bounded per-write tables the RSS delta also contains.
 
 Prints a Markdown table and writes ``DIR/leases.json`` (default ``bench/results/leases-<timestamp>``).
 Nothing is sent anywhere but 127.0.0.1.
 
-    python bench/leases.py            # 100k leases, 10 s of keepalives
-    python bench/leases.py --quick    # 10k leases, 3 s
+    python bench/leases.py              # 100k leases, 10 s of keepalives, 100 ids per request
+    python bench/leases.py --batch 1    # one lease per request (the lease_keepalive op)
+    python bench/leases.py --quick      # 10k leases, 3 s
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,9 +44,13 @@ from localcluster import BenchCluster, cpu_seconds, machine_busy_seconds
 
 from registry.client import Client
 from registry.errors import RegistryError
+from registry.leases import LeaseKeeper
+from registry.state import RegistryState
 
 TTL_MS = 600_000
 WARMUP_S = 1.0
+#: Seconds of no load in which the leader's idle CPU is sampled before the keepalives.
+IDLE_SAMPLE_S = 2.0
 #: Issue 3's targets.
 TARGET_KEEPALIVES_S = 50_000
 TARGET_BYTES_PER_LEASE = 300
@@ -98,6 +109,46 @@ async def find_leader(endpoints: list[str]) -> str | None:
     return None
 
 
+class StateTtls:
+    """What a node hands its LeaseKeeper (registry.lease_service._StateTtls), minus the StateHolder."""
+
+    def __init__(self, state: RegistryState) -> None:
+        self._state = state
+
+    def get(self, lease: int, /) -> int | None:
+        return self._state.lease_ttl_ms(lease)
+
+    def __len__(self) -> int:
+        return self._state.lease_count()
+
+
+def traced_bytes_per_lease(n: int) -> dict[str, float]:
+    """Steady-state Python heap per lease, by tracemalloc, of the two structures that grow with leases.
+
+    *replicated records*: a ``RegistryState`` after ``n`` grants (every node holds this), without the
+    request-id table (the grants carry no rid) and without events (dropped).  *deadline table*: the
+    ``LeaseKeeper`` of a leader of those leases after every lease was renewed once (the leader only).
+    """
+    tracemalloc.start()
+    try:
+        state = RegistryState()
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            state.apply({"op": "lease_grant", "ttl_ms": TTL_MS, "now_ms": 1_764_000_000_000 + i})
+        records = tracemalloc.get_traced_memory()[0] - base
+        ttls = state.lease_ttls()
+        ids = list(ttls)
+        keeper = LeaseKeeper(ttls=StateTtls(state))
+        base = tracemalloc.get_traced_memory()[0]
+        keeper.reset_all(ttls, 0.0)
+        keeper.keepalive_many(ids, 1.0)
+        table = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    return {"leases": n, "replicated_records_bytes_per_lease": records / n,
+            "deadline_table_bytes_per_lease": table / n}
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -121,12 +172,28 @@ async def grant_all(clients: list[Client], total: int, concurrency: int) -> tupl
     return leases, errors, time.monotonic() - began
 
 
+async def prefill(clients: list[Client], total: int, concurrency: int) -> float:
+    remaining = iter(range(total))
+
+    async def worker(client: Client) -> None:
+        for i in remaining:
+            await client.call("key_put", {"key": "bench/prefill", "value": str(i % 10)})
+
+    began = time.monotonic()
+    await asyncio.gather(*(worker(clients[w % len(clients)]) for w in range(concurrency)))
+    return time.monotonic() - began
+
+
 async def keepalive_load(clients: list[Client], leases: list[int], concurrency: int, duration_s: float,
-                         leader_pid: int) -> dict[str, Any]:
+                         leader_pid: int, batch: int) -> dict[str, Any]:
     latencies: list[int] = []
     errors: Counter[str] = Counter()
+    renewed = [0]
+    missing = [0]
     n_leases = len(leases)
     counter = iter(range(1 << 62))
+    # Doubled so a batch that wraps around the end is one slice.
+    ring = leases + leases[:batch]
     now = time.monotonic
     start = now()
     window_start = start + WARMUP_S
@@ -147,10 +214,16 @@ async def keepalive_load(clients: list[Client], leases: list[int], concurrency: 
             began = now()
             if began >= window_end:
                 return
-            lease = leases[next(counter) % n_leases]
+            start = (next(counter) * batch) % n_leases
             try:
                 # No retries: a refusal (not leader, ...) counts as an error instead of hiding in the latency.
-                await client.call("lease_keepalive", {"lease": lease}, timeout_s=10.0, retry=False)
+                if batch == 1:
+                    await client.call("lease_keepalive", {"lease": leases[start]}, timeout_s=10.0, retry=False)
+                    done, lost = 1, 0
+                else:
+                    _, body = await client.call("lease_keepalive_batch", {"leases": ring[start : start + batch]},
+                                                timeout_s=10.0, retry=False)
+                    done, lost = body["renewed"], len(body["missing"])
             except RegistryError as err:
                 if began >= window_start:
                     errors[err.code] += 1
@@ -158,6 +231,8 @@ async def keepalive_load(clients: list[Client], leases: list[int], concurrency: 
             ended = now()
             if window_start <= ended <= window_end:
                 record(int((ended - began) * 1e6))
+                renewed[0] += done
+                missing[0] += lost
 
     await asyncio.gather(sampler(), *(worker(clients[w % len(clients)]) for w in range(concurrency)))
     wall = marks["t1"] - marks["t0"]
@@ -165,16 +240,18 @@ async def keepalive_load(clients: list[Client], leases: list[int], concurrency: 
     leader_cores = (marks["leader1"] - marks["leader0"]) / wall
     driver_cores = (marks["driver1"] - marks["driver0"]) / wall
     machine_cores = (marks["machine1"] - marks["machine0"]) / wall
+    keepalives = renewed[0]
     return {
-        "keepalives": len(latencies), "window_s": wall, "keepalives_per_s": len(latencies) / wall,
+        "batch": batch, "requests": len(latencies), "requests_per_s": len(latencies) / wall,
+        "keepalives": keepalives, "missing": missing[0], "window_s": wall, "keepalives_per_s": keepalives / wall,
         "p50_ms": percentile(latencies, 0.50) / 1000, "p99_ms": percentile(latencies, 0.99) / 1000,
         "mean_ms": statistics.fmean(latencies) / 1000 if latencies else float("nan"),
         "errors": dict(errors), "leader_cores": leader_cores, "driver_cores": driver_cores,
         "machine_busy_cores": machine_cores,
         "other_cores": max(0.0, machine_cores - leader_cores - driver_cores),
         # CPU cost per op: what the rate would be if the leader had a whole core to itself.
-        "leader_cpu_us_per_keepalive": leader_cores * wall / max(1, len(latencies)) * 1e6,
-        "driver_cpu_us_per_keepalive": driver_cores * wall / max(1, len(latencies)) * 1e6,
+        "leader_cpu_us_per_keepalive": leader_cores * wall / max(1, keepalives) * 1e6,
+        "driver_cpu_us_per_keepalive": driver_cores * wall / max(1, keepalives) * 1e6,
     }
 
 
@@ -184,6 +261,14 @@ async def run(args: argparse.Namespace, cluster: BenchCluster, leader_id: str) -
     pids = {n.node_id: n.pid for n in cluster.nodes}
     grant_clients = await connect(leader.api, args.connections, "lease-grant")
     await asyncio.sleep(1.0)  # let startup settle before the baseline RSS
+    mem_start = {nid: proc_memory(pid) for nid, pid in pids.items()}
+    prefill_s = 0.0
+    if args.prefill:
+        # Fill the bounded per-write tables (request ids, event history) before the baseline, so the
+        # RSS delta of the grants is what the leases add, not those tables filling up.
+        log(f"prefill: {args.prefill:,} writes of one key")
+        prefill_s = await prefill(grant_clients, args.prefill, args.grant_concurrency)
+        await asyncio.sleep(2.0)
     mem_before = {nid: proc_memory(pid) for nid, pid in pids.items()}
     cpu0 = cpu_seconds(leader.pid)
     leases, grant_errors, grant_s = await grant_all(grant_clients, args.leases, args.grant_concurrency)
@@ -196,7 +281,7 @@ async def run(args: argparse.Namespace, cluster: BenchCluster, leader_id: str) -
     for nid in pids:
         d_rss = mem_after[nid]["VmRSS"] - mem_before[nid]["VmRSS"]
         d_anon = mem_after[nid].get("RssAnon", 0) - mem_before[nid].get("RssAnon", 0)
-        memory[nid] = {"before": mem_before[nid], "after": mem_after[nid],
+        memory[nid] = {"start": mem_start[nid], "before": mem_before[nid], "after": mem_after[nid],
                        "rss_bytes_per_lease": d_rss / max(1, len(leases)),
                        "anon_bytes_per_lease": d_anon / max(1, len(leases))}
     cluster.check_alive()
@@ -208,7 +293,16 @@ async def run(args: argparse.Namespace, cluster: BenchCluster, leader_id: str) -
         log(f"leadership moved during the grants: now {leader.node_id}")
     log(f"{len(leases):,} leases granted in {grant_s:.1f}s; keepalives for {WARMUP_S:g}+{args.duration:g}s")
     ka_clients = await connect(leader.api, args.connections, "lease-keepalive")
-    keepalive = await keepalive_load(ka_clients, leases, args.concurrency, args.duration, leader.pid)
+    # The leader's CPU with no requests (Raft heartbeats, the lease tick): at low keepalive rates on a
+    # starved machine it is a large part of "CPU per keepalive", so the table also shows the net figure.
+    idle0, idle_t0 = cpu_seconds(leader.pid), time.monotonic()
+    await asyncio.sleep(IDLE_SAMPLE_S)
+    idle_cores = (cpu_seconds(leader.pid) - idle0) / (time.monotonic() - idle_t0)
+    keepalive = await keepalive_load(ka_clients, leases, args.concurrency, args.duration, leader.pid, args.batch)
+    keepalive["leader_idle_cores"] = idle_cores
+    keepalive["leader_net_cpu_us_per_keepalive"] = (
+        max(0.0, keepalive["leader_cores"] - idle_cores) * keepalive["window_s"] / max(1, keepalive["keepalives"]) * 1e6
+    )
     for client in ka_clients:
         await client.close()
     cluster.check_alive()
@@ -223,7 +317,7 @@ async def run(args: argparse.Namespace, cluster: BenchCluster, leader_id: str) -
         "leases_requested": args.leases, "leases_granted": len(leases),
         "grant": {"seconds": grant_s, "grants_per_s": len(leases) / grant_s, "errors": dict(grant_errors),
                   "concurrency": args.grant_concurrency, "leader_cores": grant_leader_cores},
-        "memory": memory,
+        "memory": memory, "prefill": {"writes": args.prefill, "seconds": prefill_s},
         "keepalive": {**keepalive, "concurrency": args.concurrency, "connections": args.connections},
     }
 
@@ -237,6 +331,9 @@ def table(result: dict[str, Any]) -> str:
     def ok(met: bool) -> str:
         return "met" if met else "missed"
 
+    prefilled = result["prefill"]["writes"]
+    mem_note = f", after {prefilled:,} prefill writes" if prefilled else ", incl. request ids and history"
+
     def per_lease(nid: str) -> str:
         return f"{mem[nid]['rss_bytes_per_lease']:.0f} B RSS ({mem[nid]['anon_bytes_per_lease']:.0f} B anon)"
 
@@ -246,20 +343,32 @@ def table(result: dict[str, Any]) -> str:
         ("leases granted", f"{result['leases_granted']:,} (TTL {TTL_MS // 1000} s)", ""),
         ("lease grants/s", f"{g['grants_per_s']:,.0f} (c={g['concurrency']}, leader {g['leader_cores']:.2f} cores)",
          "etcd 3.4: ~3.1k"),
-        ("keepalives/s", f"{k['keepalives_per_s']:,.0f} (c={k['concurrency']} over {k['connections']} conns)",
+        ("keepalives/s", f"{k['keepalives_per_s']:,.0f} ({k['batch']} lease(s) per request, "
+         f"c={k['concurrency']} requests over {k['connections']} conns)",
          f">= {TARGET_KEEPALIVES_S:,}: {ok(k['keepalives_per_s'] >= TARGET_KEEPALIVES_S)} (etcd 3.4: ~4.7k)"),
-        ("keepalive p50 / p99", f"{k['p50_ms']:.2f} / {k['p99_ms']:.2f} ms", ""),
+        ("keepalive requests/s", f"{k['requests_per_s']:,.0f}", ""),
+        ("request p50 / p99", f"{k['p50_ms']:.2f} / {k['p99_ms']:.2f} ms", ""),
         ("keepalive errors", json.dumps(k["errors"]) if k["errors"] else "none", ""),
-        ("leader CPU (keepalives)", f"{k['leader_cores']:.2f} cores, {k['leader_cpu_us_per_keepalive']:.0f} µs/op "
+        ("leader CPU (keepalives)", f"{k['leader_cores']:.2f} cores, {k['leader_cpu_us_per_keepalive']:.1f} µs/op "
          f"(~{1e6 / max(1e-9, k['leader_cpu_us_per_keepalive']):,.0f}/s per leader core)", ""),
+        ("leader CPU net of idle", f"idle {k['leader_idle_cores']:.2f} cores; "
+         f"{k['leader_net_cpu_us_per_keepalive']:.1f} µs/op above idle", ""),
         ("driver CPU", f"{k['driver_cores']:.2f} cores ({saturated}), {k['driver_cpu_us_per_keepalive']:.0f} µs/op",
          ""),
         ("other machine CPU", f"{k['other_cores']:.2f} cores (of {os.cpu_count()})", ""),
-        ("leader memory / lease", per_lease(leader),
+        (f"leader memory / lease (RSS delta{mem_note})", per_lease(leader),
          f"< {TARGET_BYTES_PER_LEASE} B: {ok(lead_mem['rss_bytes_per_lease'] < TARGET_BYTES_PER_LEASE)}"),
     ]
     for nid in followers:
         rows.append((f"follower {nid} memory / lease", per_lease(nid), ""))
+    traced = result.get("traced")
+    if traced:
+        table_b, records_b = traced["deadline_table_bytes_per_lease"], traced["replicated_records_bytes_per_lease"]
+        rows.append(("leader deadline table / lease", f"{table_b:.0f} B (tracemalloc, {traced['leases']:,} leases)",
+                     "leader only"))
+        rows.append(("replicated lease records / lease", f"{records_b:.0f} B (tracemalloc)", "every node"))
+        rows.append(("leader steady state / lease", f"{table_b + records_b:.0f} B",
+                     f"< {TARGET_BYTES_PER_LEASE} B: {ok(table_b + records_b < TARGET_BYTES_PER_LEASE)}"))
     changes = [what for what, key in (("granting", "leader_changed_while_granting"),
                                       ("keepalives", "leader_changed_while_keepalive")) if result[key]]
     rows.append(("leader changes", "during " + " and ".join(changes) if changes else "none", ""))
@@ -277,15 +386,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--leases", type=int, default=100_000)
     parser.add_argument("--duration", type=float, default=10.0, help="keepalive measurement window, seconds")
-    parser.add_argument("--concurrency", type=int, default=256, help="keepalives in flight")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="keepalive requests in flight (default: 256 with --batch 1, else 16: 1,600 leases)")
+    parser.add_argument("--batch", type=int, default=100,
+                        help="lease ids per lease_keepalive_batch request (1: lease_keepalive, one per request)")
     parser.add_argument("--grant-concurrency", type=int, default=512, help="grants in flight")
     parser.add_argument("--connections", type=int, default=8, help="client connections to the leader")
+    parser.add_argument("--prefill", type=int, default=None,
+                        help="key writes before the grants, so the request-id table and event history are "
+                             "already full at the RSS baseline (default: as many as --leases; 0: none)")
     parser.add_argument("--quick", action="store_true", help="10k leases, 3 s")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep-data", action="store_true", help="keep the nodes' data dirs and logs")
     args = parser.parse_args()
     if args.quick:
         args.leases, args.duration = 10_000, 3.0
+    if args.prefill is None:
+        args.prefill = args.leases
+    if args.concurrency is None:
+        # 256 x 100 leases in flight only queues: throughput is the same, latency 20x worse.
+        args.concurrency = 256 if args.batch == 1 else 16
     out: Path = args.out or Path(__file__).resolve().parent / "results" / time.strftime("leases-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -297,6 +417,8 @@ def main() -> None:
         result = asyncio.run(run(args, cluster, leader_id))
     finally:
         cluster.stop()
+    log("measuring per-lease heap with tracemalloc")
+    result["traced"] = traced_bytes_per_lease(args.leases)
     result.update(loadavg_before=before, loadavg_after=loadavg(), cpus=os.cpu_count(),
                   started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     md = table(result)

@@ -16,14 +16,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
 from registry.ports import ports_free
 
-__all__ = ["BenchCluster", "BenchNode", "cpu_seconds", "machine_busy_seconds"]
+__all__ = ["BenchCluster", "BenchNode", "LoadTarget", "NodeProcess", "ProcessCluster", "cpu_seconds",
+           "machine_busy_seconds", "stop_processes"]
 
 #: Benchmark clusters use base ports in this range (away from regctl up's 7000s and the tests').
 # Above Linux's ephemeral range (32768-60999), so no outgoing socket takes a node's port.
@@ -39,6 +42,20 @@ def cpu_seconds(pid: int) -> float:
     rest = data[data.rindex(b")") + 2 :].split()
     utime, stime = int(rest[11]), int(rest[12])
     return (utime + stime) / _CLK_TCK
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM each, then SIGKILL whatever is still running after ``grace_s`` (all of them share the grace)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def machine_busy_seconds() -> float:
@@ -60,14 +77,38 @@ def regctl_command() -> list[str]:
     return [found]
 
 
+class TargetNode(Protocol):
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def api(self) -> str: ...
+    @property
+    def pid(self) -> int: ...
+
+
+class LoadTarget(Protocol):
+    """What the load orchestration (run.py, watch.py, compare.py) needs of a cluster: ours or etcd's."""
+
+    @property
+    def nodes(self) -> Sequence[TargetNode]: ...
+    @property
+    def endpoints(self) -> list[str]: ...
+    @property
+    def root(self) -> Path: ...
+    def leader(self) -> str | None: ...
+    def node(self, node_id: str) -> TargetNode: ...
+    def check_alive(self) -> None: ...
+    def cpu_seconds(self) -> dict[str, float]: ...
+
+
 @dataclass
-class BenchNode:
+class NodeProcess:
+    """One server process of a benchmark cluster: its id, client address, data dir and process."""
+
     node_id: str
     api: str
-    raft: str
-    http: str
     data_dir: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, kw_only=True)
 
     @property
     def pid(self) -> int:
@@ -75,7 +116,62 @@ class BenchNode:
         return self.proc.pid
 
 
-class BenchCluster:
+@dataclass
+class BenchNode(NodeProcess):
+    raft: str
+    http: str
+
+
+class ProcessNode(Protocol):
+    node_id: str
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def pid(self) -> int: ...
+
+
+NodeT = TypeVar("NodeT", bound=ProcessNode)
+
+
+class ProcessCluster(Generic[NodeT]):
+    """What our benchmark cluster and etcd's share: node processes, their CPU time, liveness, stopping."""
+
+    #: How the logs name one node process.
+    what = "node"
+    nodes: list[NodeT]
+    root: Path
+    keep_data: bool
+
+    def log_path(self, node: NodeT) -> Path:
+        raise NotImplementedError
+
+    def node(self, node_id: str) -> NodeT:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def check_alive(self) -> None:
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is not None:
+                # The data dir (and the log) is removed on stop: quote the log's end here.
+                try:
+                    tail = self.log_path(node).read_text(errors="replace").splitlines()[-15:]
+                except OSError:
+                    tail = []
+                raise RuntimeError(f"{self.what} {node.node_id} exited with code {node.proc.returncode}; "
+                                   "end of its log:\n  " + "\n  ".join(tail))
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {n.node_id: cpu_seconds(n.pid) for n in self.nodes}
+
+    def stop(self, grace_s: float = 5.0, remove: bool = True) -> None:
+        """Stop every process (SIGTERM, then SIGKILL after ``grace_s``); remove the data unless kept."""
+        stop_processes([n.proc for n in self.nodes if n.proc is not None], grace_s)
+        for node in self.nodes:
+            node.proc = None
+        if remove and not self.keep_data:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class BenchCluster(ProcessCluster[BenchNode]):
     def __init__(self, size: int = 3, root: Path | None = None, keep_data: bool = False,
                  env: dict[str, str] | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.root = root if root is not None else Path(tempfile.mkdtemp(prefix="regbench-"))
@@ -91,8 +187,8 @@ class BenchCluster:
             raise RuntimeError("no free loopback port range for the benchmark cluster")
         self.base = base
         self.nodes = [
-            BenchNode(f"n{i}", f"127.0.0.1:{base + i}", f"127.0.0.1:{base + 100 + i}",
-                      f"127.0.0.1:{base + 200 + i}", self.root / f"n{i}")
+            BenchNode(f"n{i}", f"127.0.0.1:{base + i}", self.root / f"n{i}", raft=f"127.0.0.1:{base + 100 + i}",
+                      http=f"127.0.0.1:{base + 200 + i}")
             for i in range(1, size + 1)
         ]
         self.key_file = self.root / "cluster.key"
@@ -112,22 +208,40 @@ class BenchCluster:
         return cmd
 
     def start(self, ready_timeout_s: float = 30.0) -> str:
-        """Start every node; return the leader's node id once one is elected and serving."""
+        """Start every node with a fresh cluster key; return the leader's node id once one is elected and serving."""
+        self.write_key()
+        self.launch()
+        return self.wait_leader(ready_timeout_s)
+
+    def write_key(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
+
+    def launch(self) -> None:
+        """Start the node processes (``start`` without waiting for a leader; writes the cluster key first)."""
+        if not self.key_file.exists():
+            self.write_key()
         for node in self.nodes:
             node.data_dir.mkdir(parents=True, exist_ok=True)
             with open(node.data_dir / "node.log", "ab") as log:
                 # Own session: a Ctrl-C in the terminal reaches only us, and we stop the nodes.
                 node.proc = subprocess.Popen(self.command(node), stdout=log, stderr=subprocess.STDOUT,
                                              start_new_session=True, env=self.env)
-        return self.wait_leader(ready_timeout_s)
+
+    def restart(self, ready_timeout_s: float = 120.0) -> float:
+        """Stop every node (SIGTERM) and start them again on the same data and key; seconds until serving."""
+        self.stop(remove=False)
+        began = time.monotonic()
+        self.launch()
+        self.wait_leader(ready_timeout_s)
+        return time.monotonic() - began
 
     def statuses(self) -> list[dict[str, object]]:
         with SyncClient(self.endpoints, timeout_s=1.0, connect_timeout_s=0.3) as client:
-            return client.cluster_status()
+            statuses: list[dict[str, object]] = client.cluster_status()
+            return statuses
 
     def leader(self) -> str | None:
         for status in self.statuses():
@@ -152,36 +266,5 @@ class BenchCluster:
             time.sleep(0.2)
         raise RuntimeError(f"no leader within {timeout_s:g}s; node logs in {self.root}")
 
-    def node(self, node_id: str) -> BenchNode:
-        return next(n for n in self.nodes if n.node_id == node_id)
-
-    def check_alive(self) -> None:
-        for node in self.nodes:
-            if node.proc is not None and node.proc.poll() is not None:
-                # The data dir (and its log) is removed on stop: quote the log's end here.
-                try:
-                    tail = (node.data_dir / "node.log").read_text(errors="replace").splitlines()[-15:]
-                except OSError:
-                    tail = []
-                raise RuntimeError(f"node {node.node_id} exited with code {node.proc.returncode}; "
-                                   "end of its log:\n  " + "\n  ".join(tail))
-
-    def cpu_seconds(self) -> dict[str, float]:
-        return {n.node_id: cpu_seconds(n.pid) for n in self.nodes}
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        procs = [n.proc for n in self.nodes if n.proc is not None]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for node in self.nodes:
-            node.proc = None
-        if not self.keep_data:
-            shutil.rmtree(self.root, ignore_errors=True)
+    def log_path(self, node: BenchNode) -> Path:
+        return node.data_dir / "node.log"

@@ -2,6 +2,7 @@
 
     python bench/run.py [--quick] [--out DIR] [--duration S] [--repeats N] [--drivers N]
                         [--workloads register:256,get_linearizable:256] [--profile]
+    python bench/run.py --compare-etcd [--quick] [--out DIR] ...   # side by side with etcd: compare.py
 
 Starts three real ``regctl server`` processes (cluster key, temp data dir,
 free loopback ports), then for each workload runs driver processes
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,7 +37,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))  # the repository: `registry` even when not installed
 
 from loadgen import READ_SERVICE, WORKLOADS, DriverSpec  # noqa: E402
-from localcluster import BenchCluster, cpu_seconds, machine_busy_seconds  # noqa: E402
+from localcluster import BenchCluster, LoadTarget, cpu_seconds, machine_busy_seconds  # noqa: E402
 
 from registry.client import SyncClient  # noqa: E402
 
@@ -83,14 +85,21 @@ def percentile(sorted_values: list[int], q: float) -> float:
     return float(sorted_values[rank - 1])
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def kill_live() -> None:
+    """Kill every driver and profiler process this module started that is still running (cleanup)."""
+    for proc in list(_live):
+        kill_process(proc)
+
+
+def kill_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
 
 
-def _spawn_drivers(cluster: BenchCluster, workload: str, concurrency: int, duration_s: float,
-                   drivers: int, leader: str | None) -> list[tuple[subprocess.Popen[bytes], Path]]:
+def _spawn_drivers(cluster: LoadTarget, workload: str, concurrency: int, duration_s: float,
+                   drivers: int, leader: str | None, extra: dict[str, Any] | None = None,
+                   ) -> list[tuple[subprocess.Popen[bytes], Path]]:
     procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     drivers = max(1, min(drivers, concurrency))
     clients_total = min(concurrency, CLIENTS_MAX)
@@ -104,6 +113,10 @@ def _spawn_drivers(cluster: BenchCluster, workload: str, concurrency: int, durat
             "duration_s": duration_s, "driver_index": d, "first_node": first_node,
             "result_path": str(cluster.root / f"driver-{d}.json"),
         }
+        if extra:
+            spec.update(extra)  # type: ignore[typeddict-item]
+            if "leases_file" in extra:  # one lease set per driver
+                spec["leases_file"] = f"{extra['leases_file']}.{d}"
         proc = subprocess.Popen([sys.executable, str(BENCH_DIR / "loadgen.py"), json.dumps(spec)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=BENCH_DIR.parent)
         _live.append(proc)
@@ -141,10 +154,11 @@ def wait_quiet(max_cores: float, timeout_s: float) -> float:
         print(f"waiting for a quiet machine: {busy:.2f} cores busy (limit {max_cores:g})", file=sys.stderr)
 
 
-def run_once(cluster: BenchCluster, workload: str, concurrency: int, duration_s: float, drivers: int,
-             profile_to: Path | None = None) -> dict[str, Any]:
+def run_once(cluster: LoadTarget, workload: str, concurrency: int, duration_s: float, drivers: int,
+             profile_to: Path | None = None, extra_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One measured run of ``workload`` against ``cluster`` (ours, or etcd with ``extra_spec={"system": "etcd"}``)."""
     leader_before = cluster.leader()
-    spawned = _spawn_drivers(cluster, workload, concurrency, duration_s, drivers, leader_before)
+    spawned = _spawn_drivers(cluster, workload, concurrency, duration_s, drivers, leader_before, extra_spec)
     procs = [proc for proc, _ in spawned]
     try:
         for proc in procs:
@@ -157,7 +171,7 @@ def run_once(cluster: BenchCluster, workload: str, concurrency: int, duration_s:
             assert proc.stdin is not None
             proc.stdin.write(f"{start!r}\n".encode())
             proc.stdin.flush()
-        window_start = start + WARMUP_S
+        window_start = start + (extra_spec or {}).get("warmup_s", WARMUP_S)
         time.sleep(max(0.0, window_start - time.monotonic()))
         profiler = None
         if profile_to is not None and leader_before is not None:
@@ -180,7 +194,7 @@ def run_once(cluster: BenchCluster, workload: str, concurrency: int, duration_s:
             profiler.wait(timeout=30)
     finally:
         for proc in procs:
-            _kill(proc)
+            kill_process(proc)
             _live.remove(proc)
     cluster.check_alive()
     leader_after = cluster.leader()
@@ -219,13 +233,18 @@ def summarize(workload: str, concurrency: int, runs: list[dict[str, Any]]) -> di
         row[key] = statistics.median(values) if values else None
     row["errors"] = sum(sum(r["errors"].values()) for r in runs)
     row["leader_changes"] = sum(1 for r in runs if r["leader_changed"])
-    target = TARGETS.get((workload, concurrency))
-    if target is not None:
-        metric, cmp, value = target
-        got = row[metric]
-        row["target"] = f"{metric} {cmp} {value:g}"
-        row["target_met"] = got is not None and (got <= value if cmp == "<=" else got >= value)
+    mark_target(row, TARGETS.get((workload, concurrency)))
     return row
+
+
+def mark_target(row: dict[str, Any], target: tuple[str, str, float] | None) -> None:
+    """Set row["target"] (text) and row["target_met"] for a (metric, "<=" or ">=", value) target, if any."""
+    if target is None:
+        return
+    metric, cmp, value = target
+    got = row[metric]
+    row["target"] = f"{metric.replace('_', ' ')} {cmp} {value:g}"
+    row["target_met"] = got is not None and (got <= value if cmp == "<=" else got >= value)
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -265,18 +284,27 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_plan(text: str) -> list[tuple[str, int]]:
+def parse_plan(text: str, names: Collection[str] = WORKLOADS, what: str = "CONCURRENCY") -> list[tuple[str, int]]:
+    """``NAME:N,NAME:N`` -> [(NAME, N)], NAME in ``names``, N >= 1 (an argparse type)."""
     plan = []
     for item in text.split(","):
         name, _, conc = item.strip().partition(":")
-        if name not in WORKLOADS or not conc.isdigit() or int(conc) < 1:
-            raise argparse.ArgumentTypeError(f"workload must be NAME:CONCURRENCY with NAME in {sorted(WORKLOADS)}")
+        if name not in names or not conc.isdigit() or int(conc) < 1:
+            raise argparse.ArgumentTypeError(f"workload must be NAME:{what} with NAME in {sorted(names)}")
         plan.append((name, int(conc)))
     return plan
 
 
 def main() -> int:
+    if "--compare-etcd" in sys.argv[1:]:
+        # The side-by-side run lives in compare.py (its own options); this flag only hands over.
+        import compare
+
+        return compare.main([a for a in sys.argv[1:] if a != "--compare-etcd"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare-etcd", action="store_true",
+                        help="side by side with etcd instead: hands every other option to bench/compare.py "
+                             "(see `python bench/compare.py --help`)")
     parser.add_argument("--quick", action="store_true", help="2 s per workload, 1 repeat")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default bench/results/<timestamp>)")
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per run (default 5)")
@@ -347,8 +375,7 @@ def main() -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        for proc in list(_live):
-            _kill(proc)
+        kill_live()
         cluster.stop()
 
     rows = [summarize(w, c, rs) for (w, c), rs in runs.items()]

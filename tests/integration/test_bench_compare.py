@@ -1,0 +1,93 @@
+"""The README's side-by-side benchmark command, end to end in a tiny mode (numbers are not checked: speed is
+the machine's business, not a test's).  Needs etcd: installed by the bench itself when we are root, else skipped."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from etcdcluster import ensure_etcd  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+def _running_with(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker`` (a data dir of ours)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _compare(out: Path, workloads: str) -> subprocess.CompletedProcess[str]:
+    try:
+        ensure_etcd()
+    except RuntimeError as err:
+        pytest.skip(f"etcd is not available and cannot be installed here: {err}")
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--compare-etcd", "--quick", "--duration", "0.5",
+           "--workloads", workloads, "--leases", "20", "--warmup", "0.2", "--drain", "0.5", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
+    return done
+
+
+def _check(out: Path, done: subprocess.CompletedProcess[str], expected: set[tuple[str, int]]) -> dict[Any, Any]:
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["meta"]["durability"]) == {"ours", "etcd", "etcd_disk"}
+    storage = result["meta"]["etcd_storage"]
+    assert storage["etcd"] == "tmpfs" and storage["etcd_disk"].startswith("disk"), storage
+    rows = {(r["workload"], r.get("concurrency") or r.get("watchers")): r for r in result["workloads"]}
+    assert set(rows) == expected
+    for key, row in rows.items():
+        for system in ("ours", "etcd"):
+            assert row[system]["ops_per_s"] > 0, (key, system, row)
+            assert row[system]["errors"] == 0, (key, system, row)
+        assert row["ops_ratio"] == pytest.approx(row["ours"]["ops_per_s"] / row["etcd"]["ops_per_s"])
+        # The durable etcd runs the writes only.
+        assert ("etcd_disk" in row) == (row["workload"] == "register"), key
+        if "etcd_disk" in row:
+            assert row["etcd_disk"]["ops_per_s"] > 0
+
+    report = (out / "results.md").read_text()
+    assert "| workload | ours ops/s | etcd ops/s | ratio |" in report
+    assert "tmpfs" in report and "fsync" in report  # durability said for both
+    # matplotlib is in the test extra: the plots are part of what this proves.
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Every cluster it started is gone: the data dirs it announced have no process left.
+    roots = re.findall(r"data (/\S+)", done.stderr)
+    assert len(roots) == 3, done.stderr
+    for root in roots:
+        assert _running_with(root) == [], root
+        assert not Path(root).exists(), root
+    return rows
+
+
+def test_compare_tiny(tmp_path: Path) -> None:
+    """The write path and the watch path, on all three clusters (~20 s on an idle 2-core machine)."""
+    readme = (REPO / "README.md").read_text()
+    assert "python bench/compare.py --quick" in readme and "python bench/run.py --compare-etcd --quick" in readme
+    out = tmp_path / "out"
+    done = _compare(out, "register:4,watch:10")
+    _check(out, done, {("register", 4), ("watch", 10)})
+
+
+@pytest.mark.slow
+def test_compare_every_workload(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = _compare(out, "register:4,get_linearizable:4,lease_keepalive:4,watch:10")
+    _check(out, done, {("register", 4), ("get_linearizable", 4), ("lease_keepalive", 4), ("watch", 10)})
