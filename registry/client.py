@@ -310,7 +310,14 @@ class _Connection:
             self._probe = asyncio.get_running_loop().create_task(self.request("status", {}))
             # Retrieve the outcome even if every caller gave up waiting on it.
             self._probe.add_done_callback(lambda t: t.cancelled() or t.exception())
-        await asyncio.wait_for(asyncio.shield(self._probe), timeout_s)
+        # asyncio.wait neither cancels the shared probe nor wraps it in another
+        # future: wait_for(shield(...)) left an outer future whose exception
+        # nobody retrieved when the connection closed as the timeout fired.
+        probe = self._probe
+        await asyncio.wait((probe,), timeout=timeout_s)
+        if not probe.done():
+            raise TimeoutError(f"{self.endpoint} did not answer a status probe within {timeout_s:g}s")
+        probe.result()
 
     def open_stream(self, op: str, args: dict[str, Any], idle_s: float | None = None) -> tuple[int, _Stream]:
         """Start a stream; with ``idle_s``, it is ended as silent if no item comes for that long."""
