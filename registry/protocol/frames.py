@@ -208,24 +208,8 @@ class FrameDecoder:
 
     def next_frame(self) -> dict[str, Any] | None:
         """Return the next decoded frame, or None if more bytes are needed."""
-        length = self._check_prefix()
-        if self._error is not None:
-            # with_traceback(None): re-raising one instance would otherwise
-            # grow its traceback on every call.
-            raise self._error.with_traceback(None)
-        if length is None or len(self._buf) < FRAME_PREFIX_BYTES + length:
-            return None
-        body = bytes(self._buf[FRAME_PREFIX_BYTES : FRAME_PREFIX_BYTES + length])
-        del self._buf[: FRAME_PREFIX_BYTES + length]
-        try:
-            frame = _decode_body(body)
-        except RegistryError as exc:
-            self._die(exc)
-            raise
-        # Check the following frame's prefix now, so an oversize one is
-        # refused before the caller buffers its body.
-        self._check_prefix()
-        return frame
+        body = self.next_body()
+        return None if body is None else self.decode_body(body)
 
     def next_body(self) -> bytes | None:
         """The next frame's body, undecoded, or None if more bytes are needed.
@@ -236,11 +220,15 @@ class FrameDecoder:
         """
         length = self._check_prefix()
         if self._error is not None:
+            # with_traceback(None): re-raising one instance would otherwise
+            # grow its traceback on every call.
             raise self._error.with_traceback(None)
         if length is None or len(self._buf) < FRAME_PREFIX_BYTES + length:
             return None
         body = bytes(self._buf[FRAME_PREFIX_BYTES : FRAME_PREFIX_BYTES + length])
         del self._buf[: FRAME_PREFIX_BYTES + length]
+        # Check the following frame's prefix now, so an oversize one is
+        # refused before the caller buffers its body.
         self._check_prefix()
         return body
 
