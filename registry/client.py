@@ -459,7 +459,10 @@ class Client:
                 if live is not None and not live.closed:
                     conn = live  # the common case, without wait_for's task and timer
                 else:
-                    conn = await asyncio.wait_for(self._connection(), remaining)
+                    # asyncio.timeout keeps a cancel that lands as the connection completes
+                    # (Python 3.11's wait_for can swallow it, and the call would carry on).
+                    async with asyncio.timeout(remaining):
+                        conn = await self._connection()
                 response = await self._request(conn, op, args, deadline)
             except TimeoutError:
                 last = Timeout(f"{op}: no answer within the client timeout; outcome unknown")
@@ -753,7 +756,8 @@ class Client:
         conn = await _Connection.open(endpoint, self.token, self.client_name, self.connect_timeout_s,
                                       self.frame_bytes_max, self.ssl_context)
         try:
-            response = await asyncio.wait_for(conn.request("status", {}), self.connect_timeout_s * 2)
+            async with asyncio.timeout(self.connect_timeout_s * 2):
+                response = await conn.request("status", {})
         finally:
             await conn.close()
         if response.error is not None:
