@@ -91,3 +91,26 @@ def test_compare_every_workload(tmp_path: Path) -> None:
     out = tmp_path / "out"
     done = _compare(out, "register:4,get_linearizable:4,lease_keepalive:4,watch:10")
     _check(out, done, {("register", 4), ("get_linearizable", 4), ("lease_keepalive", 4), ("watch", 10)})
+
+
+def test_scale_tiny(tmp_path: Path) -> None:
+    """The README's scale command (`bench/compare.py --scale`) end to end on a few hundred instances."""
+    assert "python bench/compare.py --scale" in (REPO / "README.md").read_text()
+    try:
+        ensure_etcd()
+    except RuntimeError as err:
+        pytest.skip(f"etcd is not available and cannot be installed here: {err}")
+    out = tmp_path / "scale"
+    cmd = [sys.executable, str(REPO / "bench" / "compare.py"), "--scale", "--instances", "300", "--watchers", "20",
+           "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
+    result = json.loads((out / "scale.json").read_text())
+    ours, etcd = result["systems"]["ours"], result["systems"]["etcd"]
+    for system in (ours, etcd):
+        assert system["instances"] == 300 and system["instances_per_s"] > 0
+        assert system["snapshot"]["bytes"] > 0 and system["restart_s"] > 0
+        assert system["watchers"] == 20
+    # The restart brought every write back, on every node.
+    assert ours["state_restored"] is True and ours["state_after_restart"] == ours["state_before_restart"]
+    assert "| measure |" in (out / "scale.md").read_text()
