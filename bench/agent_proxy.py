@@ -54,21 +54,9 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 from localcluster import BenchCluster, cpu_seconds, machine_busy_seconds, regctl_command  # noqa: E402
 
 from registry.client import SyncClient  # noqa: E402
+from registry.ports import free_ports  # noqa: E402
 
 PING = b"ping\n"
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def percentile(values: list[float], p: float) -> float:

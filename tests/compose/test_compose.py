@@ -29,7 +29,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 
 import pytest
 
+from registry.ports import ports_free
 from tests.support.cluster import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -153,13 +153,8 @@ def _free_ports(count: int) -> list[int]:
     for _ in range(200):
         base = rng.randrange(PORT_RANGE[0], PORT_RANGE[1], 10)
         ports = list(range(base, base + count))
-        try:
-            for port in ports:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return ports
+        if ports_free(ports):
+            return ports
     raise RuntimeError("no free host ports for the compose test")
 
 

@@ -22,21 +22,8 @@ from typing import Any
 
 from registry.client import SyncClient
 from registry.errors import NotFound
+from registry.ports import free_ports
 from tests.support.cluster import regctl_executable, wait_until
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now (bound to port 0 together, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def port_open(port: int) -> bool:
