@@ -1,25 +1,48 @@
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.agents import Fleet
 from tests.support.cluster import Cluster
+
+
+def _print_logs_if_failed(request: pytest.FixtureRequest, logs: Callable[[], str]) -> None:
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print(logs())
+
+
+def started_cluster(tmp_path: Path, request: pytest.FixtureRequest,
+                    extra_args: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """The body of a cluster fixture: start, yield, print the logs if the test failed, always close."""
+    c = Cluster(tmp_path / "cluster", 3, extra_args=extra_args)
+    try:
+        c.start()
+        yield c
+    finally:
+        _print_logs_if_failed(request, c.logs)
+        c.close()
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """A started three-node cluster of real processes; killed after the test, pass or fail."""
-    c = Cluster(tmp_path / "cluster", 3)
+    yield from started_cluster(tmp_path, request)
+
+
+@pytest.fixture
+def fleet(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
+    """Echo backends and agents against ``cluster``; every process killed after the test."""
+    f = Fleet(tmp_path / "fleet", cluster.endpoints)
+    f.root.mkdir()
     try:
-        c.start()
-        yield c
+        yield f
     finally:
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            print(c.logs())
-        c.close()
+        _print_logs_if_failed(request, f.logs)
+        f.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -18,6 +18,7 @@ import pytest
 
 from registry.client import SyncClient
 from registry.errors import Conflict, LimitExceeded, PermissionDenied, RegistryError, Unauthenticated
+from tests.conftest import started_cluster
 from tests.support.cluster import Cluster, regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration
@@ -25,15 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def acl_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster", 3, extra_args=("--acl",))
-    try:
-        c.start()
-        yield c
-    finally:
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            print(c.logs())
-        c.close()
+    yield from started_cluster(tmp_path, request, extra_args=("--acl",))
 
 
 def regctl(cluster: Cluster, *args: str, token: str | None = None, stdin: str | None = None,

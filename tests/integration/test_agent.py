@@ -15,7 +15,6 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,6 @@ pytestmark = pytest.mark.integration
 
 #: Access-log lines reach the file within this (the agent flushes every second).
 FLUSH_S = 1.3
-
-
-@pytest.fixture
-def fleet(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    f = Fleet(tmp_path / "fleet", cluster.endpoints)
-    f.root.mkdir()
-    try:
-        yield f
-    finally:
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            print(f.logs())
-        f.close()
 
 
 def start_three(fleet: Fleet, weights: tuple[int, int, int] = (1, 1, 1)) -> None:

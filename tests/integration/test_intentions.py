@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -12,19 +10,6 @@ from tests.support.agents import Fleet, ask, port_open
 from tests.support.cluster import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def fleet(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    f = Fleet(tmp_path / "fleet", cluster.endpoints)
-    f.root.mkdir()
-    try:
-        yield f
-    finally:
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            print(f.logs())
-        f.close()
 
 
 def refused(port: int) -> bool:
