@@ -486,7 +486,7 @@ def test_keepalive_batch_renews_many_reports_the_missing_and_keeps_them_alive(sh
         assert client.lease_keepalive_many(kept)["missing"] == []
         _, body = client.call("lease_ttl", {"lease": kept[2]})
         assert body["remaining_ms"] > TTL_MS - 1000
-        time.sleep(TTL_S / 4)
+        time.sleep(TTL_S / 4)  # the renewal period: this loop is the keepalive client, not a wait
     assert instance_ids(client, "batch-kept") == {"k0", "k1", "k2"}
     wait_until(lambda: not instance_ids(client, "batch-lapsing"), TTL_S + 2, "the lapsed lease's instance gone")
     assert client.lease_keepalive_many([lapsing, kept[0]])["missing"] == [lapsing]
