@@ -59,6 +59,21 @@ from registry.ports import free_ports  # noqa: E402
 PING = b"ping\n"
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far, from /proc/PID/stat.
+
+    Split because they answer different questions: user time is the agent's
+    own code (Python, uvloop), system time mostly the kernel's TCP work per
+    connection (connect, handshake, FIN), which no change to the agent's
+    Python can remove.
+    """
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    rest = data[data.rindex(b")") + 2 :].split()  # after the command name, which may contain spaces
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(rest[11]) / tick, int(rest[12]) / tick
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -190,9 +205,11 @@ async def measure(proxy: int, direct: int, args: argparse.Namespace, agent_pid: 
         }
     for name, port in (("direct", direct), ("proxy", proxy)):
         cpu0, busy0, t0 = cpu_seconds(agent_pid), machine_busy_seconds(), time.perf_counter()
+        split0 = user_system_seconds(agent_pid)
         ok, failed = await connection_rate(port, args.concurrency, args.duration)
         elapsed = time.perf_counter() - t0
         cpu1, busy1 = cpu_seconds(agent_pid), machine_busy_seconds()
+        split1 = user_system_seconds(agent_pid)
         results[name].update({
             "connections_per_s": ok / elapsed, "connection_failures": failed,
             "machine_cores_busy": (busy1 - busy0) / elapsed,
@@ -200,6 +217,8 @@ async def measure(proxy: int, direct: int, args: argparse.Namespace, agent_pid: 
         if name == "proxy":
             results[name]["agent_cpu_us_per_connection"] = (cpu1 - cpu0) / max(ok, 1) * 1e6
             results[name]["agent_cores_busy"] = (cpu1 - cpu0) / elapsed
+            results[name]["agent_user_us_per_connection"] = (split1[0] - split0[0]) / max(ok, 1) * 1e6
+            results[name]["agent_system_us_per_connection"] = (split1[1] - split0[1]) / max(ok, 1) * 1e6
         size = args.bulk_mib << 20
         results[name]["download_MBps"] = await download(port, size)
         results[name]["upload_MBps"] = await upload(port, size)
@@ -223,7 +242,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
          f"{p['connection_p50_us']:.0f} / {p['connection_p99_us']:.0f}",
          f"{a['connection_p50_us']:+.0f} / {a['connection_p99_us']:+.0f}"),
         (f"new connections/s ({args.concurrency} clients)", f"{d['connections_per_s']:.0f}",
-         f"{p['connections_per_s']:.0f}", f"agent {p['agent_cpu_us_per_connection']:.0f} µs CPU/conn, "
+         f"{p['connections_per_s']:.0f}", f"agent {p['agent_cpu_us_per_connection']:.0f} µs CPU/conn "
+         f"({p['agent_user_us_per_connection']:.0f} user + {p['agent_system_us_per_connection']:.0f} system), "
          f"{p['agent_cores_busy']:.2f} cores"),
         (f"download / upload MB/s ({args.bulk_mib} MiB)", f"{d['download_MBps']:.0f} / {d['upload_MBps']:.0f}",
          f"{p['download_MBps']:.0f} / {p['upload_MBps']:.0f}", ""),

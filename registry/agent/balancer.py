@@ -106,6 +106,9 @@ class Balancer:
             self.active[endpoint.id] = left
 
     def report(self, endpoint: Endpoint, ok: bool) -> None:
+        if ok:  # the common case, once per connection: no clock, nothing to emit
+            self.outlier.succeeded(endpoint.id)
+            return
         now = self._clock()
         verdict = self.outlier.report(endpoint.id, ok, now)
         if verdict == EJECTED:

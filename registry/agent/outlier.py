@@ -130,15 +130,21 @@ class OutlierDetector:
                 if st.ejected_until is not None and st.ejected_until > now]
         return min(ends) if ends else None
 
+    def succeeded(self, endpoint_id: str) -> None:
+        """A connect succeeded: the failure count starts over, probation ends (``report(id, True, now)``)."""
+        st = self._states.get(endpoint_id)
+        if st is not None:
+            st.failures = 0
+            st.probation = False
+
     def report(self, endpoint_id: str, ok: bool, now: float) -> str | None:
         """Record one connect outcome; ``EJECTED`` or ``LIMITED`` when a failure crosses the threshold."""
+        if ok:
+            self.succeeded(endpoint_id)
+            return None
         st = self._states.get(endpoint_id)
         if st is None:
             return None  # not (or no longer) in the table
-        if ok:
-            st.failures = 0
-            st.probation = False
-            return None
         if st.ejected_until is not None and now < st.ejected_until:
             return None
         st.failures += 1

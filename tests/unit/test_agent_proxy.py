@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import socket
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -139,6 +140,79 @@ def test_intentions_hook_can_deny() -> None:
             assert await h.ask()
         (rec,) = await h.settle()
         assert rec["outcome"] == "denied" and seen == [("tester", "echo")]
+        await h.proxy.close()
+        server.close()
+
+    run(main())
+
+
+def hanging_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full (and what fills it): the kernel drops further SYNs, so a connect hangs."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(0)
+    fillers = []
+    for _ in range(8):  # the queue holds backlog + 1; a few more, whatever this kernel's rounding
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(sock.getsockname())
+        fillers.append(filler)
+    return sock, fillers
+
+
+def test_connect_timeout_reroutes_then_client_leaving_cancels_the_connect() -> None:
+    async def main() -> None:
+        server, port = await echo_server("live")
+        hang, fillers = hanging_listener()
+        hang_port = hang.getsockname()[1]
+        h = Harness([Endpoint("echo", "a-hang", "127.0.0.1", hang_port), Endpoint("echo", "b-live", "127.0.0.1", port)])
+        await h.proxy.start()
+        started = time.monotonic()
+        assert await h.ask("x") == b"live x\n"
+        assert 0.4 <= time.monotonic() - started < 2.0  # one connect timeout (0.5 s), then the live endpoint
+        (rec,) = await h.settle()
+        assert rec["outcome"] == "ok" and rec["failed"] == ["a-hang"] and rec["endpoint"] == "b-live"
+        assert h.metrics.endpoint("echo", "a-hang").failures._value.get() == 1
+
+        # Only the hanging endpoint left, and the client gives up first: the attempt still runs to its
+        # timeout and counts (a black-holed endpoint must be ejected even if clients are impatient).
+        h.balancer.update([Endpoint("echo", "a-hang", "127.0.0.1", hang_port)])
+        _, writer = await asyncio.open_connection("127.0.0.1", h.proxy.port)
+        writer.write(b"x\n")
+        await asyncio.sleep(0.1)
+        # A reset (a plain close is a half-close, which the proxy passes on once connected).
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await asyncio.sleep(0.1)
+        assert len(h.proxy.relays) == 1  # still connecting
+        records = await h.settle()
+        assert records[-1]["outcome"] == "client_closed" and records[-1]["failed"] == ["a-hang"]
+        assert records[-1]["duration_ms"] >= 450
+        assert h.metrics.endpoint("echo", "a-hang").failures._value.get() == 2
+        assert h.balancer.outlier.is_ejected("a-hang", time.monotonic())
+        assert not h.proxy._deadlines and h.proxy._timer is None
+        await h.proxy.close()
+        server.close()
+        for filler in fillers:
+            filler.close()
+        hang.close()
+
+    run(main())
+
+
+def test_many_concurrent_connections_all_relayed() -> None:
+    """Connects complete out of order and interleave with data: every client gets its own answer."""
+
+    async def main() -> None:
+        server, port = await echo_server("e1")
+        h = Harness([Endpoint("echo", "e1", "127.0.0.1", port)])
+        await h.proxy.start()
+        # 90: within the echo server's listen backlog (100), or its kernel drops SYNs and connects time out.
+        answers = await asyncio.gather(*(h.ask(str(i)) for i in range(90)))
+        assert answers == [f"e1 {i}\n".encode() for i in range(90)]
+        records = await h.settle()
+        assert len(records) == 90 and all(r["outcome"] == "ok" for r in records)
+        assert h.balancer.active == {"e1": 0} and not h.proxy._deadlines
         await h.proxy.close()
         server.close()
 
