@@ -244,6 +244,29 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         )
         super().__init__(config.raft_addr, list(config.peers), conf)
 
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        """pysyncobj's message handler, with the leader's next index for a follower never moving backwards.
+
+        pysyncobj sends entries before earlier ones are acknowledged (it
+        advances a follower's next index as it sends), but on a success reply
+        it sets the next index to what *that* reply acknowledged.  A reply to
+        an earlier message therefore moved it back, and the leader sent the
+        same entries again: the follower truncated and re-appended them,
+        logging CRITICAL "truncating already-applied log entries" in normal
+        operation and doing the work twice.  A success reply only ever moves
+        the index forward here; a follower that is missing entries answers
+        with ``reset``, which still moves it back.
+        """
+        if message.get("type") == "next_node_idx" and message.get("success") and not message.get("reset"):
+            next_index = self._SyncObj__raftNextIndex
+            before = next_index.get(node)
+            super()._SyncObj__onMessageReceived(node, message)
+            after = next_index.get(node)
+            if before is not None and after is not None and after < before:
+                next_index[node] = before
+            return
+        super()._SyncObj__onMessageReceived(node, message)
+
     @property
     def encryptor(self) -> RaftCipher | None:
         """What pysyncobj's transport encrypts with (overrides its Fernet)."""

@@ -638,3 +638,32 @@ def test_client_moves_on_from_a_node_that_stops_answering(cluster: Cluster) -> N
     assert client.client.endpoint != stalled.api
     assert {"before", "during"} <= set(found)
     assert revision > 0
+
+
+def test_pipelined_writes_never_make_a_follower_truncate_applied_entries(cluster: Cluster) -> None:
+    """Entries in flight to a follower are sent once: no re-send, so no truncate-and-re-append.
+
+    Plain pysyncobj moved the leader's next index for a follower back to what an earlier reply had
+    acknowledged, re-sent entries the follower already had, and the follower truncated them
+    (logging CRITICAL "truncating already-applied log entries ... may have diverged") on every few
+    writes.  Three writers, one per node, with 16 writes in flight each, keep several entries in flight.
+    """
+
+    async def writer(endpoint: str, tag: str, until: float) -> int:
+        done = 0
+        async with Client([endpoint], timeout_s=10.0, connect_timeout_s=0.5) as client:
+            while time.monotonic() < until:
+                await asyncio.gather(*(client.register("pipe", f"{tag}-{done + i}", "10.0.0.4", 9000)
+                                       for i in range(16)))
+                done += 16
+        return done
+
+    async def run() -> list[int]:
+        until = time.monotonic() + 4.0
+        return await asyncio.gather(*(writer(n.api, n.node_id, until) for n in cluster.nodes))
+
+    counts = asyncio.run(run())
+    assert all(c > 0 for c in counts)
+    truncations = [line for node in cluster.nodes for line in node.log_path.read_text().splitlines()
+                   if "truncating already-applied" in line]
+    assert not truncations, f"{len(truncations)} truncations after {sum(counts)} writes, e.g. {truncations[:3]}"

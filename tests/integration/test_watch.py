@@ -460,6 +460,11 @@ def test_a_follower_that_installs_a_snapshot_keeps_its_watch_consistent(
                     writer.deregister("rs", f"b{i - 1}")
             writer.deregister("rs", "a0")
             wait_until(lambda: (leader.data_dir / "raft.snapshot").exists(), 20, "the leader to compact its log")
+            # Until the leader drops its connection (nothing read for the connection timeout): entries it
+            # had already sent would otherwise still reach the follower from the socket buffers, and it
+            # would catch up without the snapshot.
+            wait_until(lambda: not cluster.status(leader)["peers"][node.raft], 20,
+                       "the leader to drop its connection to the paused follower")
         finally:
             cluster.resume(node)
         final_revision, body = writer.get_service("rs")
