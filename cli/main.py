@@ -20,7 +20,7 @@ import click
 
 from registry.client import DEFAULT_ENDPOINTS, SyncClient, client_ssl_context
 from registry.config import NodeConfig, RaftTiming, parse_hostport
-from registry.errors import RegistryError
+from registry.errors import InvalidArgument, RegistryError
 
 from .durations import Duration
 from .output import emit, table
@@ -135,6 +135,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None) -> None:
     """Run one registry node in the foreground."""
+    from registry.incarnation import load_or_create
     from registry.node import run_node, server_ssl_context
 
     key: str | None = None
@@ -176,6 +177,11 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         server_ssl_context(config)  # load once here: a bad file is a usage error, not a traceback at bind time
     except OSError as err:  # a missing file, or ssl.SSLError (an OSError) for a bad PEM
         raise click.UsageError(f"cannot load TLS files (--tls-cert/--tls-key/--tls-client-ca): {err}") from None
+    try:
+        # The data directory's identity (made on first use); a corrupt one is a usage error, not a traceback.
+        load_or_create(Path(config.data_dir))
+    except (InvalidArgument, OSError) as err:
+        raise click.UsageError(str(err)) from None
     run_node(config)
 
 

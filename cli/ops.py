@@ -125,8 +125,25 @@ def _change_membership(obj: Ctx, op: str, args: dict[str, str]) -> int:
 @click.pass_obj
 @handles_errors
 def member_add(obj: Ctx, raft: str, api: str | None) -> None:
-    """Add the node at Raft address RAFT (start it first, with --peers listing the current members)."""
-    args = {"raft": raft, **({"api": api} if api else {})}
+    """Add the node at Raft address RAFT (start it first, with --peers listing the current members).
+
+    With --api, the new node's data-directory identity is read from it and
+    recorded before it becomes a member, so no one else can ever vote under
+    its address; without, the leader records it on first contact.
+    """
+    args = {"raft": raft}
+    if api:
+        args["api"] = api
+        with obj.client() as client:
+            try:
+                status = client.node_status(api)
+            except (RegistryError, OSError) as err:
+                raise click.ClickException(f"cannot reach the new member's API at {api} ({err}); start it first, "
+                                           "with --peers listing the current members") from None
+        if status.get("raft") != raft:
+            raise click.ClickException(f"the node at {api} has Raft address {status.get('raft')}, not {raft}")
+        if status.get("incarnation"):
+            args["incarnation"] = str(status["incarnation"])
     revision = _change_membership(obj, "member_add", args)
     emit(obj.output, {"added": raft, "revision": revision}, f"added member {raft}")
 

@@ -95,4 +95,7 @@ def load_seed(data_dir: Path) -> RegistryState | None:
     if not seed.exists() or (data_dir / "raft.snapshot").exists():
         return None
     state, _ = decode_backup(seed.read_bytes(), source=str(seed))
+    # The backed-up cluster's data-directory identities would make the new
+    # cluster's nodes refuse each other (same addresses, new directories).
+    state.forget_identities()
     return state

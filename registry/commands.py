@@ -147,6 +147,13 @@ _OP_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
         "epoch": _r("int", model.check_epoch),
     },
     "leader_epoch": {"epoch": _r("int", model.check_epoch)},
+    # Member identities (registry.incarnation): proposed by nodes only, never by clients (not in WRITE_OPS).
+    "identity_put": {
+        "raft": _r("str", model.check_key),
+        "incarnation": _r("str", model.check_incarnation),
+        "mode": _r("str", model.check_identity_mode),
+    },
+    "identity_delete": {"raft": _r("str", model.check_key)},
     "key_put": {
         "key": _r("str", model.check_key),
         "value": _r("str", model.check_value),

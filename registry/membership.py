@@ -8,7 +8,11 @@ pysyncobj's leader refuses to remove itself: transfer leadership first.
 A joining node must already run, started with ``--peers``
 listing the current members; it catches up from the leader's snapshot plus
 log.  The API address of an added node is kept in the replicated key
-``_cluster/members/<raft address>`` so every node can hand out leader hints.
+``_cluster/members/<raft address>`` so every node can hand out leader hints,
+and the identity of its data directory in the state's member identities
+(see ``incarnation.py``): given by ``member add`` (``incarnation``, which
+``regctl member add`` reads from the new node's API) or recorded by the
+leader on first contact (``IncarnationRecorder``); removal forgets both.
 
 ``transferLeadership`` touches pysyncobj internals, so it runs in the Raft
 thread through a one-shot tick callback, never from the event loop.
@@ -27,10 +31,11 @@ from pysyncobj import FAIL_REASON
 
 from .config import parse_hostport
 from .errors import BadRequest, Conflict, NotFound, NotLeader, RegistryError
+from .incarnation import IncarnationGuard, check_incarnation
 from .proposer import Proposer
 from .replication import RaftNode, StateHolder, submit_error
 
-__all__ = ["MembershipService", "MEMBER_KEY_PREFIX"]
+__all__ = ["MembershipService", "MEMBER_KEY_PREFIX", "IncarnationRecorder"]
 
 MEMBER_KEY_PREFIX = "_cluster/members/"
 #: How long a membership change may take to commit before TIMEOUT.
@@ -102,8 +107,10 @@ class MembershipService:
         leader = raw.get("leader")
         leader_id = str(leader.id) if leader is not None else None
         apis = self._member_apis()
+        identities = self._holder.state.identities()
         members = [{"raft": me, "api": self._self_api, "self": True, "connected": True,
-                    "leader": me == leader_id, "match_index": raw.get("commit_idx")}]
+                    "leader": me == leader_id, "match_index": raw.get("commit_idx"),
+                    "incarnation": identities.get(me)}]
         for node in sorted(self._raft.otherNodes, key=lambda n: str(n.id)):
             nid = str(node.id)
             members.append({
@@ -114,6 +121,8 @@ class MembershipService:
                 "leader": nid == leader_id,
                 # Known on the leader only: how far this member's log matches.
                 "match_index": raw.get(f"match_idx_server_{nid}"),
+                # The data directory the cluster accepts at this address (None: not recorded yet).
+                "incarnation": identities.get(nid),
             })
         return self._holder.state.revision, {"members": members, "leader": leader_id}
 
@@ -134,11 +143,24 @@ class MembershipService:
         self._changing = what
 
     async def add(self, args: dict[str, Any]) -> tuple[int, Any]:
-        raft_addr, api = _member_args(args, allow_api=True)
+        incarnation = args.get("incarnation")
+        if incarnation is not None:
+            check_incarnation(incarnation)
+        raft_addr, api = _member_args({k: v for k, v in args.items() if k != "incarnation"}, allow_api=True)
         if raft_addr == str(self._raft.selfNode.id) or raft_addr in {str(n.id) for n in self._raft.otherNodes}:
             raise Conflict(f"{raft_addr} is already a member")
         self._begin_change(f"add {raft_addr}")
         try:
+            if incarnation is not None:
+                # Recorded before the configuration change: a node that has the
+                # new configuration in its log has this record applied too, so
+                # no node can count a vote from another disk at that address.
+                await self._proposer.write({"op": "identity_put", "raft": raft_addr, "incarnation": incarnation,
+                                            "mode": "replace"})
+            else:
+                # A record left from an earlier member at this address would
+                # lock the new one out; the leader records it on first contact.
+                await self._proposer.write({"op": "identity_delete", "raft": raft_addr})
             await self._await(lambda done: self._raft.addNodeToCluster(raft_addr, callback=done))
             if api is not None:
                 await self._proposer.write({"op": "key_put", "key": MEMBER_KEY_PREFIX + raft_addr, "value": api})
@@ -163,6 +185,12 @@ class MembershipService:
                 await self._proposer.write({"op": "key_delete", "key": MEMBER_KEY_PREFIX + raft_addr})
             except RegistryError:
                 pass  # NOT_FOUND, or the removal committed and a stale hint entry is harmless
+            # Forget the identity, so that the address can be added again with another data directory.
+            # If this fails the removal still stands, and `member add` replaces a stale identity anyway.
+            try:
+                await self._proposer.write({"op": "identity_delete", "raft": raft_addr})
+            except RegistryError:
+                pass
         finally:
             self._changing = None
         return self._holder.state.revision, {"removed": raft_addr}
@@ -219,3 +247,60 @@ def _member_args(args: dict[str, Any], *, allow_api: bool) -> tuple[str, str | N
             raise BadRequest("field 'api' must be a string")
         parse_hostport(api, what="api")
     return raft_addr, api
+
+
+class IncarnationRecorder:
+    """On the leader: record the incarnation of every member that has none recorded yet.
+
+    Members of a new cluster, and members added without their incarnation,
+    are recorded from the first Raft message they send (``IncarnationGuard.seen``).
+    Create-only writes (``mode`` create): a record is never replaced here,
+    only by ``member add`` after ``member remove``.
+    """
+
+    #: How often the leader looks for unrecorded members (a new cluster is unprotected until then).
+    PERIOD_S = 0.5
+
+    def __init__(self, raft: RaftNode, holder: StateHolder, proposer: Proposer, guard: IncarnationGuard,
+                 own: str) -> None:
+        self._raft = raft
+        self._holder = holder
+        self._proposer = proposer
+        self._guard = guard
+        self._own = own
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def unrecorded(self) -> dict[str, str]:
+        """Members (by Raft address) with no record, and the incarnation to record for each."""
+        st = self._raft.raft_status()
+        if st.role != "leader":
+            return {}
+        seen = dict(self._guard.seen)  # filled by the Raft thread; dict() copies atomically
+        seen[st.node] = self._own
+        members = set(st.peers_connected) | {st.node}
+        with self._holder.lock:
+            state = self._holder.state
+            return {addr: inc for addr, inc in seen.items() if addr in members and state.identity(addr) is None}
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.PERIOD_S)
+            for addr, inc in self.unrecorded().items():
+                try:
+                    await self._proposer.write({"op": "identity_put", "raft": addr, "incarnation": inc,
+                                                "mode": "create"})
+                except RegistryError:
+                    # Lost leadership, or recorded meanwhile (CONFLICT): the next round sees.
+                    pass

@@ -24,6 +24,11 @@ class NodeMetrics:
         self.raft_applied_index = Gauge("regctl_raft_applied_index", "last applied Raft index", registry=r)
         self.revision = Gauge("regctl_revision", "registry revision this node has applied", registry=r)
         self.proposals = Counter("regctl_proposals", "Raft entries proposed by this node", registry=r)
+        self.raft_peers_refused = Counter(
+            "regctl_raft_peers_refused",
+            "Raft messages refused because the sender's data directory is not the one recorded for its address",
+            registry=r,
+        )
         self.batch_commands = Histogram(
             "regctl_batch_commands", "commands per proposed Raft entry", buckets=_BATCH_BUCKETS, registry=r
         )

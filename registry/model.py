@@ -336,6 +336,23 @@ def check_epoch(field: str, value: int) -> int:
     return _check_int_range(field, value, 0, INT_MAX, "epoch")
 
 
+_INCARNATION: Final = re.compile(r"[0-9a-f]{32}")
+IDENTITY_MODES: Final = ("create", "replace")
+
+
+def check_incarnation(field: str, value: str) -> str:
+    """A data directory's identity (see registry.incarnation): 32 lowercase hex digits."""
+    if not _INCARNATION.fullmatch(value):
+        raise InvalidArgument(f"field {field!r}: incarnation must be 32 lowercase hex digits")
+    return value
+
+
+def check_identity_mode(field: str, value: str) -> str:
+    if value not in IDENTITY_MODES:
+        raise InvalidArgument(f"field {field!r}: {_q(value)} is not one of {', '.join(IDENTITY_MODES)}")
+    return value
+
+
 def check_key(field: str, value: str) -> str:
     """KV key or lock name: printable, no whitespace, path-like keys allowed."""
     if not 0 < len(value) <= KEY_CHARS_MAX or not _is_token(value):

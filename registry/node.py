@@ -17,9 +17,10 @@ from .backup import load_seed
 from .config import NodeConfig
 from .errors import RegistryError
 from .http import HTTPServer
+from .incarnation import IncarnationGuard, load_or_create
 from .lease_service import LeaseService
 from .logs import configure_logging
-from .membership import MEMBER_KEY_PREFIX, MembershipService
+from .membership import MEMBER_KEY_PREFIX, IncarnationRecorder, MembershipService
 from .metrics import NodeMetrics
 from .proposer import Proposer
 from .replication import RaftNode, StateHolder
@@ -47,6 +48,9 @@ class Node:
         self.watches: WatchService | None = None
         self._waiters: RevisionWaiters | None = None
         self.acl: AclService | None = None
+        self._recorder: IncarnationRecorder | None = None
+        self.incarnation: str | None = None
+        self.guard: IncarnationGuard | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -63,7 +67,17 @@ class Node:
             self.holder.state = seed
             self.holder.high_water = seed.revision
             log.info("starting from restored backup at revision %d", seed.revision)
-        self.raft = raft = RaftNode(config, self.holder)
+        incarnation, created = load_or_create(Path(config.data_dir))
+        if created:
+            log.info("new data directory %s: incarnation %s", config.data_dir, incarnation)
+        self.incarnation = incarnation
+        holder = self.holder
+        self.guard = guard = IncarnationGuard(
+            # Raft thread, on the applied state; a dict lookup, so no lock needed under the GIL.
+            lambda addr: holder.state.identity(addr),
+            on_refused=lambda addr: self.metrics.raft_peers_refused.inc(),
+        )
+        self.raft = raft = RaftNode(config, self.holder, incarnation, guard)
         if seed is not None:
             # Make our own snapshot (which includes the seed) soon, so nodes
             # that join later receive the seeded state, not an empty log.
@@ -118,6 +132,8 @@ class Node:
         self.api.add_handler("member_add", self.members.add)
         self.api.add_handler("member_remove", self.members.remove)
         self.api.add_handler("member_transfer_leader", self.members.transfer_leader)
+        self._recorder = IncarnationRecorder(raft, self.holder, self._proposer, guard, incarnation)
+        self._recorder.start()
         self.acl = AclService(self.api, self.holder, self._proposer, self.metrics, enabled=config.acl)
         if config.acl:
             log.info("ACLs enabled: every request needs a token (bootstrap with `regctl acl bootstrap`)")
@@ -168,6 +184,11 @@ class Node:
             "leases": len(self.leases.keeper) if self.leases is not None else 0,
             "watchers": self.watches.hub.watchers if self.watches is not None else 0,
             "pending_proposals": self._proposer.pending if self._proposer is not None else 0,
+            "incarnation": self.incarnation,
+            # Whether this node's applied state records this data directory for its Raft address: false on a
+            # new member until the leader records it, and on a wiped node its peers refuse.
+            "incarnation_recorded": self.incarnation is not None
+            and self.holder.state.identity(self.config.raft_addr) == self.incarnation,
         }
 
     def _leader_api(self) -> str | None:
@@ -210,6 +231,8 @@ class Node:
         }
 
     async def stop(self) -> None:
+        if self._recorder is not None:
+            await self._recorder.stop()
         if self.leases is not None:
             await self.leases.stop()
         if self._server is not None:

@@ -59,11 +59,16 @@ from pysyncobj.node import TCPNode
 
 from .config import NodeConfig
 from .errors import BadRequest, Internal, RegistryError, Timeout, Unavailable
+from .incarnation import IncarnationGuard
 from .state import RegistryState
 
 __all__ = ["StateHolder", "RaftNode", "RaftCipher", "BatchOutcome", "Listener", "RaftStatus", "submit_error"]
 
 log = logging.getLogger("registry.replication")
+
+#: The "cluster key" of ``--dev`` nodes: public, so it keeps no one out; it
+#: only lets dev nodes use the same message framing (sender identity) as real ones.
+DEV_MODE_KEY = "raft-registry dev mode: no secret"
 
 SNAPSHOT_FORMAT = 1
 #: Magic prefix of our dump files, so a foreign or pickled file is refused.
@@ -140,22 +145,38 @@ class RaftCipher:
     bound on random nonces.  Receivers derive the sender's key from the salt
     in the header (a few cached: one per peer process lifetime).
 
-    Token: version (1) | salt (16) | counter (8) | timestamp (8) | ciphertext
-    and 16-byte tag.  The whole header is authenticated (associated data), and
+    Identity.  The header also names the sender: its Raft address and its
+    data directory's incarnation (``incarnation.py``).  After a message
+    authenticates, ``check(address, incarnation)`` may refuse it by raising,
+    which makes pysyncobj drop the connection: that is how a wiped node
+    speaking under a member's address is kept out of elections.
+
+    Token: version (1) | salt (16) | counter (8) | timestamp (8) |
+    incarnation (16) | address length (1) | address | ciphertext and 16-byte
+    tag.  The whole header is authenticated (associated data), and
     ``extract_timestamp`` authenticates before it answers.
     """
 
-    VERSION = 1
-    _HEADER = struct.Struct(">B16sQQ")
+    VERSION = 2
+    _HEADER = struct.Struct(">B16sQQ16sB")
     _KDF_SALT = b"raft-registry/raft-aead/v1"
     _KEY_INFO = b"raft-registry raft message key v1"
     _CACHED_KEYS_MAX = 64
+    #: Longest Raft address a header can carry (bytes of UTF-8).
+    ADDRESS_BYTES_MAX = 255
 
-    def __init__(self, cluster_key: str) -> None:
+    def __init__(self, cluster_key: str, sender: str, incarnation: str,
+                 check: Callable[[str, str], None] | None = None) -> None:
+        address = sender.encode()
+        if len(address) > self.ADDRESS_BYTES_MAX:
+            raise ValueError(f"raft address longer than {self.ADDRESS_BYTES_MAX} bytes")
         self._master = hashlib.pbkdf2_hmac("sha256", cluster_key.encode(), self._KDF_SALT, 100_000)
         self._salt = os.urandom(16)
         self._aead = AESGCM(self._derive(self._salt))
         self._counter = itertools.count(1)
+        self._identity = bytes.fromhex(incarnation)
+        self._address = address
+        self._check = check
         self._peers: dict[bytes, AESGCM] = {}
         #: The last token opened and its (timestamp, plaintext): decrypt() follows extract_timestamp().
         self._last: tuple[bytes | None, tuple[int, bytes]] = (None, (0, b""))
@@ -169,24 +190,28 @@ class RaftCipher:
 
     def encrypt_at_time(self, data: bytes, timestamp: int) -> bytes:
         counter = next(self._counter)
-        header = self._HEADER.pack(self.VERSION, self._salt, counter, timestamp)
+        header = self._HEADER.pack(self.VERSION, self._salt, counter, timestamp, self._identity,
+                                   len(self._address)) + self._address
         return header + self._aead.encrypt(self._nonce(counter), data, header)
 
     def _open(self, token: bytes) -> tuple[int, bytes]:
         last_token, opened = self._last
         if last_token is token:
             return opened
-        version, salt, counter, timestamp = self._HEADER.unpack_from(token)
-        if version != self.VERSION:
-            raise ValueError(f"raft message format {version}, expected {self.VERSION}")
+        if len(token) < self._HEADER.size or token[0] != self.VERSION:
+            raise ValueError(f"raft message format {token[:1].hex() or 'empty'}, expected {self.VERSION} "
+                             "(every node must run the same raft-registry version)")
+        _, salt, counter, timestamp, identity, address_len = self._HEADER.unpack_from(token)
+        size = self._HEADER.size + address_len
         aead = self._peers.get(salt)
         if aead is None:
             if len(self._peers) >= self._CACHED_KEYS_MAX:
                 self._peers.clear()
             aead = AESGCM(self._derive(salt))
-        size = self._HEADER.size
         plain = aead.decrypt(self._nonce(counter), token[size:], token[:size])  # raises InvalidTag
         self._peers[salt] = aead  # cached only once a message under it authenticated
+        if self._check is not None:
+            self._check(token[self._HEADER.size : size].decode(), identity.hex())
         self._last = (token, (timestamp, plain))
         return timestamp, plain
 
@@ -200,10 +225,14 @@ class RaftCipher:
 class RaftNode(SyncObj):  # type: ignore[misc]
     """pysyncobj node whose whole replicated surface is ``apply_batch``."""
 
-    def __init__(self, config: NodeConfig, holder: StateHolder) -> None:
+    def __init__(self, config: NodeConfig, holder: StateHolder, incarnation: str,
+                 guard: IncarnationGuard | None = None) -> None:
         self._holder = holder
         # Set before SyncObj.__init__: its transport asks for ``encryptor`` as it connects.
-        self._cipher = RaftCipher(config.cluster_key) if config.cluster_key else None
+        # Dev mode has no secret, but still frames every message with the
+        # sender's identity (under a well-known key: authenticates nothing).
+        self._cipher = RaftCipher(config.cluster_key or DEV_MODE_KEY, config.raft_addr, incarnation,
+                                  guard.check if guard is not None else None)
         self._listeners: list[Listener] = []
         self._on_restore: list[Callable[[], None]] = []
         data_dir = Path(config.data_dir)
@@ -268,7 +297,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         super()._SyncObj__onMessageReceived(node, message)
 
     @property
-    def encryptor(self) -> RaftCipher | None:
+    def encryptor(self) -> RaftCipher:
         """What pysyncobj's transport encrypts with (overrides its Fernet)."""
         return self._cipher
 

@@ -28,8 +28,8 @@ decided by the leader and committed through the log).
   services, instances, leases, keys or locks increments it by exactly one,
   however many records it touches (revoking a lease that carries 1000
   instances is one revision with 1001 events).  A command that changes none
-  of them (barrier, leader_epoch, a no-op set_status, re-acquiring a held
-  lock, a stale or empty lease_expire) leaves it alone.  It never decreases.
+  of them (barrier, leader_epoch, identity_put/delete, a no-op set_status,
+  re-acquiring a held lock, a stale or empty lease_expire) leaves it alone.  It never decreases.
 * Each successful ``apply`` returns ``Applied(result, events)``.  ``result``
   always has ``"revision"`` (the state revision after the command); events
   describe every record change, all stamped with that one revision.
@@ -99,12 +99,14 @@ _SNAPSHOT_KEYS: Final = frozenset(
 )
 #: Optional top-level keys: absent in snapshots taken before ACLs existed (or with nothing in them),
 #: and then they mean "empty" -- so a state that never used ACLs snapshots to the same bytes as before.
-_SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl",))
+_SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl", "identities"))
 _ACL_SNAPSHOT_KEYS: Final = frozenset(("bootstrapped", "tokens", "roles", "users", "intentions", "intention_default"))
 ACL_TOKENS_MAX: Final = 100_000
 ACL_ROLES_MAX: Final = 10_000
 ACL_USERS_MAX: Final = 100_000
 INTENTIONS_MAX: Final = 100_000
+#: Recorded member identities (one per Raft address ever added and not removed).
+IDENTITIES_MAX: Final = 1_000
 INTENTION_DEFAULT: Final = "allow"
 
 # barrier is a read barrier: replaying an old revision to a retry would defeat it.
@@ -233,6 +235,7 @@ class RegistryState:
         "_attached",
         "_dedup",
         "_epoch",
+        "_identities",
         "_instances",
         "_intention_default",
         "_intentions",
@@ -267,6 +270,9 @@ class RegistryState:
         self._acl_users: dict[str, Record] = {}
         self._intentions: dict[str, Record] = {}
         self._intention_default: str = INTENTION_DEFAULT
+        #: Raft address -> incarnation of each member's data directory (registry.incarnation).
+        #: Cluster metadata, not user data: no revision, no events.
+        self._identities: dict[str, str] = {}
 
     # ------------------------------------------------------------------ props
 
@@ -525,6 +531,40 @@ class RegistryState:
     def _op_leader_epoch(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         self._epoch = max(self._epoch, cmd["epoch"])
         return {"revision": self._revision, "epoch": self._epoch}, []
+
+    # ------------------------------------------------------------------ member identities
+
+    def _op_identity_put(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        raft, incarnation = cmd["raft"], cmd["incarnation"]
+        current = self._identities.get(raft)
+        if cmd["mode"] == "create" and current is not None and current != incarnation:
+            raise Conflict(f"member {raft} already has identity {current}")
+        if current is None and len(self._identities) >= IDENTITIES_MAX:
+            raise LimitExceeded(f"at most {IDENTITIES_MAX} member identities")
+        self._identities[raft] = incarnation
+        return {"revision": self._revision}, []
+
+    def _op_identity_delete(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
+        removed = self._identities.pop(cmd["raft"], None)
+        return {"revision": self._revision, "deleted": removed is not None}, []
+
+    def identity(self, raft: str) -> str | None:
+        """The recorded incarnation of the member at Raft address ``raft``, or None."""
+        return self._identities.get(raft)
+
+    def identities(self) -> dict[str, str]:
+        return dict(self._identities)
+
+    def forget_identities(self) -> int:
+        """Drop every recorded member identity; returns how many.
+
+        Only for a state that is not yet replicated (a restored backup about
+        to seed a new cluster, whose nodes have new data directories): every
+        node that loads the same seed drops the same records.
+        """
+        count = len(self._identities)
+        self._identities.clear()
+        return count
 
     # ------------------------------------------------------------------ KV
 
@@ -888,6 +928,8 @@ class RegistryState:
         acl_obj = self._acl_snapshot()
         if acl_obj is not None:
             obj["acl"] = acl_obj
+        if self._identities:
+            obj["identities"] = [[raft, self._identities[raft]] for raft in sorted(self._identities)]
         data: bytes = msgpack.packb(obj, use_bin_type=True)
         return data
 
@@ -997,6 +1039,17 @@ class RegistryState:
             st._dedup[rid] = outcome
         if "acl" in obj:
             st._restore_acl(obj["acl"], revision)
+        if "identities" in obj:
+            entries = snap_list("identities")
+            if len(entries) > IDENTITIES_MAX:
+                raise BadRequest(f"{len(entries)} member identities, at most {IDENTITIES_MAX}")
+            for entry in entries:
+                if not (isinstance(entry, list) and len(entry) == 2 and all(type(x) is str for x in entry)):
+                    raise BadRequest("member identity entries must be [raft address, incarnation]")
+                raft = model.check_key("identities", entry[0])
+                if raft in st._identities:
+                    raise BadRequest(f"duplicate member identity {raft!r}")
+                st._identities[raft] = model.check_incarnation("identities", entry[1])
         st.check_invariants()
         return st
 
@@ -1163,6 +1216,8 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "lease_revoke": RegistryState._op_lease_revoke,
     "lease_expire": RegistryState._op_lease_expire,
     "leader_epoch": RegistryState._op_leader_epoch,
+    "identity_put": RegistryState._op_identity_put,
+    "identity_delete": RegistryState._op_identity_delete,
     "key_put": RegistryState._op_key_put,
     "key_delete": RegistryState._op_key_delete,
     "lock_acquire": RegistryState._op_lock_acquire,

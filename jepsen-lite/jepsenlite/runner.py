@@ -452,7 +452,7 @@ class Cluster:
         address must come back with its log and vote (members are known by
         address only, so a wiped node under a former member's address is the
         operator error of README bug 2, which only the ``rejoin-empty-voter``
-        scenario commits on purpose).
+        scenario commits on purpose; the cluster now refuses such a node).
         """
         await self.call_leader("member_remove", {"raft": self._proc(node_id).spec.raft}, deadline_s)
         self.kill(node_id)
@@ -464,7 +464,17 @@ class Cluster:
         spec = self._proc(node_id).spec
         if not self.running(node_id):
             self.start(node_id)
-        await self.call_leader("member_add", {"raft": spec.raft, "api": spec.api}, deadline_s)
+        # As `regctl member add --api` does: read the node's data-directory
+        # identity first, so the leader records it before the node can vote.
+        end = time.monotonic() + deadline_s
+        status = await self.status(node_id)
+        while status is None and time.monotonic() < end:
+            await asyncio.sleep(0.2)
+            status = await self.status(node_id)
+        if status is None:
+            raise RuntimeError(f"{node_id} did not answer its status within {deadline_s:g}s")
+        args = {"raft": spec.raft, "api": spec.api, "incarnation": status["incarnation"]}
+        await self.call_leader("member_add", args, max(end - time.monotonic(), 5.0))
 
     async def restore_membership(self, deadline_s: float = 40.0) -> list[str]:
         """Make the members exactly the static nodes again; return what was done."""

@@ -29,8 +29,10 @@ and remove S, set S's data aside: members {L, A, B}; acknowledged writes that
 A never received; start S again, empty (not even a member); stop L and B,
 continue A.  A campaigns under {L, A, S}: its own vote and S's are a
 majority of that, though neither holds the last writes.  Linearizable reads
-through A then return values older than acknowledged writes.  A correct
-system answers them with the acknowledged values or not at all.
+through A then returned values older than acknowledged writes (bug 2).
+Fixed: A recorded S's data-directory identity when S was added, and
+refuses the empty S's messages, so A never leads and its reads time out.
+A correct system answers them with the acknowledged values or not at all.
 """
 
 from __future__ import annotations
@@ -248,8 +250,7 @@ async def rejoin_empty_voter(cluster: Cluster, recorder: Recorder, seed: int, tr
         cluster.pause(a)
         recorder.nemesis("start-pause", [a], {"scenario": "rejoin-empty-voter"})
         # Members {L, A, S, B}, then {L, A, B}; S's disk set aside.
-        cluster.start(b)
-        await cluster.call_leader("member_add", {"raft": spec[b].raft, "api": spec[b].api}, 30)
+        await cluster.add_member(b, 30)
         await _until(f"{b} to catch up", lambda: applied(b), 30, notes)
         await cluster.remove_member(spare, 30, wipe=True)
         # Acknowledged by L and B; A never received them.

@@ -157,6 +157,16 @@ class Cluster:
             self.wait_leader()
         return self
 
+    def wait_identities_recorded(self, deadline_s: float = 15.0) -> None:
+        """Until every node says the cluster recorded its data-directory identity (``incarnation_recorded``)."""
+        def recorded() -> bool:
+            try:
+                return all(self.status(n).get("incarnation_recorded") for n in self.nodes)
+            except (RegistryError, OSError):
+                return False
+
+        wait_until(recorded, deadline_s, "every member's identity recorded")
+
     def client(self, endpoints: list[str] | None = None, **kwargs: Any) -> SyncClient:
         kwargs.setdefault("timeout_s", 10.0)
         kwargs.setdefault("connect_timeout_s", 0.5)

@@ -1,0 +1,89 @@
+"""A member whose data directory was wiped cannot rejoin as itself (bug 2), only through remove + add.
+
+Real processes: a three-node cluster; one follower is killed, its data
+directory deleted and the same command started again, as an operator who
+"just restarts" a node with a lost disk would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import urllib.request
+from typing import Any
+
+from registry.client import SyncClient
+from tests.integration.test_ops import ok_json, regctl
+from tests.support.cluster import Cluster, NodeProc, wait_until
+
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def recorded(endpoints: list[str]) -> dict[str, str | None]:
+    """Raft address -> recorded identity of every member, as `regctl member list` shows them."""
+    listing = ok_json("member", "list", endpoints=endpoints)
+    return {m["raft"]: m["incarnation"] for m in listing["members"]}
+
+
+def refused_count(node: NodeProc) -> float:
+    with _HTTP.open(f"http://{node.http}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.split()[1]) for line in text.splitlines()
+               if line.startswith("regctl_raft_peers_refused_total"))
+
+
+def register(client: SyncClient, count: int, tag: str) -> dict[str, int]:
+    acked: dict[str, int] = {}
+    for i in range(count):
+        out: dict[str, Any] = client.register("idsvc", f"{tag}{i}", "10.1.0.1", 8000 + i)
+        acked[f"{tag}{i}"] = int(out["revision"])
+    return acked
+
+
+def test_wiped_member_is_refused_until_removed_and_re_added(cluster: Cluster) -> None:
+    client = cluster.client()
+    identities = {n.raft: cluster.status(n)["incarnation"] for n in cluster.nodes}
+    # The leader records every member's identity on first contact.
+    cluster.wait_identities_recorded()
+    assert recorded(cluster.endpoints) == identities
+    acked = register(client, 20, "before-")
+
+    leader = cluster.wait_leader()
+    victim = next(n for n in cluster.nodes if n is not leader)
+    others = [n for n in cluster.nodes if n is not victim]
+    cluster.kill(victim)
+    shutil.rmtree(victim.data_dir)
+    cluster.start_node(victim)  # same address, same flags, empty disk
+    wait_until(lambda: cluster.status(victim), 20, "the wiped node to answer status")
+    new_identity = cluster.status(victim)["incarnation"]
+    assert new_identity != identities[victim.raft]
+
+    # Its peers refuse its Raft traffic, say so in their logs and metrics, and keep the old record.
+    wait_until(lambda: any(refused_count(n) > 0 for n in others), 20, "a peer to refuse the wiped node")
+    wait_until(lambda: any(f"refusing Raft traffic from {victim.raft}" in n.log_path.read_text() for n in others),
+               10, "the refusal in a peer's log")
+    assert recorded([n.api for n in others])[victim.raft] == identities[victim.raft]
+    assert cluster.status(victim)["incarnation_recorded"] is False
+    # The two others still make a majority: writes go on.
+    acked.update(register(cluster.client([n.api for n in others]), 10, "during-"))
+
+    # The documented way back: remove the address, then add the node (its new identity is recorded).
+    ok_json("member", "remove", victim.raft, endpoints=[n.api for n in others])
+    assert victim.raft not in recorded([n.api for n in others])
+    ok_json("member", "add", victim.raft, "--api", victim.api, endpoints=[n.api for n in others])
+    assert recorded([n.api for n in others])[victim.raft] == new_identity
+    acked.update(register(client, 10, "after-"))
+    last = max(acked.values())
+    wait_until(lambda: int(cluster.status(victim)["revision"]) >= last, 30, "the re-added node to catch up")
+    assert cluster.status(victim)["incarnation_recorded"] is True
+    with SyncClient([victim.api], timeout_s=10.0, connect_timeout_s=0.5) as direct:
+        _, body = direct.get_service("idsvc", consistency="stale")
+    assert {i["id"]: i["mod_revision"] for i in body["instances"]} == acked
+
+
+def test_member_add_refuses_an_api_that_is_another_node(cluster: Cluster) -> None:
+    """`member add RAFT --api API` checks that API belongs to RAFT: a typo must not record a wrong identity."""
+    proc = regctl("member", "add", "127.0.0.1:1", "--api", cluster.nodes[0].api,
+                                                    endpoints=cluster.endpoints)
+    assert proc.returncode == 1
+    assert f"has Raft address {cluster.nodes[0].raft}, not 127.0.0.1:1" in proc.stderr
+    assert "127.0.0.1:1" not in recorded(cluster.endpoints)
