@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
+from registry.backup import encode_backup, load_seed, seed_data_dir
 from registry.errors import InvalidArgument, RegistryError
 from registry.incarnation import INCARNATION_FILE, IncarnationGuard, PeerRefused, check_incarnation, load_or_create
 from registry.replication import RaftCipher
@@ -165,3 +166,15 @@ def test_identities_survive_snapshots_and_a_seed_forgets_them() -> None:
     restored = RegistryState.restore(state.snapshot())
     assert restored.identity("10.0.0.1:7101") == A and restored.identity("10.0.0.2:7102") is None
     assert restored.forget_identities() == 1 and restored.identities() == {}
+
+
+def test_a_restored_seed_starts_without_the_old_clusters_identities(tmp_path: Path) -> None:
+    """A new cluster restored from a backup has new data directories, often at the old addresses."""
+    state = RegistryState()
+    state.apply({"op": "identity_put", "raft": "10.0.0.1:7101", "incarnation": A, "mode": "create"})
+    state.apply({"op": "key_put", "key": "app/config", "value": "v"})
+    seed_data_dir(encode_backup(state.snapshot(), state.revision, 0), tmp_path / "n1")
+    seeded = load_seed(tmp_path / "n1")
+    assert seeded is not None
+    assert seeded.identities() == {} and seeded.revision == state.revision
+    assert seeded.get_key("app/config")["value"] == "v"
