@@ -16,6 +16,7 @@ from .api import NodeInfo, RegistryAPI, RevisionWaiters
 from .backup import load_seed
 from .config import NodeConfig
 from .errors import RegistryError
+from .gc_tuning import GcSettings, GcTuner
 from .http import HTTPServer
 from .incarnation import IncarnationGuard, load_or_create
 from .lease_service import LeaseService
@@ -49,6 +50,7 @@ class Node:
         self._waiters: RevisionWaiters | None = None
         self.acl: AclService | None = None
         self._recorder: IncarnationRecorder | None = None
+        self._gc: GcTuner | None = None
         self.incarnation: str | None = None
         self.guard: IncarnationGuard | None = None
 
@@ -61,6 +63,8 @@ class Node:
                 "%s can run code on this host. Never use --dev outside a laptop.",
                 config.raft_addr,
             )
+        self._gc = GcTuner(GcSettings())
+        self._gc.start(loop)
         seed = load_seed(Path(config.data_dir))
         if seed is not None:
             # A data dir made by `regctl snapshot restore`: start from its state.
@@ -243,6 +247,8 @@ class Node:
             self._proposer.close()
         if self.raft is not None:
             self.raft.destroy()
+        if self._gc is not None:
+            self._gc.stop()
         log.info("node %s stopped", self.config.node_id)
 
 
