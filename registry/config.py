@@ -40,6 +40,10 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: Longest Raft address (bytes of UTF-8) a node accepts for itself.
+RAFT_ADDRESS_BYTES_MAX = 255
+
+
 @dataclass(frozen=True, slots=True)
 class RaftTiming:
     """pysyncobj timers, tuned for a failover in about a second.
@@ -126,6 +130,9 @@ class NodeConfig:
         if not self.node_id or len(self.node_id) > 64:
             raise InvalidArgument("node id must be 1..64 characters")
         parse_hostport(self.raft_addr, what="raft address")
+        if len(self.raft_addr.encode()) > RAFT_ADDRESS_BYTES_MAX:
+            # It travels in the header of every Raft message (RaftCipher), which has one byte for its length.
+            raise InvalidArgument(f"raft address longer than {RAFT_ADDRESS_BYTES_MAX} bytes")
         for peer in self.peers:
             parse_hostport(peer, what="peer address")
         if self.raft_addr in self.peers:

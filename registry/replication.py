@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
 
-from .config import NodeConfig
+from .config import RAFT_ADDRESS_BYTES_MAX, NodeConfig
 from .errors import BadRequest, Internal, RegistryError, Timeout, Unavailable
 from .incarnation import IncarnationGuard
 from .state import RegistryState
@@ -162,8 +162,8 @@ class RaftCipher:
     _KDF_SALT = b"raft-registry/raft-aead/v1"
     _KEY_INFO = b"raft-registry raft message key v1"
     _CACHED_KEYS_MAX = 64
-    #: Longest Raft address a header can carry (bytes of UTF-8).
-    ADDRESS_BYTES_MAX = 255
+    #: Longest Raft address a header can carry (bytes of UTF-8); NodeConfig.validate refuses longer.
+    ADDRESS_BYTES_MAX = RAFT_ADDRESS_BYTES_MAX
 
     def __init__(self, cluster_key: str, sender: str, incarnation: str,
                  check: Callable[[str, str], None] | None = None) -> None:

@@ -8,12 +8,16 @@ directory deleted and the same command started again, as an operator who
 from __future__ import annotations
 
 import shutil
+import subprocess
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from registry.client import SyncClient
+from registry.incarnation import INCARNATION_FILE
+from registry.ports import free_ports
 from tests.integration.test_ops import ok_json, regctl
-from tests.support.cluster import Cluster, NodeProc, wait_until
+from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -87,3 +91,26 @@ def test_member_add_refuses_an_api_that_is_another_node(cluster: Cluster) -> Non
     assert proc.returncode == 1
     assert f"has Raft address {cluster.nodes[0].raft}, not 127.0.0.1:1" in proc.stderr
     assert "127.0.0.1:1" not in recorded(cluster.endpoints)
+
+
+def test_server_refuses_a_corrupt_identity_file_and_an_overlong_raft_address(tmp_path: Path) -> None:
+    """Both are usage errors (exit 2, one clear line, no traceback), and the identity file is left as it was."""
+    api, raft, http = free_ports(3)
+
+    def server(data: Path, raft_addr: str) -> list[str]:
+        return [regctl_executable(), "server", "--id", "t1", "--data-dir", str(data), "--raft", raft_addr,
+                "--api", f"127.0.0.1:{api}", "--http", f"127.0.0.1:{http}", "--dev"]
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / INCARNATION_FILE).write_text("zz\n")
+    long_host = "h" * 260
+    cases = [
+        (server(corrupt, f"127.0.0.1:{raft}"), "corrupt incarnation file"),
+        (server(tmp_path / "long", f"{long_host}:{raft}"), "raft address longer than 255 bytes"),
+    ]
+    for cmd, message in cases:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, (proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert (corrupt / INCARNATION_FILE).read_text() == "zz\n"
