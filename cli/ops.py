@@ -144,6 +144,9 @@ def member_add(obj: Ctx, raft: str, api: str | None) -> None:
             raise click.ClickException(f"the node at {api} has Raft address {status.get('raft')}, not {raft}")
         if status.get("incarnation"):
             args["incarnation"] = str(status["incarnation"])
+    else:
+        click.echo(f"note: without --api, {raft}'s data-directory identity is recorded when it first talks to "
+                   "the leader, not before it becomes a member (see README, Day-two operations)", err=True)
     revision = _change_membership(obj, "member_add", args)
     emit(obj.output, {"added": raft, "revision": revision}, f"added member {raft}")
 

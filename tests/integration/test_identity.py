@@ -84,12 +84,22 @@ def test_wiped_member_is_refused_until_removed_and_re_added(cluster: Cluster) ->
     assert {i["id"]: i["mod_revision"] for i in body["instances"]} == acked
 
 
-def test_member_add_refuses_an_api_that_is_another_node(cluster: Cluster) -> None:
-    """`member add RAFT --api API` checks that API belongs to RAFT: a typo must not record a wrong identity."""
+def test_member_add_checks_the_api_it_reads_the_identity_from(cluster: Cluster) -> None:
+    """`member add RAFT --api API` checks that API belongs to RAFT: a typo must not record a wrong identity.
+
+    Without --api the CLI says when the identity will be recorded instead.
+    """
     proc = regctl("member", "add", "127.0.0.1:1", "--api", cluster.nodes[0].api,
                                                     endpoints=cluster.endpoints)
     assert proc.returncode == 1
     assert f"has Raft address {cluster.nodes[0].raft}, not 127.0.0.1:1" in proc.stderr
+    assert "127.0.0.1:1" not in recorded(cluster.endpoints)
+    # Without --api nothing can be read beforehand: the CLI says when the identity will be recorded.
+    proc = regctl("member", "add", "127.0.0.1:1", endpoints=cluster.endpoints)
+    assert proc.returncode == 0, proc.stderr
+    assert "recorded when it first talks to the leader" in proc.stderr
+    assert recorded(cluster.endpoints)["127.0.0.1:1"] is None  # a member nobody runs: never recorded
+    ok_json("member", "remove", "127.0.0.1:1", endpoints=cluster.endpoints)
     assert "127.0.0.1:1" not in recorded(cluster.endpoints)
 
 
