@@ -47,8 +47,9 @@ TRANSFER_CATCH_UP_S = 3.0
 class MembershipService:
     def __init__(self, raft: RaftNode, holder: StateHolder, proposer: Proposer,
                  leader_api: Callable[[], str | None], self_api: str,
-                 static_apis: dict[str, str] | None = None) -> None:
+                 static_apis: dict[str, str] | None = None, guard: IncarnationGuard | None = None) -> None:
         self._raft = raft
+        self._guard = guard
         self._holder = holder
         self._proposer = proposer
         self._leader_api = leader_api
@@ -161,6 +162,7 @@ class MembershipService:
                 # A record left from an earlier member at this address would
                 # lock the new one out; the leader records it on first contact.
                 await self._proposer.write({"op": "identity_delete", "raft": raft_addr})
+                self._forget_seen(raft_addr)
             await self._await(lambda done: self._raft.addNodeToCluster(raft_addr, callback=done))
             if api is not None:
                 await self._proposer.write({"op": "key_put", "key": MEMBER_KEY_PREFIX + raft_addr, "value": api})
@@ -191,9 +193,16 @@ class MembershipService:
                 await self._proposer.write({"op": "identity_delete", "raft": raft_addr})
             except RegistryError:
                 pass
+            self._forget_seen(raft_addr)
         finally:
             self._changing = None
         return self._holder.state.revision, {"removed": raft_addr}
+
+    def _forget_seen(self, raft_addr: str) -> None:
+        # What the old process at this address said (it may still be running after its removal)
+        # must not be what the leader records for the next member there: that one's first message is.
+        if self._guard is not None:
+            self._guard.seen.pop(raft_addr, None)
 
     async def transfer_leader(self, args: dict[str, Any]) -> tuple[int, Any]:
         unknown = set(args) - {"raft"}

@@ -131,7 +131,7 @@ class Node:
         self.api.add_handler("lease_ttl", self.leases.time_to_live)
         self.leases.start()
         self.members = MembershipService(raft, self.holder, self._proposer, self._leader_api, config.api_addr,
-                                         dict(config.peer_apis))
+                                         dict(config.peer_apis), guard)
         self.api.add_handler("member_list", self.members.list)
         self.api.add_handler("member_add", self.members.add)
         self.api.add_handler("member_remove", self.members.remove)
