@@ -273,6 +273,38 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         )
         super().__init__(config.raft_addr, list(config.peers), conf)
 
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        """One Raft tick that sends each follower at most one AppendEntries for what it produced.
+
+        With ``appendEntriesUseBatch`` off (needed for low latency: a new
+        command wakes the Raft thread through pysyncobj's pipe notifier),
+        pysyncobj sent a full AppendEntries round after applying (to carry the
+        new commit index) and another for *each* command it took from its
+        queue, so a busy leader sent several rounds per tick, each paid for in
+        pickling, encryption, syscalls and the followers' replies.  Here the
+        tick runs with the flag on (no per-command or post-apply sends) and
+        without blocking, then one round goes out if the tick appended entries
+        or advanced the commit index, then the thread waits for events.
+
+        Commands queued while the flag was on got no wake-up: if any are
+        queued now the thread does not wait (the flag is off again before the
+        queue is checked, so a later command notifies as usual).
+        """
+        sync_conf = self._getConf()
+        log_before = self._SyncObj__getCurrentLogIndex()
+        commit_before = self.raftCommitIndex
+        sync_conf.appendEntriesUseBatch = True
+        try:
+            super()._onTick(0.0)
+        finally:
+            sync_conf.appendEntriesUseBatch = False
+        if self._isLeader() and (self._SyncObj__getCurrentLogIndex() != log_before
+                                 or self.raftCommitIndex != commit_before):
+            self._SyncObj__sendAppendEntries()
+        if self._SyncObj__commandsQueue._FastQueue__queue:
+            return
+        self._poller.poll(timeToWait)
+
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
         """pysyncobj's message handler, with the leader's next index for a follower never moving backwards.
 
