@@ -235,6 +235,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                                   guard.check if guard is not None else None)
         self._listeners: list[Listener] = []
         self._on_restore: list[Callable[[], None]] = []
+        #: See _onTick: AppendEntries rounds asked for during a tick, sent once at its end.
+        self._defer_sends = False
+        self._send_wanted = False
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         timing = config.raft
@@ -273,37 +276,43 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         )
         super().__init__(config.raft_addr, list(config.peers), conf)
 
+    # -- one AppendEntries round per tick ------------------------------------------
+    #
+    # With ``appendEntriesUseBatch`` off (needed for low latency: a new command
+    # wakes the Raft thread through pysyncobj's pipe notifier), pysyncobj's
+    # leader sent a full AppendEntries round after applying (to carry the new
+    # commit index) and another for *each* command it took from its queue, so
+    # under load it sent several rounds per tick, each paid for in pickling,
+    # encryption, syscalls and the followers' replies.  Here every round asked
+    # for during a tick is deferred, and one goes out at the end of the tick's
+    # work, before it waits for events: it carries everything appended and the
+    # latest commit index.
+
     def _onTick(self, timeToWait: float = 0.0) -> None:
-        """One Raft tick that sends each follower at most one AppendEntries for what it produced.
-
-        With ``appendEntriesUseBatch`` off (needed for low latency: a new
-        command wakes the Raft thread through pysyncobj's pipe notifier),
-        pysyncobj sent a full AppendEntries round after applying (to carry the
-        new commit index) and another for *each* command it took from its
-        queue, so a busy leader sent several rounds per tick, each paid for in
-        pickling, encryption, syscalls and the followers' replies.  Here the
-        tick runs with the flag on (no per-command or post-apply sends) and
-        without blocking, then one round goes out if the tick appended entries
-        or advanced the commit index, then the thread waits for events.
-
-        Commands queued while the flag was on got no wake-up: if any are
-        queued now the thread does not wait (the flag is off again before the
-        queue is checked, so a later command notifies as usual).
-        """
-        sync_conf = self._getConf()
-        log_before = self._SyncObj__getCurrentLogIndex()
-        commit_before = self.raftCommitIndex
-        sync_conf.appendEntriesUseBatch = True
+        self._defer_sends = True
         try:
-            super()._onTick(0.0)
+            super()._onTick(timeToWait)
         finally:
-            sync_conf.appendEntriesUseBatch = False
-        if self._isLeader() and (self._SyncObj__getCurrentLogIndex() != log_before
-                                 or self.raftCommitIndex != commit_before):
-            self._SyncObj__sendAppendEntries()
-        if self._SyncObj__commandsQueue._FastQueue__queue:
+            # Ticks that return early (transport not ready) never reach _checkCommandsToApply.
+            self._flush_sends()
+
+    def _checkCommandsToApply(self) -> None:
+        super()._checkCommandsToApply()
+        # The last step of a tick that sends; then compaction, callbacks and the wait for events.
+        self._flush_sends()
+
+    def _SyncObj__sendAppendEntries(self) -> None:
+        if self._defer_sends:
+            self._send_wanted = True
             return
-        self._poller.poll(timeToWait)
+        super()._SyncObj__sendAppendEntries()
+
+    def _flush_sends(self) -> None:
+        self._defer_sends = False
+        if self._send_wanted:
+            self._send_wanted = False
+            if self._isLeader():  # it may have stepped down since asking
+                super()._SyncObj__sendAppendEntries()
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
         """pysyncobj's message handler, with the leader's next index for a follower never moving backwards.

@@ -7,6 +7,7 @@ imports the node itself.  Synchronisation is always ``wait_until`` with a deadli
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import threading
@@ -667,3 +668,44 @@ def test_pipelined_writes_never_make_a_follower_truncate_applied_entries(cluster
     truncations = [line for node in cluster.nodes for line in node.log_path.read_text().splitlines()
                    if "truncating already-applied" in line]
     assert not truncations, f"{len(truncations)} truncations after {sum(counts)} writes, e.g. {truncations[:3]}"
+
+
+def test_a_node_without_a_leader_waits_for_one_without_spinning(cluster: Cluster) -> None:
+    """A write queued on a node that cannot reach a majority must not make its Raft thread busy-loop.
+
+    The Raft thread ticks on events and timeouts; a command it cannot hand to a leader stays queued,
+    and the tick must still wait instead of going round at once (which burned a core, and on a small
+    machine slowed the very election that would end the wait).
+    """
+    survivor = cluster.wait_leader()
+    for node in others(cluster, survivor):
+        cluster.kill(node)
+    assert survivor.proc is not None
+    # A leader that loses its majority steps down and then knows no leader (an isolated follower
+    # would keep naming its last one): from then on a command stays queued.
+    wait_until(lambda: cluster.status(survivor).get("leader") is None, 15, "the survivor to know no leader")
+    pending = threading.Thread(target=lambda: _try_register(survivor), daemon=True)
+    pending.start()
+    time.sleep(0.5)  # deliberate: let the write reach the Raft queue before measuring
+    before = _cpu_seconds(survivor.proc.pid)
+    started = time.monotonic()
+    time.sleep(2.0)  # deliberate: a CPU-usage window, not a wait for a condition
+    used = _cpu_seconds(survivor.proc.pid) - before
+    elapsed = time.monotonic() - started
+    assert used < 0.5 * elapsed, f"a leaderless node used {used:.2f} s of CPU in {elapsed:.2f} s"
+    pending.join(timeout=15)
+
+
+def _try_register(node: NodeProc) -> None:
+    with SyncClient([node.api], timeout_s=3.0, connect_timeout_s=0.5) as client:
+        try:
+            client.register("spin", "s1", "10.0.0.5", 9000)
+        except (RegistryError, OSError):
+            pass  # expected: no quorum
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
