@@ -208,7 +208,8 @@ def status(obj: Ctx, watch_live: bool) -> None:
         return
     with obj.client() as client:
         nodes = client.cluster_status()
-    data = [{k: n.get(k) for k in (*STATUS_KEYS, "leader", "error")} for n in nodes]
+    data = [{k: n.get(k) for k in (*STATUS_KEYS, "leader", "incarnation", "incarnation_recorded", "error")}
+            for n in nodes]
     rows = [[n.get(k) if n.get("reachable") or k in ("api", "reachable") else "-" for k in STATUS_KEYS]
             for n in data]
     emit(obj.output, data, table(rows, [k.upper() for k in STATUS_KEYS]))

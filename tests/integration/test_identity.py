@@ -49,6 +49,9 @@ def test_wiped_member_is_refused_until_removed_and_re_added(cluster: Cluster) ->
     # The leader records every member's identity on first contact.
     cluster.wait_identities_recorded()
     assert recorded(cluster.endpoints) == identities
+    shown = ok_json("status", endpoints=cluster.endpoints)
+    assert {n["api"]: (n["incarnation"], n["incarnation_recorded"]) for n in shown} == {
+        n.api: (identities[n.raft], True) for n in cluster.nodes}
     acked = register(client, 20, "before-")
 
     leader = cluster.wait_leader()
