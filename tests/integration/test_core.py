@@ -684,16 +684,16 @@ def test_a_node_without_a_leader_waits_for_one_without_spinning(cluster: Cluster
     # A leader that loses its majority steps down and then knows no leader (an isolated follower
     # would keep naming its last one): from then on a command stays queued.
     wait_until(lambda: cluster.status(survivor).get("leader") is None, 15, "the survivor to know no leader")
-    pending = threading.Thread(target=lambda: _try_register(survivor), daemon=True)
-    pending.start()
-    time.sleep(0.5)  # deliberate: let the write reach the Raft queue before measuring
+    # The window is the write's life: sent at once, then queued until the client gives up (3 s).
     before = _cpu_seconds(survivor.proc.pid)
     started = time.monotonic()
-    time.sleep(2.0)  # deliberate: a CPU-usage window, not a wait for a condition
+    pending = threading.Thread(target=lambda: _try_register(survivor), daemon=True)
+    pending.start()
+    pending.join(timeout=15)
     used = _cpu_seconds(survivor.proc.pid) - before
     elapsed = time.monotonic() - started
+    assert not pending.is_alive(), "the client did not give up within 15 s"
     assert used < 0.5 * elapsed, f"a leaderless node used {used:.2f} s of CPU in {elapsed:.2f} s"
-    pending.join(timeout=15)
 
 
 def _try_register(node: NodeProc) -> None:
