@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from registry.client import DEFAULT_ENDPOINTS, SyncClient, client_ssl_context
-from registry.config import NodeConfig, RaftTiming, parse_hostport
+from registry.config import NodeConfig, parse_hostport
 from registry.errors import InvalidArgument, RegistryError
 
 from .durations import Duration
@@ -117,6 +117,10 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--compaction-entries", type=click.IntRange(min=2), default=None, hidden=True,
               help="Snapshot the Raft log after this many entries (tests use a low value).")
+@click.option("--commit-notify-delay-ms", type=click.FloatRange(min=0, max=50, max_open=True), default=None,
+              help="How long the leader may hold back a round that only tells followers the new commit index, "
+                   "so the next write's round carries it [default: 2; 0 = send at once]. Followers apply "
+                   "that much later when writes pause; serial writes send half the Raft messages.")
 @click.option("--watch-history-events", type=click.IntRange(min=1), default=None, hidden=True,
               help="Events kept in the watch history for resumes (tests use a low value).")
 @click.option("--watch-queue-events", type=click.IntRange(min=1), default=None, hidden=True,
@@ -131,7 +135,8 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
               help="Require client certificates signed by this CA.")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
-           log_level: str, compaction_entries: int | None, watch_history_events: int | None,
+           log_level: str, compaction_entries: int | None, commit_notify_delay_ms: float | None,
+           watch_history_events: int | None,
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None) -> None:
     """Run one registry node in the foreground."""
@@ -162,8 +167,12 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
             peer_apis=tuple(pairs), cluster_key=key, dev=dev, log_format=log_format, log_level=log_level.upper(),
             acl=acl_enabled, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
         )
+        timing = config.raft
         if compaction_entries is not None:
-            config = config.replace(raft=RaftTiming(compaction_entries=compaction_entries))
+            timing = dataclasses.replace(timing, compaction_entries=compaction_entries)
+        if commit_notify_delay_ms is not None:
+            timing = dataclasses.replace(timing, commit_notify_delay_s=commit_notify_delay_ms / 1000)
+        config = config.replace(raft=timing)
         limits = config.watch_limits
         if watch_history_events is not None:
             limits = dataclasses.replace(limits, history_events_max=watch_history_events)

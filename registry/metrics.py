@@ -29,6 +29,9 @@ class NodeMetrics:
             "Raft messages refused because the sender's data directory is not the one recorded for its address",
             registry=r,
         )
+        self.raft_messages_sent = Counter(
+            "regctl_raft_messages_sent", "Raft messages sent to peers (entries, heartbeats, replies, votes)", registry=r
+        )
         self.batch_commands = Histogram(
             "regctl_batch_commands", "commands per proposed Raft entry", buckets=_BATCH_BUCKETS, registry=r
         )

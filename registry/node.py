@@ -51,6 +51,8 @@ class Node:
         self.acl: AclService | None = None
         self._recorder: IncarnationRecorder | None = None
         self._gc: GcTuner | None = None
+        #: Raft messages already counted in regctl_raft_messages_sent (the cipher keeps the running total).
+        self._messages_reported = 0
         self.incarnation: str | None = None
         self.guard: IncarnationGuard | None = None
 
@@ -221,6 +223,10 @@ class Node:
         self.metrics.raft_commit_index.set(st.commit_index)
         self.metrics.raft_applied_index.set(st.applied_index)
         self.metrics.revision.set(self.holder.state.revision)
+        sent = self.raft.messages_sent
+        if sent > self._messages_reported:
+            self.metrics.raft_messages_sent.inc(sent - self._messages_reported)
+            self._messages_reported = sent
 
     def _readiness(self) -> tuple[bool, dict[str, Any]]:
         if self.raft is None:

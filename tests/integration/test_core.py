@@ -12,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -709,3 +710,40 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _raft_messages_sent(node: NodeProc) -> float:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"http://{node.http}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.split()[1]) for line in text.splitlines()
+               if line.startswith("regctl_raft_messages_sent_total"))
+
+
+def test_serial_writes_carry_the_commit_index_in_the_next_entry(make_cluster: Callable[..., Cluster]) -> None:
+    """With one write in flight, the leader holds the commit-index-only round back and the next entry carries it.
+
+    pysyncobj sends each commit index in a round of its own: two rounds (and two replies) per
+    follower per serial write.  Held back for up to ``--commit-notify-delay-ms``, the commit index
+    rides on the next write's round: about half the Raft messages.  The same writes with the hold
+    off are the yardstick, so the machine's speed does not matter; every write must still reach
+    every follower.
+    """
+
+    def messages_per_write(cluster: Cluster, writes: int) -> float:
+        leader = cluster.wait_leader()
+        client = cluster.client([leader.api])
+        client.register("serial", "warm", "10.0.0.5", 9000)
+        before = sum(_raft_messages_sent(n) for n in cluster.nodes)
+        for i in range(writes):
+            last = client.register("serial", f"i{i % 10}", "10.0.0.5", 9000, meta={"n": str(i)})
+        after = sum(_raft_messages_sent(n) for n in cluster.nodes)
+        for node in cluster.nodes:  # the last commit index still reaches the followers
+            follower = cluster.client([node.api])
+            wait_until(lambda c=follower: c.get_service("serial", consistency="stale")[0] >= last["revision"],
+                       10, f"{node.node_id} to apply the last write")
+        return (after - before) / writes
+
+    held = messages_per_write(make_cluster("held", ("--commit-notify-delay-ms", "40")), 300)
+    eager = messages_per_write(make_cluster("eager", ("--commit-notify-delay-ms", "0")), 300)
+    assert held < 0.75 * eager, (held, eager)

@@ -1,0 +1,53 @@
+"""The leader's choice to send an AppendEntries round now or hold back a commit-index-only one."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.config import RaftTiming
+from registry.errors import InvalidArgument
+from registry.replication import commit_round_action
+
+D = 0.002  # delay_s
+
+# (wanted, due, now, delay_s, only_commit_index) -> (send now, new due)
+CASES = [
+    # Nothing asked, nothing held: nothing happens.
+    ((False, None, 10.0, D, False), (False, None)),
+    # A round with entries (or a heartbeat) goes at once and ends any hold.
+    ((True, None, 10.0, D, False), (True, None)),
+    ((True, 10.001, 10.0, D, False), (True, None)),
+    # A commit-only round is held until now + delay ...
+    ((True, None, 10.0, D, True), (False, 10.0 + D)),
+    # ... keeps its first deadline when more commits ask again ...
+    ((True, 10.001, 10.0005, D, True), (False, 10.001)),
+    # ... and goes once the deadline has passed, asked again or not.
+    ((True, 10.001, 10.001, D, True), (True, None)),
+    ((False, 10.001, 10.0009, D, False), (False, 10.001)),
+    ((False, 10.001, 10.0011, D, False), (True, None)),
+    # Delay 0: never held.
+    ((True, None, 10.0, 0.0, True), (True, None)),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), CASES)
+def test_commit_round_action(args: tuple[bool, float | None, float, float, bool],
+                             expected: tuple[bool, float | None]) -> None:
+    wanted, due, now, delay_s, only = args
+    send, new_due = commit_round_action(wanted=wanted, due=due, now=now, delay_s=delay_s, only_commit_index=only)
+    assert send == expected[0]
+    if expected[1] is None:
+        assert new_due is None
+    else:
+        assert new_due == pytest.approx(expected[1])
+
+
+@pytest.mark.parametrize("delay_s", [-0.001, 0.05, 0.2])
+def test_commit_notify_delay_must_be_under_the_heartbeat(delay_s: float) -> None:
+    with pytest.raises(InvalidArgument, match="commit_notify_delay_s"):
+        RaftTiming(commit_notify_delay_s=delay_s).validate()
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.049])
+def test_commit_notify_delays_under_the_heartbeat_are_accepted(delay_s: float) -> None:
+    RaftTiming(commit_notify_delay_s=delay_s).validate()
