@@ -180,13 +180,8 @@ class Node:
             self.leases.on_restore()
 
     def _live_numbers(self) -> dict[str, Any]:
-        requests = 0.0
-        for metric in self.metrics.requests.collect():
-            for sample in metric.samples:
-                if sample.name.endswith("_total"):
-                    requests += sample.value
         return {
-            "requests_total": int(requests),
+            "requests_total": self.metrics.requests.total(),
             "leases": len(self.leases.keeper) if self.leases is not None else 0,
             "watchers": self.watches.hub.watchers if self.watches is not None else 0,
             "pending_proposals": self._proposer.pending if self._proposer is not None else 0,

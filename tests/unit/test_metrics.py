@@ -1,0 +1,70 @@
+"""RequestStats renders the same Prometheus series the library's own Counter and Histogram would."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from registry.metrics import NodeMetrics, RequestStats
+
+BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+def _series(registry: CollectorRegistry) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith("#") or "_created" in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        out[name] = float(value)
+    return out
+
+
+def _labels_sorted(series: dict[str, float]) -> dict[str, float]:
+    """Label order in the text format is the collector's choice; compare label sets."""
+    out = {}
+    for name, value in series.items():
+        if "{" in name:
+            base, labels = name[:-1].split("{", 1)
+            name = base + "{" + ",".join(sorted(labels.split(","))) + "}"
+        out[name] = value
+    return out
+
+
+OBSERVATIONS = [
+    # (op, code, seconds): on, below, between and above the bucket bounds
+    ("register", "OK", 0.0005),
+    ("register", "OK", 0.0004),
+    ("register", "OK", 0.0011),
+    ("register", "TIMEOUT", 5.0),
+    ("register", "OK", 7.5),
+    ("service_get", "OK", 0.0),
+    ("service_get", "NOT_FOUND", 0.003),
+]
+
+
+def test_request_stats_match_prometheus_counter_and_histogram() -> None:
+    ours = CollectorRegistry()
+    stats = RequestStats(BUCKETS)
+    ours.register(stats)
+    theirs = CollectorRegistry()
+    counter = Counter("regctl_requests", "client requests by op and result code", ["op", "code"], registry=theirs)
+    histogram = Histogram("regctl_request_seconds", "client request latency by op", ["op"], buckets=BUCKETS,
+                          registry=theirs)
+    for op, code, seconds in OBSERVATIONS:
+        stats.done(op, code, seconds)
+        counter.labels(op=op, code=code).inc()
+        histogram.labels(op=op).observe(seconds)
+    stats.count("lease_keepalive", "OK", 3)
+    counter.labels(op="lease_keepalive", code="OK").inc(3)
+    assert _labels_sorted(_series(ours)) == pytest.approx(_labels_sorted(_series(theirs)))
+    assert stats.total() == len(OBSERVATIONS) + 3
+
+
+def test_node_metrics_expose_request_series() -> None:
+    metrics = NodeMetrics()
+    metrics.request_done("register", "OK", 0.003)
+    text = generate_latest(metrics.registry).decode()
+    assert 'regctl_requests_total{code="OK",op="register"} 1.0' in text
+    assert 'regctl_request_seconds_bucket{le="0.005",op="register"} 1.0' in text
+    assert 'regctl_request_seconds_bucket{le="0.002",op="register"} 0.0' in text
