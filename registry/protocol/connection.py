@@ -91,9 +91,9 @@ class _Connection:
 
     __slots__ = ("_decoder", "_eof", "_error", "_finished", "_frame_bytes_max")
 
-    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *, check_model: bool = True) -> None:
         self._frame_bytes_max = frame_bytes_max
-        self._decoder = FrameDecoder(frame_bytes_max)
+        self._decoder = FrameDecoder(frame_bytes_max, check_model=check_model)
         self._eof = False
         self._error: RegistryError | None = None
         # Set once a bye was sent or received: nothing after it matters.
@@ -286,7 +286,8 @@ class ClientConnection(_Connection):
     __slots__ = ("_hello_ok_received", "_hello_sent", "_last_body", "_last_body_bytes")
 
     def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
-        super().__init__(frame_bytes_max)
+        # The node's frames are trusted to be in the data model: no walk (frames.py).
+        super().__init__(frame_bytes_max, check_model=False)
         self._hello_sent = False
         self._hello_ok_received = False
         #: The encoded body value of the last StreamEvent decoded, and its decoded object.

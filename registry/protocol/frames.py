@@ -30,6 +30,12 @@ Hostile input is the design constraint, so the decoder
 
 ``encode_frame`` runs the same data-model check, so anything we send is
 something our own decoder accepts.
+
+The client's decoder (``FrameDecoder(check_model=False)``) skips the walk: a
+client trusts the node it chose to talk to, which only ever sends frames in
+the data model, and the walk was 30% of a client's CPU per read of a
+3-instance service.  msgpack's limits still bound what a body can allocate,
+and a node decodes every client frame with the full check.
 """
 
 from __future__ import annotations
@@ -146,7 +152,7 @@ def encode_frame(obj: dict[str, Any], frame_bytes_max: int = FRAME_BYTES_MAX_DEF
     return _PREFIX.pack(len(body)) + body
 
 
-def _decode_body(body: bytes) -> dict[str, Any]:
+def _decode_body(body: bytes, check_model: bool = True) -> dict[str, Any]:
     size = len(body)
     try:
         obj = msgpack.unpackb(
@@ -169,18 +175,21 @@ def _decode_body(body: bytes) -> dict[str, Any]:
         raise ProtocolError(f"undecodable frame: {type(exc).__name__}: {exc}"[:200]) from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame body must be a map, not {type(obj).__name__}")
-    _check_data_model(obj, ProtocolError)
+    if check_model:
+        _check_data_model(obj, ProtocolError)
     return obj
 
 
 class FrameDecoder:
     """Incremental, sans-IO decoder of length-prefixed msgpack frames."""
 
-    __slots__ = ("_buf", "_error", "_frame_bytes_max")
+    __slots__ = ("_buf", "_check_model", "_error", "_frame_bytes_max")
 
-    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *, check_model: bool = True) -> None:
+        """``check_model=False``: skip the data-model walk (for trusted peers; see the module docstring)."""
         _check_limit(frame_bytes_max)
         self._frame_bytes_max = frame_bytes_max
+        self._check_model = check_model
         # bytearray: CPython makes deleting from the front O(1) amortised.
         self._buf = bytearray()
         self._error: RegistryError | None = None
@@ -235,7 +244,7 @@ class FrameDecoder:
     def decode_body(self, body: bytes) -> dict[str, Any]:
         """Decode a body from ``next_body`` exactly as ``next_frame`` would (an error kills the decoder)."""
         try:
-            return _decode_body(body)
+            return _decode_body(body, self._check_model)
         except RegistryError as exc:
             self._die(exc)
             raise

@@ -158,6 +158,29 @@ def test_bad_body_is_protocol_error_and_sticky(body: bytes) -> None:
     assert decoder.error is first.value
 
 
+#: Refused only by the data-model walk, which a client's decoder skips (it trusts its node).
+MODEL_ONLY = {"bytes-key", "nesting-max+1", "empty-at-nesting-max+1"}
+
+
+@pytest.mark.parametrize("body", [p for p in BAD_BODIES if p.id not in MODEL_ONLY])
+def test_trusting_decoder_still_refuses_what_msgpack_refuses(body: bytes) -> None:
+    decoder = FrameDecoder(check_model=False)
+    decoder.feed(raw_frame(body))
+    with pytest.raises(ProtocolError):
+        decoder.next_frame()
+
+
+@pytest.mark.parametrize("body", [p for p in BAD_BODIES if p.id in MODEL_ONLY])
+def test_only_the_trusting_decoder_accepts_frames_outside_the_data_model(body: bytes) -> None:
+    trusting = FrameDecoder(check_model=False)
+    trusting.feed(raw_frame(body))
+    assert isinstance(trusting.next_frame(), dict)
+    checking = FrameDecoder()
+    checking.feed(raw_frame(body))
+    with pytest.raises(ProtocolError):
+        checking.next_frame()
+
+
 def test_zero_length_frame_is_protocol_error() -> None:
     decoder = FrameDecoder()
     decoder.feed(b"\x00\x00\x00\x00")
