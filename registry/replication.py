@@ -7,7 +7,13 @@ Theory of operation
 commands, and applying it is one call into ``RegistryState.apply`` per
 command.  A batch is one Raft entry; the proposer (``proposer.py``) packs
 many concurrent client commands into it (group commit), because pysyncobj's
-cost is per entry (it pickles, zlibs and unpickles each one).
+cost is per entry (it pickles and unpickles each one).
+
+Messages.  ``RaftTransport`` sends pysyncobj's messages with its framing
+but without its per-message zlib compression (``zlib_stored``); the leader
+sends one AppendEntries round per tick and holds back a round that would
+only carry a new commit index for ``commit_notify_delay_s``, so the next
+entry carries it (``RaftNode._flush_sends``).
 
 Threads.  pysyncobj runs one background thread that polls sockets, runs
 Raft, applies entries and calls callbacks.  ``RegistryState`` is mutated
@@ -55,16 +61,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import pickle as raft_pickle
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.node import TCPNode
+from pysyncobj.tcp_connection import CONNECTION_STATE
+from pysyncobj.transport import TCPTransport
 
 from .config import RAFT_ADDRESS_BYTES_MAX, NodeConfig
 from .errors import BadRequest, Internal, RegistryError, Timeout, Unavailable
 from .incarnation import IncarnationGuard
 from .state import RegistryState
 
-__all__ = ["StateHolder", "RaftNode", "RaftCipher", "BatchOutcome", "Listener", "RaftStatus", "commit_round_action",
-           "submit_error"]
+__all__ = ["StateHolder", "RaftNode", "RaftCipher", "BatchOutcome", "Listener", "RaftStatus", "RaftTransport",
+           "commit_round_action", "submit_error", "zlib_stored"]
 
 log = logging.getLogger("registry.replication")
 
@@ -227,6 +236,62 @@ class RaftCipher:
         return self._open(token)[1]
 
 
+#: Largest payload of one stored deflate block (its length field is 16 bits).
+_STORED_BLOCK_BYTES_MAX = 0xFFFF
+_STORED_BLOCK_HEAD = struct.Struct("<BHH")
+#: zlib header: deflate, 32 KiB window, no dictionary, "fastest" level; (0x78 << 8 | 0x01) % 31 == 0.
+_ZLIB_HEAD = b"\x78\x01"
+
+
+def zlib_stored(data: bytes) -> bytes:
+    """``data`` as a zlib stream of stored (uncompressed) deflate blocks: what ``zlib.decompress`` reads back.
+
+    pysyncobj zlib-compresses every message it sends at level 3, and each
+    ``zlib.compress`` call sets up a fresh deflate state: ~50 us for a
+    500-byte message here, more than pickling, encrypting and sending it.
+    Raft traffic is loopback or LAN and mostly small or already-dense
+    msgpack, so it is sent stored instead (~1 us); the receiver's
+    ``zlib.decompress`` is unchanged and just copies, so stock pysyncobj
+    peers read it too.
+    """
+    parts: list[bytes | memoryview] = [_ZLIB_HEAD]
+    size = len(data)
+    view = memoryview(data)
+    start = 0
+    while True:
+        end = min(start + _STORED_BLOCK_BYTES_MAX, size)
+        length = end - start
+        parts.append(_STORED_BLOCK_HEAD.pack(1 if end == size else 0, length, length ^ 0xFFFF))
+        parts.append(view[start:end])
+        if end == size:
+            break
+        start = end
+    parts.append(zlib.adler32(data).to_bytes(4, "big"))
+    return b"".join(parts)
+
+
+class RaftTransport(TCPTransport):  # type: ignore[misc]
+    """pysyncobj's TCP transport, with every Raft message sent as a stored zlib stream (``zlib_stored``).
+
+    The same framing as ``TcpConnection.send`` (random key, pickle, zlib,
+    encryptor, 4-byte length) without the compression; the connection
+    handshake still goes through pysyncobj's own ``send``.
+    """
+
+    def send(self, node: Any, message: Any) -> bool:
+        conn = self._connections.get(node)
+        if conn is None or conn.state != CONNECTION_STATE.CONNECTED:
+            return False
+        if conn.encryptor is None:  # every RaftNode sets one; keep pysyncobj's path otherwise
+            return bool(super().send(node, message))
+        if conn.sendRandKey:
+            message = (conn.sendRandKey, message)
+        data = conn.encryptor.encrypt_at_time(zlib_stored(raft_pickle.dumps(message)), int(raft_clock()))
+        conn._TcpConnection__writeBuffer += struct.pack("i", len(data)) + data
+        conn._TcpConnection__trySendBuffer()
+        return bool(conn.state == CONNECTION_STATE.CONNECTED)
+
+
 def commit_round_action(*, wanted: bool, due: float | None, now: float, delay_s: float,
                         only_commit_index: bool) -> tuple[bool, float | None]:
     """Whether the leader sends an AppendEntries round now, and until when it holds one back.
@@ -326,7 +391,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             dnsCacheTime=2.0,
             dnsFailCacheTime=1.0,
         )
-        super().__init__(config.raft_addr, list(config.peers), conf)
+        super().__init__(config.raft_addr, list(config.peers), conf, transportClass=RaftTransport)
 
     # -- one AppendEntries round per tick ------------------------------------------
     #

@@ -1,12 +1,16 @@
-"""The leader's choice to send an AppendEntries round now or hold back a commit-index-only one."""
+"""Raft message plumbing: the leader's choice to send a round now or hold back a commit-only one, and framing."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from registry.config import RaftTiming
 from registry.errors import InvalidArgument
-from registry.replication import commit_round_action
+from registry.replication import commit_round_action, zlib_stored
 
 D = 0.002  # delay_s
 
@@ -51,3 +55,21 @@ def test_commit_notify_delay_must_be_under_the_heartbeat(delay_s: float) -> None
 @pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.049])
 def test_commit_notify_delays_under_the_heartbeat_are_accepted(delay_s: float) -> None:
     RaftTiming(commit_notify_delay_s=delay_s).validate()
+
+
+# -- Raft messages as stored zlib streams ----------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 500, 0xFFFF - 1, 0xFFFF, 0xFFFF + 1, 3 * 0xFFFF, 200_000])
+def test_zlib_stored_round_trips_at_block_boundaries(size: int) -> None:
+    data = bytes(i % 251 for i in range(size))
+    stream = zlib_stored(data)
+    assert zlib.decompress(stream) == data
+    blocks = max(1, -(-size // 0xFFFF))
+    assert len(stream) == 2 + 5 * blocks + size + 4  # header, block heads, payload, adler32: nothing compressed
+
+
+@given(st.binary(max_size=150_000))
+@settings(max_examples=60, deadline=None)
+def test_zlib_stored_is_read_back_by_zlib(data: bytes) -> None:
+    assert zlib.decompress(zlib_stored(data)) == data
+    assert zlib.decompressobj().decompress(zlib_stored(data)) == data
