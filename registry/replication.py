@@ -73,7 +73,7 @@ from .incarnation import IncarnationGuard
 from .state import RegistryState
 
 __all__ = ["StateHolder", "RaftNode", "RaftCipher", "BatchOutcome", "Listener", "RaftStatus", "RaftTransport",
-           "commit_round_action", "submit_error", "zlib_stored"]
+           "CommitHold", "commit_round_action", "submit_error", "zlib_stored"]
 
 log = logging.getLogger("registry.replication")
 
@@ -316,6 +316,50 @@ def commit_round_action(*, wanted: bool, due: float | None, now: float, delay_s:
     return False, due
 
 
+class CommitHold:
+    """The leader's policy for rounds that would carry only a new commit index (pure: callers pass the time).
+
+    Holding such a round pays off only if an entry follows within
+    ``delay_s`` (a client writing in a loop); for writes that arrive further
+    apart (paced writers, a watch feed) it would only delay every follower.
+    So a round is held only while the last entry came within ``delay_s`` of
+    the commit before it: one miss turns holding off, one quick entry on.
+    """
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        #: Deadline of the round held now, None if none is.
+        self.due: float | None = None
+        #: When the oldest commit index not yet sent was first wanted.
+        self._commit_since: float | None = None
+        self._entry_follows = True
+
+    def decide(self, now: float, wanted: bool, only_commit_index: bool) -> bool:
+        """Whether to send a round now; ``wanted``: asked for in this tick, ``only_commit_index``: see below.
+
+        ``only_commit_index``: a round now would carry no entries to any
+        follower and no heartbeat is due.
+        """
+        if wanted:
+            if only_commit_index:
+                if self._commit_since is None:
+                    self._commit_since = now
+            elif self._commit_since is not None:
+                # This round carries entries (or a heartbeat) and the commit index with them.
+                self._entry_follows = now - self._commit_since < self.delay_s
+                self._commit_since = None
+        send, self.due = commit_round_action(
+            wanted=wanted, due=self.due, now=now, delay_s=self.delay_s,
+            only_commit_index=only_commit_index and self._entry_follows)
+        return send
+
+    def reset(self) -> None:
+        """Forget everything (the node stopped leading)."""
+        self.due = None
+        self._commit_since = None
+        self._entry_follows = True
+
+
 class _DeadlinePoller:
     """pysyncobj's poller, with each wait cut short at the node's held-back commit round (if any)."""
 
@@ -324,7 +368,7 @@ class _DeadlinePoller:
         self._node = node
 
     def poll(self, timeout: float) -> None:
-        due = self._node._commit_round_due
+        due = self._node._commit_hold.due
         if due is not None:
             timeout = max(0.0, min(timeout, due - raft_clock()))
         self._inner.poll(timeout)
@@ -353,8 +397,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._defer_sends = False
         self._send_wanted = False
         #: See _flush_sends: when a held-back commit-index-only round must go out.
-        self._commit_notify_delay_s = config.raft.commit_notify_delay_s
-        self._commit_round_due: float | None = None
+        self._commit_hold = CommitHold(config.raft.commit_notify_delay_s)
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         timing = config.raft
@@ -435,22 +478,21 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         round waits up to that long; the next entry's round (a client writing
         in a loop sends one within a fraction of a millisecond) carries the
         commit index instead, and the poller wakes for the deadline otherwise.
+        ``CommitHold`` stops holding while entries come further apart than that.
         """
         self._defer_sends = False
-        if not self._send_wanted and self._commit_round_due is None:
+        hold = self._commit_hold
+        if not self._send_wanted and hold.due is None:
             return
         if not self._isLeader():  # it may have stepped down since asking
             self._send_wanted = False
-            self._commit_round_due = None
+            hold.reset()
             return
         now = raft_clock()
-        only_commit_index = (self._send_wanted and self._commit_notify_delay_s > 0
-                             and self._only_commit_index_to_send(now))
-        send, self._commit_round_due = commit_round_action(
-            wanted=self._send_wanted, due=self._commit_round_due, now=now,
-            delay_s=self._commit_notify_delay_s, only_commit_index=only_commit_index)
+        wanted = self._send_wanted
         self._send_wanted = False
-        if send:
+        only_commit_index = wanted and hold.delay_s > 0 and self._only_commit_index_to_send(now)
+        if hold.decide(now, wanted, only_commit_index):
             super()._SyncObj__sendAppendEntries()
 
     def _only_commit_index_to_send(self, now: float) -> bool:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from registry.config import RaftTiming
 from registry.errors import InvalidArgument
-from registry.replication import commit_round_action, zlib_stored
+from registry.replication import CommitHold, commit_round_action, zlib_stored
 
 D = 0.002  # delay_s
 
@@ -44,6 +44,47 @@ def test_commit_round_action(args: tuple[bool, float | None, float, float, bool]
         assert new_due is None
     else:
         assert new_due == pytest.approx(expected[1])
+
+
+# Steps of (now, wanted, only_commit_index) -> (send now, held round's deadline afterwards).
+SERIAL_WRITES = [  # a client writing in a loop: each entry follows its commit within the delay
+    ((0.0, True, True), (False, 0.002)),      # commit: held
+    ((0.0003, True, False), (True, None)),    # the next entry carries it
+    ((0.0010, True, True), (False, 0.003)),   # held again
+    ((0.0012, True, False), (True, None)),
+]
+PACED_WRITES = [  # a write every 9 ms: the first hold expires, then commits go at once
+    ((0.0, True, True), (False, 0.002)),
+    ((0.002, False, False), (True, None)),    # the poller woke at the deadline: sent alone
+    ((0.009, True, False), (True, None)),     # the entry came 9 ms after the commit: stop holding
+    ((0.010, True, True), (True, None)),      # commit: sent at once
+    ((0.019, True, False), (True, None)),
+    ((0.020, True, True), (True, None)),
+    # A burst of quick writes turns holding back on.
+    ((0.0203, True, False), (True, None)),
+    ((0.021, True, True), (False, 0.023)),
+]
+
+
+@pytest.mark.parametrize("steps", [SERIAL_WRITES, PACED_WRITES], ids=["serial", "paced"])
+def test_commit_hold_holds_only_while_entries_follow_quickly(
+        steps: list[tuple[tuple[float, bool, bool], tuple[bool, float | None]]]) -> None:
+    hold = CommitHold(D)
+    for (now, wanted, only), (send, due) in steps:
+        assert hold.decide(now, wanted, only) == send, (now, wanted, only)
+        if due is None:
+            assert hold.due is None, now
+        else:
+            assert hold.due == pytest.approx(due), now
+
+
+def test_commit_hold_reset_forgets_the_held_round_and_the_history() -> None:
+    hold = CommitHold(D)
+    assert not hold.decide(0.0, True, True)
+    hold.reset()
+    assert hold.due is None
+    assert not hold.decide(5.0, True, True)  # holding again, as on a fresh leader
+    assert CommitHold(0.0).decide(0.0, True, True)  # delay 0: never held
 
 
 @pytest.mark.parametrize("delay_s", [-0.001, 0.05, 0.2])
