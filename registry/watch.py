@@ -359,7 +359,11 @@ class WatchHub:
         #: Highest revision whose events are *not* all in history: a watch
         #: starting at or below it needs a resync.
         self.floor = revision
-        self._history: deque[tuple[int, list[Event], int]] = deque()
+        #: (last revision, events, their encodings, encoded bytes) per published batch.  The
+        #: encodings are kept so that a watcher starting in the past gets its backlog from the
+        #: same bytes as everyone else: encoding it per subscriber made 1000 watchers that
+        #: subscribed behind the head cost the node minutes of CPU.
+        self._history: deque[tuple[int, list[Event], list[bytes], int]] = deque()
         self._history_events = 0
         self._history_bytes = 0
         self._groups: dict[Selector, set[Watcher]] = {}
@@ -391,7 +395,7 @@ class WatchHub:
             # these bytes, and each chunk is shared by every watcher of it.
             encoded = encode_events(fresh)
             size = sum(map(len, encoded))
-            self._history.append((fresh[-1]["revision"], fresh, size))
+            self._history.append((fresh[-1]["revision"], fresh, encoded, size))
             self._history_events += len(fresh)
             self._history_bytes += size
             self._trim()
@@ -428,7 +432,7 @@ class WatchHub:
         while self._history and (
             self._history_events > limits.history_events_max or self._history_bytes > limits.history_bytes_max
         ):
-            last_revision, events, size = self._history.popleft()
+            last_revision, events, _, size = self._history.popleft()
             self._history_events -= len(events)
             self._history_bytes -= size
             self.floor = max(self.floor, last_revision)
@@ -448,10 +452,15 @@ class WatchHub:
                 watcher.mark_resync("compacted")
                 self._flagged("compacted")
             else:
-                for last_revision, events, _ in self._history:
+                for last_revision, events, encoded, _ in self._history:
                     if last_revision < start:
                         continue
-                    if watcher.push([e for e in events if event_matches(selector, e)]):
+                    if selector.kind == "all":
+                        chunks = make_chunks(events, encoded)
+                    else:
+                        picked = [i for i, e in enumerate(events) if event_matches(selector, e)]
+                        chunks = make_chunks([events[i] for i in picked], [encoded[i] for i in picked])
+                    if watcher.push_chunks(chunks):
                         self._flagged("slow")
                         break
         self._groups.setdefault(selector, set()).add(watcher)

@@ -259,6 +259,26 @@ def test_subscribe_within_history_backfills_exactly_the_matching_events(
     assert revs(watcher.take(1000)) == [11]
 
 
+def test_subscribers_in_the_past_reuse_the_history_encodings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each event is encoded once, when published; 100 watchers starting behind the head encode nothing."""
+    import registry.watch as watch_module
+
+    hub = WatchHub(0)
+    mixed_history(hub, 10)
+    calls = []
+    real = watch_module.encode_events
+
+    def counting(events: list[Event]) -> list[bytes]:
+        calls.append(len(events))
+        return real(events)
+
+    monkeypatch.setattr(watch_module, "encode_events", counting)
+    watchers = [hub.subscribe(WEB if i % 2 else Selector("all"), 2 + i % 3, noop) for i in range(100)]
+    assert calls == []
+    assert revs(watchers[1].take(1000)) == [3, 5, 7, 9]  # WEB from 3
+    assert revs(watchers[0].take(1000)) == list(range(2, 11))  # all from 2
+
+
 def test_subscribe_backfill_keeps_every_event_of_a_multi_event_revision() -> None:
     hub = WatchHub(0)
     hub.publish(1, [ev(1, id_="a")])
