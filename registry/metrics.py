@@ -15,6 +15,15 @@ _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 
 _BATCH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
+class _OpLatency:
+    __slots__ = ("buckets", "sum_s")
+
+    def __init__(self, bucket_count: int) -> None:
+        #: Requests per bucket (not cumulative); the last one is above every bound.
+        self.buckets = [0] * bucket_count
+        self.sum_s = 0.0
+
+
 class RequestStats(Collector):
     """``regctl_requests_total{op,code}`` and ``regctl_request_seconds{op}``, kept in plain ints and floats.
 
@@ -31,8 +40,7 @@ class RequestStats(Collector):
     def __init__(self, buckets_s: tuple[float, ...]) -> None:
         self._bounds = tuple(sorted(buckets_s))
         self._counts: dict[tuple[str, str], int] = {}
-        #: op -> [per-bucket counts (last: above every bound), sum of seconds]
-        self._latency: dict[str, tuple[list[int], list[float]]] = {}
+        self._latency: dict[str, _OpLatency] = {}
 
     def count(self, op: str, code: str, n: int = 1) -> None:
         """Count ``n`` finished requests of ``op`` with result ``code`` (not timed)."""
@@ -45,10 +53,10 @@ class RequestStats(Collector):
         self._counts[key] = self._counts.get(key, 0) + 1
         latency = self._latency.get(op)
         if latency is None:
-            latency = self._latency[op] = ([0] * (len(self._bounds) + 1), [0.0])
+            latency = self._latency[op] = _OpLatency(len(self._bounds) + 1)
         # Prometheus buckets are "less than or equal": the first bound >= seconds.
-        latency[0][bisect_left(self._bounds, seconds)] += 1
-        latency[1][0] += seconds
+        latency.buckets[bisect_left(self._bounds, seconds)] += 1
+        latency.sum_s += seconds
 
     def total(self) -> int:
         return sum(list(self._counts.values()))
@@ -60,13 +68,13 @@ class RequestStats(Collector):
             counts.add_metric([op, code], n)
         yield counts
         latency = HistogramMetricFamily("regctl_request_seconds", "client request latency by op", labels=["op"])
-        for op, (per_bucket, total_s) in sorted(list(self._latency.items())):
+        for op, stats in sorted(list(self._latency.items())):
             cumulative = 0
             buckets: list[tuple[str, float]] = []
-            for bound, n in zip((*self._bounds, float("inf")), list(per_bucket), strict=True):
+            for bound, n in zip((*self._bounds, float("inf")), list(stats.buckets), strict=True):
                 cumulative += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            latency.add_metric([op], buckets, total_s[0])
+            latency.add_metric([op], buckets, stats.sum_s)
         yield latency
 
 

@@ -203,6 +203,14 @@ def make_chunks(events: list[Event], encoded: list[bytes] | None = None,
     return chunks
 
 
+def selected_chunks(selector: Selector, events: list[Event], encoded: list[bytes]) -> list[Chunk]:
+    """The chunks of the events ``selector`` matches, joined from their existing encodings."""
+    if selector.kind == "all":
+        return make_chunks(events, encoded)
+    picked = [i for i, e in enumerate(events) if event_matches(selector, e)]
+    return make_chunks([events[i] for i in picked], [encoded[i] for i in picked])
+
+
 #: Sends encoded chunk bodies to the client right away (all of them), or returns False having
 #: sent nothing, to have them queued instead.
 DirectSend = Callable[[list[bytes]], bool]
@@ -400,13 +408,9 @@ class WatchHub:
             self._history_bytes += size
             self._trim()
             for selector, group in self._groups.items():
-                if selector.kind == "all":
-                    chunks = make_chunks(fresh, encoded)
-                else:
-                    picked = [i for i, e in enumerate(fresh) if event_matches(selector, e)]
-                    if not picked:
-                        continue
-                    chunks = make_chunks([fresh[i] for i in picked], [encoded[i] for i in picked])
+                chunks = selected_chunks(selector, fresh, encoded)
+                if not chunks:
+                    continue
                 # The common case inlined (this loop runs once per watcher per batch): a watcher
                 # with nothing queued, not resyncing and not past these revisions gets the shared
                 # bytes written at once; any other goes through push_chunks.
@@ -455,12 +459,7 @@ class WatchHub:
                 for last_revision, events, encoded, _ in self._history:
                     if last_revision < start:
                         continue
-                    if selector.kind == "all":
-                        chunks = make_chunks(events, encoded)
-                    else:
-                        picked = [i for i, e in enumerate(events) if event_matches(selector, e)]
-                        chunks = make_chunks([events[i] for i in picked], [encoded[i] for i in picked])
-                    if watcher.push_chunks(chunks):
+                    if watcher.push_chunks(selected_chunks(selector, events, encoded)):
                         self._flagged("slow")
                         break
         self._groups.setdefault(selector, set()).add(watcher)
