@@ -96,6 +96,8 @@ class StreamSink:
 
 StreamHandler = Callable[[dict[str, Any], StreamSink], Awaitable[None]]
 #: A synchronous op (memory only, never waits): args -> (revision, body); raises RegistryError.
+#: The body must be in the protocol's data model (built from checked values, never echoed input):
+#: it is encoded without the model walk.
 InlineHandler = Callable[[dict[str, Any]], tuple[int, Any]]
 #: Checks a hello's token; returns the principal (opaque) or raises Unauthenticated.
 TokenCheck = Callable[[str | None], Any]
@@ -329,7 +331,7 @@ class _ClientProtocol(asyncio.Protocol):
         code = "OK"
         try:
             revision, body = handler(req.args)
-            self.write_event(Response(req.id, revision, body=body))
+            self.write_event(Response(req.id, revision, body=body), body_in_model=True)
         except RegistryError as err:
             code = err.code
             if not isinstance(err, (NotFound, Conflict)):

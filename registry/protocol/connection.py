@@ -55,6 +55,7 @@ from .messages import (
     ServerMessage,
     StreamEnd,
     StreamEvent,
+    check_request_fields,
     parse_client_message,
     parse_server_message,
     request_id_of,
@@ -338,6 +339,17 @@ class ClientConnection(_Connection):
         if not self._hello_sent:
             raise Internal("send hello first")
         return self._encode(event)
+
+    def send_request(self, request_id: int, op: str, args: dict[str, Any]) -> bytes:
+        """``send(Request(request_id, op, args))`` without building the event: same checks, same bytes.
+
+        The client's per-request path: the event object would only be turned
+        back into a map, and building it was a tenth of a small call's cost.
+        """
+        if not self._hello_sent:
+            raise Internal("send hello first")
+        check_request_fields(request_id, op, args)
+        return encode_frame({"t": "req", "id": request_id, "op": op, "args": args}, self._frame_bytes_max)
 
     def next_event(self) -> ServerMessage | NeedData | Closed:
         """The next event from the server; raises ``ProtocolError`` (sticky) if it misbehaves.

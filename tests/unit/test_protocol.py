@@ -485,6 +485,47 @@ def test_request_limits_at_boundary() -> None:
         Hello(PROTOCOL_VERSION, "x" * (TOKEN_CHARS_MAX + 1), "c")
 
 
+class _IntSub(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("request_id", "op", "args", "error"),
+    [
+        (0, "get", {}, None),
+        (REQUEST_ID_MAX, "o" * OP_NAME_CHARS_MAX, {"a": {"b": [1, 2.5, None, b"x"]}}, None),
+        (_IntSub(7), "get", {}, None),  # an int subclass is an int, as the shared check says
+        (REQUEST_ID_MAX + 1, "get", {}, InvalidArgument),
+        (-1, "get", {}, InvalidArgument),
+        (True, "get", {}, BadRequest),
+        ("1", "get", {}, BadRequest),
+        (1, "", {}, InvalidArgument),
+        (1, "o" * (OP_NAME_CHARS_MAX + 1), {}, InvalidArgument),
+        (1, b"get", {}, BadRequest),
+        (1, "get", [], BadRequest),
+        (1, "get", {1: "int key"}, Internal),  # outside the data model: refused before it is sent
+        (1, "get", {"a": {1, 2}}, Internal),
+    ],
+)
+def test_client_send_request_matches_send_of_a_request(request_id: Any, op: Any, args: Any,
+                                                       error: type[RegistryError] | None) -> None:
+    """The client's event-free request path checks and encodes exactly like ``send(Request(...))``."""
+    client = ClientConnection()
+    client.send(Hello(PROTOCOL_VERSION, None, "c"))
+    if error is None:
+        assert client.send_request(request_id, op, args) == client.send(Request(request_id, op, args))
+        return
+    with pytest.raises(error):
+        client.send_request(request_id, op, args)
+    with pytest.raises(error):
+        client.send(Request(request_id, op, args))
+
+
+def test_client_send_request_needs_hello_first() -> None:
+    with pytest.raises(Internal, match="hello first"):
+        ClientConnection().send_request(1, "get", {})
+
+
 def test_open_request_limit_at_boundary() -> None:
     server = server_after_hello()
     data = b"".join(
