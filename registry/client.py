@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import random
 import ssl
@@ -119,7 +120,7 @@ class _Stream:
 
 
 class _Recheck:
-    """Set on a waiting request's future by its timer: look around, then wait on ``future``."""
+    """Set on a waiting request's future by the connection's watchdog: look around, then wait on ``future``."""
 
     __slots__ = ("future",)
 
@@ -131,13 +132,18 @@ class _Connection:
     """One TCP connection to one node, with its codec and the requests in flight."""
 
     def __init__(self, endpoint: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 frame_bytes_max: int) -> None:
+                 frame_bytes_max: int, probe_after_s: float = 1.0) -> None:
         self.endpoint = endpoint
         self._reader = reader
         self._writer = writer
         self._codec = ClientConnection(frame_bytes_max=frame_bytes_max)
-        #: Request id -> the future its response (or a ``_Recheck``) is delivered to.
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: Request id -> (the future its response or a ``_Recheck`` is delivered to, its deadline).
+        self._pending: dict[int, tuple[asyncio.Future[Any], float]] = {}
+        #: A node silent this long while requests wait gets probed (see ``_watchdog``).
+        self._probe_after_s = probe_after_s
+        #: The watchdog's timer and when it fires (monotonic); one per connection, not one per request.
+        self._watch: asyncio.TimerHandle | None = None
+        self._watch_at = math.inf
         #: Frames waiting for this loop pass's single write (see ``_write``).
         self._out: list[bytes] = []
         self._streams: dict[int, _Stream] = {}
@@ -153,7 +159,8 @@ class _Connection:
 
     @classmethod
     async def open(cls, endpoint: str, token: str | None, client_name: str, timeout_s: float,
-                   frame_bytes_max: int, ssl_context: ssl.SSLContext | None = None) -> _Connection:
+                   frame_bytes_max: int, ssl_context: ssl.SSLContext | None = None,
+                   probe_after_s: float = 1.0) -> _Connection:
         host, port = parse_hostport(endpoint, what="endpoint")
         if ssl_context is None:
             opening = asyncio.open_connection(host, port)
@@ -163,7 +170,7 @@ class _Connection:
         # as the connection completes, and a cancelled watch then went on running.
         async with asyncio.timeout(timeout_s):
             reader, writer = await opening
-        conn = cls(endpoint, reader, writer, frame_bytes_max)
+        conn = cls(endpoint, reader, writer, frame_bytes_max, probe_after_s)
         try:
             writer.write(conn._codec.send(Hello(version=PROTOCOL_VERSION, token=token, client=client_name)))
             async with asyncio.timeout(timeout_s):
@@ -216,9 +223,10 @@ class _Connection:
 
     def _dispatch(self, event: Any) -> None:
         if isinstance(event, Response):
-            future = self._pending.pop(event.id, None)
-            if future is not None and not future.done():
-                future.set_result(event)
+            waiting = self._pending.pop(event.id, None)
+            if waiting is not None:
+                if not waiting[0].done():
+                    waiting[0].set_result(event)
             else:
                 stream = self._streams.pop(event.id, None)
                 if stream is not None:  # a stream refused before it started
@@ -238,8 +246,11 @@ class _Connection:
     def _fail_all(self, reason: RegistryError) -> None:
         self.closed = True
         self.close_reason = reason
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        for future, _ in pending.values():
             if not future.done():
                 future.set_exception(reason)
         streams, self._streams = self._streams, {}
@@ -249,42 +260,69 @@ class _Connection:
             self._writer.close()
 
     async def request(self, op: str, args: dict[str, Any]) -> Response:
-        req_id, future = self.send_request(op, args)
+        """Send a request and wait for its response, however long it takes (no deadline, no probe)."""
+        req_id, future = self.send_request(op, args, math.inf)
         try:
-            response: Response = await future
-            return response
+            while True:
+                result = await future
+                if not isinstance(result, _Recheck):
+                    response: Response = result
+                    return response
+                future = result.future  # woken for a silent node: the caller's timeout decides
         finally:
             self._pending.pop(req_id, None)
 
-    def send_request(self, op: str, args: dict[str, Any]) -> tuple[int, asyncio.Future[Any]]:
+    def send_request(self, op: str, args: dict[str, Any], deadline: float) -> tuple[int, asyncio.Future[Any]]:
         """Send a request; return its id and the future its ``Response`` will be set on.
 
-        The caller must ``forget(id)`` when it stops waiting.  ``recheck`` may
-        move the request to a fresh future (see ``Client._request``).
+        The caller must ``forget(id)`` when it stops waiting.  The watchdog may
+        instead set a ``_Recheck`` on the future (the deadline passed, or the
+        node went silent); its ``future`` then receives the response.
         """
         if self.closed:
             raise self.close_reason or ConnectionFailed("connection closed")
         req_id = next(self._ids)
-        data = self._codec.send(Request(id=req_id, op=op, args=args))
+        data = self._codec.send_request(req_id, op, args)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = future
+        self._pending[req_id] = (future, deadline)
+        if self._watch is None:
+            self._arm(min(deadline, time.monotonic() + self._probe_after_s))
+        elif deadline < self._watch_at:
+            self._watch.cancel()
+            self._arm(deadline)
         self._write(data)
         return req_id, future
 
     def forget(self, req_id: int) -> None:
         self._pending.pop(req_id, None)
 
-    def recheck(self, req_id: int, future: asyncio.Future[Any]) -> None:
-        """Wake the waiter of ``future`` with a ``_Recheck`` holding the request's new future.
+    def _arm(self, at: float) -> None:
+        self._watch_at = at
+        self._watch = asyncio.get_running_loop().call_later(max(at - time.monotonic(), 0.0), self._watchdog)
 
-        A timer callback: the request stays in flight (its response goes to the
-        new future), while its waiter looks at the deadline and the node's
-        liveness.  This replaces a task plus ``asyncio.wait`` per request.
+    def _watchdog(self) -> None:
+        """Wake the waiters whose deadline passed, and all of them if the node went silent.
+
+        One timer per connection replaces one per request (``call_later`` and
+        its cancel were a tenth of a small call's client CPU).  A node that sent
+        nothing for ``probe_after_s`` while requests wait may be stopped or cut
+        off with its TCP connection open; the woken waiters probe it.
         """
-        if self._pending.get(req_id) is future and not future.done():
-            fresh: asyncio.Future[Any] = future.get_loop().create_future()
-            self._pending[req_id] = fresh
-            future.set_result(_Recheck(fresh))
+        self._watch = None
+        self._watch_at = math.inf
+        if self.closed or not self._pending:
+            return
+        now = time.monotonic()
+        silent = now - self.last_heard >= self._probe_after_s
+        next_at = now + self._probe_after_s if silent else self.last_heard + self._probe_after_s
+        for req_id, (future, deadline) in list(self._pending.items()):
+            if (silent or deadline <= now) and not future.done():
+                fresh: asyncio.Future[Any] = future.get_loop().create_future()
+                self._pending[req_id] = (fresh, deadline)
+                future.set_result(_Recheck(fresh))
+            elif deadline < next_at:
+                next_at = deadline
+        self._arm(next_at)
 
     def _write(self, data: bytes) -> None:
         # Frames sent in one loop pass go out in one socket write: at high
@@ -426,7 +464,7 @@ class Client:
                 try:
                     self._conn = await _Connection.open(
                         endpoint, self.token, self.client_name, self.connect_timeout_s, self.frame_bytes_max,
-                        self.ssl_context,
+                        self.ssl_context, self.probe_after_s,
                     )
                     return self._conn
                 except (OSError, TimeoutError, ConnectionFailed) as err:
@@ -509,28 +547,21 @@ class Client:
         node keeps its TCP connection open and silent, and waiting on it would
         spend the whole deadline there.  So when nothing has arrived from the
         node for ``probe_after_s``, it must answer a ``status`` probe; if it
-        does not, TimeoutError moves the call on to the next endpoint.
+        does not, TimeoutError moves the call on to the next endpoint.  The
+        connection's watchdog wakes this waiter for both (see ``_watchdog``).
         """
-        req_id, future = conn.send_request(op, args)
-        loop = asyncio.get_running_loop()
+        req_id, future = conn.send_request(op, args, deadline)
         try:
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                # One timer, no task: when it fires first, the request moves to a
-                # fresh future and this waiter gets a _Recheck (see recheck).
-                timer = loop.call_later(min(remaining, self.probe_after_s), conn.recheck, req_id, future)
-                try:
-                    result = await future
-                finally:
-                    timer.cancel()
+                result = await future
                 if not isinstance(result, _Recheck):
                     response: Response = result
                     return response
                 future = result.future
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
                 if time.monotonic() - conn.last_heard >= self.probe_after_s:
-                    remaining = max(deadline - time.monotonic(), 0.001)
                     await conn.probe(min(max(self.connect_timeout_s * 2, 0.5), remaining))
         finally:
             conn.forget(req_id)

@@ -1,0 +1,192 @@
+"""The client's deadlines and silent-node probes, against a scripted node on a real socket.
+
+The client keeps one watchdog timer per connection instead of one per request.
+These tests pin what that timer must still do: end each request at its own
+deadline (also one shorter than a request sent before it), leave slow requests
+alone while the node talks, and make a node that went silent answer a probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from registry.client import Client
+from registry.errors import Timeout
+from registry.protocol import (
+    PROTOCOL_VERSION,
+    Hello,
+    HelloOk,
+    NeedData,
+    Request,
+    Response,
+    ServerConnection,
+)
+
+
+def _run(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    def run() -> None:
+        asyncio.run(test())
+
+    run.__name__ = test.__name__
+    return run
+
+
+class ScriptedNode:
+    """A node that answers the handshake, then each request as ``answer(request)`` says.
+
+    ``answer`` returns a body, or None to keep the request unanswered (the
+    test may answer it later with ``reply``).  ``status`` probes are answered
+    unless ``mute`` is set: a muted node is a stopped one with its TCP open.
+    """
+
+    def __init__(self, answer: Callable[[Request], Any]) -> None:
+        self.answer = answer
+        self.mute = False
+        self.requests: list[Request] = []
+        self.probes = 0
+        self._writers: list[tuple[asyncio.StreamWriter, ServerConnection]] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"127.0.0.1:{port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = ServerConnection()
+        self._writers.append((writer, conn))
+        try:
+            while data := await reader.read(65536):
+                conn.receive_data(data)
+                while not isinstance(event := conn.next_event(), NeedData):
+                    if isinstance(event, Hello):
+                        writer.write(conn.send(HelloOk(version=PROTOCOL_VERSION, node="scripted", revision=1)))
+                    elif isinstance(event, Request):
+                        self._handle(writer, conn, event)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def _handle(self, writer: asyncio.StreamWriter, conn: ServerConnection, req: Request) -> None:
+        if req.op == "status":
+            self.probes += 1
+            if not self.mute:
+                writer.write(conn.send(Response(req.id, 1, body={"id": "scripted"})))
+            return
+        self.requests.append(req)
+        body = None if self.mute else self.answer(req)
+        if body is not None:
+            writer.write(conn.send(Response(req.id, 1, body=body)))
+
+    def reply(self, req: Request, body: Any) -> None:
+        writer, conn = self._writers[-1]
+        writer.write(conn.send(Response(req.id, 1, body=body)))
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer, _ in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@_run
+async def test_an_unanswered_request_ends_at_its_deadline() -> None:
+    node = ScriptedNode(lambda req: None)
+    endpoint = await node.start()
+    try:
+        async with Client([endpoint], timeout_s=5.0, probe_after_s=0.2) as client:
+            began = time.monotonic()
+            with pytest.raises(Timeout, match="outcome unknown"):
+                await client.call("get_service", {"name": "web"}, timeout_s=0.5, retry=False)
+            waited = time.monotonic() - began
+            # Not before the deadline; the upper bound only says it did not wait for the 5 s default.
+            assert 0.5 <= waited < 4.0
+            # The node kept answering probes, so the client waited on it the whole time.
+            assert node.probes >= 1
+    finally:
+        await node.stop()
+
+
+@_run
+async def test_a_short_deadline_behind_a_long_one_still_fires_on_time() -> None:
+    """The watchdog is armed for the first request's deadline; a later, shorter one must re-arm it."""
+    node = ScriptedNode(lambda req: None)
+    endpoint = await node.start()
+    try:
+        async with Client([endpoint], timeout_s=30.0, probe_after_s=10.0) as client:
+            slow = asyncio.ensure_future(client.call("get_service", {"name": "slow"}, timeout_s=20.0))
+            await _until(lambda: len(node.requests) == 1)
+            began = time.monotonic()
+            with pytest.raises(Timeout):
+                await client.call("get_service", {"name": "quick"}, timeout_s=0.3, retry=False)
+            assert time.monotonic() - began < 5.0  # far below the 10 s probe interval and 20 s deadline
+            assert not slow.done()
+            # The timeout dropped the connection (the node may be wedged); the long call, which may
+            # retry, sent its request again on a new one, and its answer there lands.
+            await _until(lambda: [r.args["name"] for r in node.requests] == ["slow", "quick", "slow"])
+            node.reply(node.requests[-1], {"name": "slow", "instances": []})
+            _, body = await asyncio.wait_for(slow, 5.0)
+            assert body == {"name": "slow", "instances": []}
+    finally:
+        await node.stop()
+
+
+@_run
+async def test_a_slow_answer_from_a_talking_node_is_waited_for() -> None:
+    """Past probe_after_s, a node that answers its probe keeps the request: the answer is still taken."""
+    node = ScriptedNode(lambda req: None)
+    endpoint = await node.start()
+    try:
+        async with Client([endpoint], timeout_s=10.0, probe_after_s=0.1) as client:
+            call = asyncio.ensure_future(client.call("get_service", {"name": "web"}, retry=False))
+            await _until(lambda: node.probes >= 2)  # woken and probed twice: still waiting
+            assert not call.done()
+            node.reply(node.requests[0], {"name": "web", "instances": []})
+            _, body = await asyncio.wait_for(call, 5.0)
+            assert body["name"] == "web"
+    finally:
+        await node.stop()
+
+
+@_run
+async def test_a_silent_node_is_left_well_before_the_deadline() -> None:
+    """A node that answers nothing, probes included, fails the call early (the caller may go elsewhere)."""
+    node = ScriptedNode(lambda req: None)
+    endpoint = await node.start()
+    try:
+        async with Client([endpoint], timeout_s=30.0, probe_after_s=0.2, connect_timeout_s=0.25) as client:
+            await client.call("status", {})  # connected and heard from
+            node.mute = True
+            began = time.monotonic()
+            with pytest.raises(Timeout):
+                await client.call("get_service", {"name": "web"}, retry=False)
+            assert time.monotonic() - began < 10.0  # the 30 s deadline was not spent on this node
+            assert node.probes >= 2  # the connect-time status, then at least one unanswered probe
+    finally:
+        await node.stop()
+
+
+@_run
+async def test_many_requests_complete_and_leave_nothing_pending() -> None:
+    node = ScriptedNode(lambda req: {"echo": req.args["n"]})
+    endpoint = await node.start()
+    try:
+        async with Client([endpoint], timeout_s=5.0) as client:
+            results = await asyncio.gather(*(client.call("echo", {"n": i}) for i in range(500)))
+            assert [body["echo"] for _, body in results] == list(range(500))
+    finally:
+        await node.stop()
