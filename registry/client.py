@@ -31,6 +31,8 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, cast
 
+import msgpack
+
 from .config import parse_hostport
 from .errors import ProtocolError, RegistryError, Timeout, Unavailable
 from .model import LEASE_KEEPALIVE_IDS_MAX
@@ -136,7 +138,9 @@ class _Connection:
         self.endpoint = endpoint
         self._reader = reader
         self._writer = writer
-        self._codec = ClientConnection(frame_bytes_max=frame_bytes_max)
+        # A Packer of its own (see encode_frame); a small first buffer, as a client may hold many connections.
+        self._codec = ClientConnection(frame_bytes_max=frame_bytes_max,
+                                       pack=msgpack.Packer(use_bin_type=True, buf_size=4096).pack)
         #: Request id -> (the future its response or a ``_Recheck`` is delivered to, its deadline).
         self._pending: dict[int, tuple[asyncio.Future[Any], float]] = {}
         #: A node silent this long while requests wait gets probed (see ``_watchdog``).

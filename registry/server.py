@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
+import msgpack
+
 from .acl import hash_secret
 from .api import CURRENT_AUTH, CURRENT_PEER, Deferred, RegistryAPI, Started
 from .errors import Conflict, Internal, NotFound, PermissionDenied, RegistryError, Unauthenticated
@@ -110,7 +112,7 @@ def _cancelled() -> Started:
 class _ClientProtocol(asyncio.Protocol):
     def __init__(self, server: APIServer) -> None:
         self._server = server
-        self._conn = ServerConnection(frame_bytes_max=server.frame_bytes_max)
+        self._conn = ServerConnection(frame_bytes_max=server.frame_bytes_max, pack=server.pack)
         self._transport: asyncio.Transport | None = None
         #: Requests in progress by id: their tasks, or the futures fast-path requests wait on.
         self._tasks: dict[int, asyncio.Future[Any]] = {}
@@ -457,6 +459,8 @@ class APIServer:
         self.streams: dict[str, StreamHandler] = {}
         #: Ops answered inline, without a task (see _ClientProtocol._run_inline).
         self.inline: dict[str, InlineHandler] = {}
+        #: Encodes every connection's frames: all of them run on this server's loop thread.
+        self.pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         self.known_ops: set[str] = set()
         self._token_check = token_check
         #: With ACLs on: every request is authorized (see registry.acl_service).

@@ -120,8 +120,15 @@ def _array_head(count: int) -> bytes:
     return b"\xdd" + count.to_bytes(4, "big")
 
 
-def encode_events(events: list[Event]) -> list[bytes]:
-    return [msgpack.packb(e, use_bin_type=True) for e in events]
+def encode_events(events: list[Event], pack: Callable[[Any], bytes] | None = None) -> list[bytes]:
+    """Each event's msgpack.  ``pack``: a reused ``Packer(use_bin_type=True).pack``, owned by one thread.
+
+    ``msgpack.packb`` builds a new Packer (and its buffer) per call: about 1.2 us
+    of the 3.2 us an update event (before and after records) takes to encode.
+    """
+    if pack is None:
+        return [msgpack.packb(e, use_bin_type=True) for e in events]
+    return [pack(e) for e in events]
 
 
 class Chunk:
@@ -383,6 +390,8 @@ class WatchHub:
         #: restore), counted when flagged: a watcher stuck behind a full socket
         #: may never get to send its snapshot, but it was dropped all the same.
         self.resyncs: dict[str, int] = {}
+        #: Encodes published events; the hub is used from one thread (the node's event loop).
+        self._pack = msgpack.Packer(use_bin_type=True).pack
 
     def _flagged(self, reason: str, count: int = 1) -> None:
         self.resyncs[reason] = self.resyncs.get(reason, 0) + count
@@ -401,7 +410,7 @@ class WatchHub:
         if fresh:
             # Each event is encoded once; a selector's chunks are joined from
             # these bytes, and each chunk is shared by every watcher of it.
-            encoded = encode_events(fresh)
+            encoded = encode_events(fresh, self._pack)
             size = sum(map(len, encoded))
             self._history.append((fresh[-1]["revision"], fresh, encoded, size))
             self._history_events += len(fresh)

@@ -37,6 +37,7 @@ counted and the next error ``Response`` for that id consumes one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 from ..errors import BadRequest, Internal, LimitExceeded, ProtocolError, RegistryError, VersionMismatch
@@ -90,10 +91,13 @@ CLOSED: Final = Closed()
 class _Connection:
     """Framing, EOF and sticky-error handling shared by both sides."""
 
-    __slots__ = ("_decoder", "_eof", "_error", "_finished", "_frame_bytes_max")
+    __slots__ = ("_decoder", "_eof", "_error", "_finished", "_frame_bytes_max", "_pack")
 
-    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *, check_model: bool = True) -> None:
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *, check_model: bool = True,
+                 pack: Callable[[Any], bytes] | None = None) -> None:
         self._frame_bytes_max = frame_bytes_max
+        #: A reused Packer's ``pack`` (see ``encode_frame``), or None for ``msgpack.packb``.
+        self._pack = pack
         self._decoder = FrameDecoder(frame_bytes_max, check_model=check_model)
         self._eof = False
         self._error: RegistryError | None = None
@@ -135,7 +139,7 @@ class _Connection:
         raise exc
 
     def _encode(self, event: ClientMessage | ServerMessage, check_model: bool = True) -> bytes:
-        return encode_frame(event.to_wire(), self._frame_bytes_max, check_model=check_model)
+        return encode_frame(event.to_wire(), self._frame_bytes_max, check_model=check_model, pack=self._pack)
 
 
 class ServerConnection(_Connection):
@@ -143,8 +147,10 @@ class ServerConnection(_Connection):
 
     __slots__ = ("_hello_ok_sent", "_hello_received", "_open", "_owed_rejections")
 
-    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
-        super().__init__(frame_bytes_max)
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *,
+                 pack: Callable[[Any], bytes] | None = None) -> None:
+        """``pack``: a Packer's ``pack`` to share between the connections of one thread (see ``encode_frame``)."""
+        super().__init__(frame_bytes_max, pack=pack)
         self._hello_received = False
         self._hello_ok_sent = False
         self._open: set[int] = set()
@@ -286,9 +292,10 @@ class ClientConnection(_Connection):
 
     __slots__ = ("_hello_ok_received", "_hello_sent", "_last_body", "_last_body_bytes")
 
-    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT) -> None:
+    def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *,
+                 pack: Callable[[Any], bytes] | None = None) -> None:
         # The node's frames are trusted to be in the data model: no walk (frames.py).
-        super().__init__(frame_bytes_max, check_model=False)
+        super().__init__(frame_bytes_max, check_model=False, pack=pack)
         self._hello_sent = False
         self._hello_ok_received = False
         #: The encoded body value of the last StreamEvent decoded, and its decoded object.
@@ -349,7 +356,8 @@ class ClientConnection(_Connection):
         if not self._hello_sent:
             raise Internal("send hello first")
         check_request_fields(request_id, op, args)
-        return encode_frame({"t": "req", "id": request_id, "op": op, "args": args}, self._frame_bytes_max)
+        return encode_frame({"t": "req", "id": request_id, "op": op, "args": args}, self._frame_bytes_max,
+                            pack=self._pack)
 
     def next_event(self) -> ServerMessage | NeedData | Closed:
         """The next event from the server; raises ``ProtocolError`` (sticky) if it misbehaves.

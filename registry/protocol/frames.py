@@ -41,7 +41,7 @@ and a node decodes every client frame with the full check.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import msgpack
@@ -126,7 +126,7 @@ def _check_limit(frame_bytes_max: int) -> None:
 
 
 def encode_frame(obj: dict[str, Any], frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *,
-                 check_model: bool = True) -> bytes:
+                 check_model: bool = True, pack: Callable[[Any], bytes] | None = None) -> bytes:
     """Return one frame (prefix + body) for ``obj``.
 
     Raises ``FrameTooLarge`` if the body exceeds ``frame_bytes_max``, and
@@ -137,6 +137,10 @@ def encode_frame(obj: dict[str, Any], frame_bytes_max: int = FRAME_BYTES_MAX_DEF
     errors) for callers that built ``obj`` from data already in the model,
     such as state records: the walk costs ~10 us for a small service listing,
     more than packing it.
+
+    ``pack``: a reused ``msgpack.Packer(use_bin_type=True).pack`` (one thread
+    only).  ``packb`` builds a Packer per call, about 1.1 us of the 2 us a
+    small response takes; a Packer resets itself when packing fails.
     """
     _check_limit(frame_bytes_max)
     if not isinstance(obj, dict):
@@ -144,7 +148,7 @@ def encode_frame(obj: dict[str, Any], frame_bytes_max: int = FRAME_BYTES_MAX_DEF
     if check_model:
         _check_data_model(obj, Internal)
     try:
-        body: bytes = msgpack.packb(obj, use_bin_type=True)
+        body: bytes = msgpack.packb(obj, use_bin_type=True) if pack is None else pack(obj)
     except (TypeError, ValueError, OverflowError) as exc:
         raise Internal(f"unencodable frame: {exc}") from exc
     if len(body) > frame_bytes_max:

@@ -521,6 +521,20 @@ def test_client_send_request_matches_send_of_a_request(request_id: Any, op: Any,
         client.send(Request(request_id, op, args))
 
 
+def test_encode_frame_with_a_reused_packer_matches_packb_and_survives_failures() -> None:
+    """A shared Packer gives packb's bytes, and a frame it cannot encode leaves it clean for the next."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    good = {"t": "res", "id": 1, "rev": 2, "ok": True, "body": {"b": b"\x00", "f": 1.5, "l": [None, True]}}
+    assert encode_frame(good, pack=pack) == encode_frame(good)
+    for bad, error in (({"x": object()}, Internal), ({"x": 1 << 70}, Internal)):
+        with pytest.raises(error):
+            encode_frame(bad, check_model=False, pack=pack)
+        assert encode_frame(good, pack=pack) == encode_frame(good)
+    with pytest.raises(FrameTooLarge):
+        encode_frame({"x": "y" * 100}, 50, pack=pack)
+    assert encode_frame(good, pack=pack) == encode_frame(good)
+
+
 def test_client_send_request_needs_hello_first() -> None:
     with pytest.raises(Internal, match="hello first"):
         ClientConnection().send_request(1, "get", {})
