@@ -85,7 +85,9 @@ def event_matches(selector: Selector, event: Event) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class HubLimits:
-    #: History kept for resumes: events, and their encoded bytes.
+    #: History kept for resumes: events, and their encoded bytes.  The watch messages built
+    #: from the history for watches that start behind the head are cached in up to as many
+    #: bytes again (see WatchHub.subscribe).
     history_events_max: int = 100_000
     history_bytes_max: int = 64 << 20
     #: Events queued for one watcher before it is resynced instead.
@@ -365,6 +367,29 @@ class Watcher:
         return out
 
 
+class _Published:
+    """One published batch kept in the history: its events, their encodings, and the watch
+    messages already built from them for watchers that started behind the head.
+
+    ``chunks`` is filled by ``subscribe`` only, one list per selector, on first use: after an
+    overload a thousand watches of one selector resume from about the same revision, and
+    filtering and joining each batch once per resumed watch kept a node at a full core for
+    8 s after the load stopped.  ``size`` is the encodings' bytes (what the history's byte
+    limit counts), ``cached_size`` the cached messages' bytes (bounded separately, see
+    ``WatchHub.subscribe``).
+    """
+
+    __slots__ = ("cached_size", "chunks", "encoded", "events", "last_revision", "size")
+
+    def __init__(self, events: list[Event], encoded: list[bytes]) -> None:
+        self.last_revision: int = events[-1]["revision"]
+        self.events = events
+        self.encoded = encoded
+        self.size = sum(map(len, encoded))
+        self.chunks: dict[Selector, list[Chunk]] = {}
+        self.cached_size = 0
+
+
 class WatchHub:
     def __init__(self, revision: int, limits: HubLimits | None = None) -> None:
         self.limits = limits or HubLimits()
@@ -374,13 +399,15 @@ class WatchHub:
         #: Highest revision whose events are *not* all in history: a watch
         #: starting at or below it needs a resync.
         self.floor = revision
-        #: (last revision, events, their encodings, encoded bytes) per published batch.  The
-        #: encodings are kept so that a watcher starting in the past gets its backlog from the
-        #: same bytes as everyone else: encoding it per subscriber made 1000 watchers that
-        #: subscribed behind the head cost the node minutes of CPU.
-        self._history: deque[tuple[int, list[Event], list[bytes], int]] = deque()
+        #: The published batches, oldest first.  The encodings are kept so that a watcher
+        #: starting in the past gets its backlog from the same bytes as everyone else: encoding
+        #: it per subscriber made 1000 watchers that subscribed behind the head cost the node
+        #: minutes of CPU.
+        self._history: deque[_Published] = deque()
         self._history_events = 0
         self._history_bytes = 0
+        #: Bytes of the resumed-watch messages cached in the history (at most history_bytes_max).
+        self._cached_bytes = 0
         self._groups: dict[Selector, set[Watcher]] = {}
         self.watchers = 0
         self.events_published = 0
@@ -411,10 +438,10 @@ class WatchHub:
             # Each event is encoded once; a selector's chunks are joined from
             # these bytes, and each chunk is shared by every watcher of it.
             encoded = encode_events(fresh, self._pack)
-            size = sum(map(len, encoded))
-            self._history.append((fresh[-1]["revision"], fresh, encoded, size))
+            published = _Published(fresh, encoded)
+            self._history.append(published)
             self._history_events += len(fresh)
-            self._history_bytes += size
+            self._history_bytes += published.size
             self._trim()
             for selector, group in self._groups.items():
                 chunks = selected_chunks(selector, fresh, encoded)
@@ -445,10 +472,11 @@ class WatchHub:
         while self._history and (
             self._history_events > limits.history_events_max or self._history_bytes > limits.history_bytes_max
         ):
-            last_revision, events, _, size = self._history.popleft()
-            self._history_events -= len(events)
-            self._history_bytes -= size
-            self.floor = max(self.floor, last_revision)
+            oldest = self._history.popleft()
+            self._history_events -= len(oldest.events)
+            self._history_bytes -= oldest.size
+            self._cached_bytes -= oldest.cached_size
+            self.floor = max(self.floor, oldest.last_revision)
 
     def subscribe(self, selector: Selector, start_revision: int | None, notify: Callable[[], None]) -> Watcher:
         """Start a watcher at ``start_revision`` (None: from the next revision)."""
@@ -465,10 +493,21 @@ class WatchHub:
                 watcher.mark_resync("compacted")
                 self._flagged("compacted")
             else:
-                for last_revision, events, encoded, _ in self._history:
-                    if last_revision < start:
+                for published in self._history:
+                    if published.last_revision < start:
                         continue
-                    if watcher.push_chunks(selected_chunks(selector, events, encoded)):
+                    chunks = published.chunks.get(selector)
+                    if chunks is None:
+                        chunks = selected_chunks(selector, published.events, published.encoded)
+                        # Kept for the next watch of this selector that starts this far back,
+                        # within a budget as large as the history's own: past it, each such
+                        # watch builds its messages again, as it did before the cache.
+                        size = sum(len(c.body) for c in chunks)
+                        if self._cached_bytes + size <= self.limits.history_bytes_max:
+                            published.chunks[selector] = chunks
+                            published.cached_size += size
+                            self._cached_bytes += size
+                    if watcher.push_chunks(chunks):
                         self._flagged("slow")
                         break
         self._groups.setdefault(selector, set()).add(watcher)
@@ -500,6 +539,7 @@ class WatchHub:
         self._history.clear()
         self._history_events = 0
         self._history_bytes = 0
+        self._cached_bytes = 0
         self.revision = revision
         self.floor = revision
         for group in self._groups.values():

@@ -279,6 +279,65 @@ def test_subscribers_in_the_past_reuse_the_history_encodings(monkeypatch: pytest
     assert revs(watchers[0].take(1000)) == list(range(2, 11))  # all from 2
 
 
+def test_watches_resuming_from_the_past_share_one_build_of_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thousand watches of one selector resuming after an overload: each batch is filtered and
+    joined once per selector, not once per watch (that kept a node busy for seconds)."""
+    import registry.watch as watch_module
+
+    hub = WatchHub(0)
+    mixed_history(hub, 10)
+    calls: list[Selector] = []
+    real = watch_module.selected_chunks
+
+    def counting(selector: Selector, events: list[Event], encoded: list[bytes]) -> Any:
+        calls.append(selector)
+        return real(selector, events, encoded)
+
+    monkeypatch.setattr(watch_module, "selected_chunks", counting)
+    watchers = [hub.subscribe(WEB if i % 2 else Selector("all"), 2 + i % 3, noop) for i in range(1000)]
+    # 10 batches, one per revision; watches start at revision 2 at the earliest.
+    assert calls.count(WEB) == 9 and calls.count(Selector("all")) == 9
+    assert revs(watchers[1].take(1000)) == [3, 5, 7, 9]  # WEB from 3
+    assert revs(watchers[0].take(1000)) == list(range(2, 11))  # all from 2
+    assert revs(watchers[5].take(1000)) == [5, 7, 9]  # WEB from 4: the shared batches, cut at its start
+
+
+def test_the_resume_cache_has_its_own_budget_and_leaves_the_history_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cached messages never trim the history; past their budget, watches build their own again."""
+    import registry.watch as watch_module
+
+    calls: list[Selector] = []
+    real = watch_module.selected_chunks
+
+    def counting(selector: Selector, events: list[Event], encoded: list[bytes]) -> Any:
+        calls.append(selector)
+        return real(selector, events, encoded)
+
+    monkeypatch.setattr(watch_module, "selected_chunks", counting)
+    payload = "p" * 1000
+    size = len(msgpack.packb([ev(1, payload=payload)], use_bin_type=True))
+    hub = WatchHub(0, HubLimits(history_bytes_max=3 * size + size // 2))
+    for rev in range(1, 11):
+        hub.publish(rev, [ev(rev, payload=payload)])
+    assert hub.floor == 7
+    first = hub.subscribe(Selector("all"), 8, noop)
+    # The three batches' messages (about 3 x size) fit the cache budget; the history is untouched.
+    assert hub.floor == 7
+    assert revs(first.take(10)) == [8, 9, 10]
+    # A second selector's messages do not fit any more: they are built, used, and not kept.
+    second = hub.subscribe(WEB, 8, noop)
+    assert revs(second.take(10)) == [8, 9, 10]
+    assert hub.floor == 7
+    assert revs(hub.subscribe(WEB, 9, noop).take(10)) == [9, 10]
+    assert calls.count(Selector("all")) == 3 and calls.count(WEB) == 3 + 2  # WEB built twice: not kept
+    assert revs(hub.subscribe(Selector("all"), 8, noop).take(10)) == [8, 9, 10]
+    assert calls.count(Selector("all")) == 3  # kept
+    # Trimming drops a batch with its cached messages: the budget is free again.
+    hub.publish(11, [ev(11, payload=payload)])
+    assert hub.floor == 8
+    assert revs(hub.subscribe(WEB, 9, noop).take(10)) == [9, 10, 11]
+
+
 def test_subscribe_backfill_keeps_every_event_of_a_multi_event_revision() -> None:
     hub = WatchHub(0)
     hub.publish(1, [ev(1, id_="a")])
