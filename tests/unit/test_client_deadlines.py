@@ -9,8 +9,9 @@ alone while the node talks, and make a node that went silent answer a probe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -96,6 +97,18 @@ class ScriptedNode:
         await self._server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def scripted(answer: Callable[[Request], Any], **client_args: Any) -> AsyncIterator[tuple[ScriptedNode, Client]]:
+    """A started ``ScriptedNode`` and a ``Client`` of it; both stopped on the way out."""
+    node = ScriptedNode(answer)
+    endpoint = await node.start()
+    try:
+        async with Client([endpoint], **client_args) as client:
+            yield node, client
+    finally:
+        await node.stop()
+
+
 async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -105,88 +118,63 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 @_run
 async def test_an_unanswered_request_ends_at_its_deadline() -> None:
-    node = ScriptedNode(lambda req: None)
-    endpoint = await node.start()
-    try:
-        async with Client([endpoint], timeout_s=5.0, probe_after_s=0.2) as client:
-            began = time.monotonic()
-            with pytest.raises(Timeout, match="outcome unknown"):
-                await client.call("get_service", {"name": "web"}, timeout_s=0.5, retry=False)
-            waited = time.monotonic() - began
-            # Not before the deadline; the upper bound only says it did not wait for the 5 s default.
-            assert 0.5 <= waited < 4.0
-            # The node kept answering probes, so the client waited on it the whole time.
-            assert node.probes >= 1
-    finally:
-        await node.stop()
+    async with scripted(lambda req: None, timeout_s=5.0, probe_after_s=0.2) as (node, client):
+        began = time.monotonic()
+        with pytest.raises(Timeout, match="outcome unknown"):
+            await client.call("get_service", {"name": "web"}, timeout_s=0.5, retry=False)
+        waited = time.monotonic() - began
+        # Not before the deadline; the upper bound only says it did not wait for the 5 s default.
+        assert 0.5 <= waited < 4.0
+        # The node kept answering probes, so the client waited on it the whole time.
+        assert node.probes >= 1
 
 
 @_run
 async def test_a_short_deadline_behind_a_long_one_still_fires_on_time() -> None:
     """The watchdog is armed for the first request's deadline; a later, shorter one must re-arm it."""
-    node = ScriptedNode(lambda req: None)
-    endpoint = await node.start()
-    try:
-        async with Client([endpoint], timeout_s=30.0, probe_after_s=10.0) as client:
-            slow = asyncio.ensure_future(client.call("get_service", {"name": "slow"}, timeout_s=20.0))
-            await _until(lambda: len(node.requests) == 1)
-            began = time.monotonic()
-            with pytest.raises(Timeout):
-                await client.call("get_service", {"name": "quick"}, timeout_s=0.3, retry=False)
-            assert time.monotonic() - began < 5.0  # far below the 10 s probe interval and 20 s deadline
-            assert not slow.done()
-            # The timeout dropped the connection (the node may be wedged); the long call, which may
-            # retry, sent its request again on a new one, and its answer there lands.
-            await _until(lambda: [r.args["name"] for r in node.requests] == ["slow", "quick", "slow"])
-            node.reply(node.requests[-1], {"name": "slow", "instances": []})
-            _, body = await asyncio.wait_for(slow, 5.0)
-            assert body == {"name": "slow", "instances": []}
-    finally:
-        await node.stop()
+    async with scripted(lambda req: None, timeout_s=30.0, probe_after_s=10.0) as (node, client):
+        slow = asyncio.ensure_future(client.call("get_service", {"name": "slow"}, timeout_s=20.0))
+        await _until(lambda: len(node.requests) == 1)
+        began = time.monotonic()
+        with pytest.raises(Timeout):
+            await client.call("get_service", {"name": "quick"}, timeout_s=0.3, retry=False)
+        assert time.monotonic() - began < 5.0  # far below the 10 s probe interval and 20 s deadline
+        assert not slow.done()
+        # The timeout dropped the connection (the node may be wedged); the long call, which may
+        # retry, sent its request again on a new one, and its answer there lands.
+        await _until(lambda: [r.args["name"] for r in node.requests] == ["slow", "quick", "slow"])
+        node.reply(node.requests[-1], {"name": "slow", "instances": []})
+        _, body = await asyncio.wait_for(slow, 5.0)
+        assert body == {"name": "slow", "instances": []}
 
 
 @_run
 async def test_a_slow_answer_from_a_talking_node_is_waited_for() -> None:
     """Past probe_after_s, a node that answers its probe keeps the request: the answer is still taken."""
-    node = ScriptedNode(lambda req: None)
-    endpoint = await node.start()
-    try:
-        async with Client([endpoint], timeout_s=10.0, probe_after_s=0.1) as client:
-            call = asyncio.ensure_future(client.call("get_service", {"name": "web"}, retry=False))
-            await _until(lambda: node.probes >= 2)  # woken and probed twice: still waiting
-            assert not call.done()
-            node.reply(node.requests[0], {"name": "web", "instances": []})
-            _, body = await asyncio.wait_for(call, 5.0)
-            assert body["name"] == "web"
-    finally:
-        await node.stop()
+    async with scripted(lambda req: None, timeout_s=10.0, probe_after_s=0.1) as (node, client):
+        call = asyncio.ensure_future(client.call("get_service", {"name": "web"}, retry=False))
+        await _until(lambda: node.probes >= 2)  # woken and probed twice: still waiting
+        assert not call.done()
+        node.reply(node.requests[0], {"name": "web", "instances": []})
+        _, body = await asyncio.wait_for(call, 5.0)
+        assert body["name"] == "web"
 
 
 @_run
 async def test_a_silent_node_is_left_well_before_the_deadline() -> None:
     """A node that answers nothing, probes included, fails the call early (the caller may go elsewhere)."""
-    node = ScriptedNode(lambda req: None)
-    endpoint = await node.start()
-    try:
-        async with Client([endpoint], timeout_s=30.0, probe_after_s=0.2, connect_timeout_s=0.25) as client:
-            await client.call("status", {})  # connected and heard from
-            node.mute = True
-            began = time.monotonic()
-            with pytest.raises(Timeout):
-                await client.call("get_service", {"name": "web"}, retry=False)
-            assert time.monotonic() - began < 10.0  # the 30 s deadline was not spent on this node
-            assert node.probes >= 2  # the connect-time status, then at least one unanswered probe
-    finally:
-        await node.stop()
+    async with scripted(lambda req: None, timeout_s=30.0, probe_after_s=0.2, connect_timeout_s=0.25) as (node, client):
+        await client.call("status", {})  # connected and heard from
+        node.mute = True
+        began = time.monotonic()
+        with pytest.raises(Timeout):
+            await client.call("get_service", {"name": "web"}, retry=False)
+        assert time.monotonic() - began < 10.0  # the 30 s deadline was not spent on this node
+        assert node.probes >= 2  # the connect-time status, then at least one unanswered probe
 
 
 @_run
-async def test_many_requests_complete_and_leave_nothing_pending() -> None:
-    node = ScriptedNode(lambda req: {"echo": req.args["n"]})
-    endpoint = await node.start()
-    try:
-        async with Client([endpoint], timeout_s=5.0) as client:
-            results = await asyncio.gather(*(client.call("echo", {"n": i}) for i in range(500)))
-            assert [body["echo"] for _, body in results] == list(range(500))
-    finally:
-        await node.stop()
+async def test_many_requests_in_flight_each_get_their_own_answer() -> None:
+    async with scripted(lambda req: {"echo": req.args["n"]}, timeout_s=5.0) as (_, client):
+        results = await asyncio.gather(*(client.call("echo", {"n": i}) for i in range(500)))
+        assert [body["echo"] for _, body in results] == list(range(500))

@@ -279,13 +279,10 @@ def test_subscribers_in_the_past_reuse_the_history_encodings(monkeypatch: pytest
     assert revs(watchers[0].take(1000)) == list(range(2, 11))  # all from 2
 
 
-def test_watches_resuming_from_the_past_share_one_build_of_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A thousand watches of one selector resuming after an overload: each batch is filtered and
-    joined once per selector, not once per watch (that kept a node busy for seconds)."""
+def count_selected_chunks(monkeypatch: pytest.MonkeyPatch) -> list[Selector]:
+    """Record the selector of every ``selected_chunks`` call the hub makes from now on."""
     import registry.watch as watch_module
 
-    hub = WatchHub(0)
-    mixed_history(hub, 10)
     calls: list[Selector] = []
     real = watch_module.selected_chunks
 
@@ -294,6 +291,15 @@ def test_watches_resuming_from_the_past_share_one_build_of_each_batch(monkeypatc
         return real(selector, events, encoded)
 
     monkeypatch.setattr(watch_module, "selected_chunks", counting)
+    return calls
+
+
+def test_watches_resuming_from_the_past_share_one_build_of_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thousand watches of one selector resuming after an overload: each batch is filtered and
+    joined once per selector, not once per watch (that kept a node busy for seconds)."""
+    hub = WatchHub(0)
+    mixed_history(hub, 10)
+    calls = count_selected_chunks(monkeypatch)
     watchers = [hub.subscribe(WEB if i % 2 else Selector("all"), 2 + i % 3, noop) for i in range(1000)]
     # 10 batches, one per revision; watches start at revision 2 at the earliest.
     assert calls.count(WEB) == 9 and calls.count(Selector("all")) == 9
@@ -304,16 +310,7 @@ def test_watches_resuming_from_the_past_share_one_build_of_each_batch(monkeypatc
 
 def test_the_resume_cache_has_its_own_budget_and_leaves_the_history_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cached messages never trim the history; past their budget, watches build their own again."""
-    import registry.watch as watch_module
-
-    calls: list[Selector] = []
-    real = watch_module.selected_chunks
-
-    def counting(selector: Selector, events: list[Event], encoded: list[bytes]) -> Any:
-        calls.append(selector)
-        return real(selector, events, encoded)
-
-    monkeypatch.setattr(watch_module, "selected_chunks", counting)
+    calls = count_selected_chunks(monkeypatch)
     payload = "p" * 1000
     size = len(msgpack.packb([ev(1, payload=payload)], use_bin_type=True))
     hub = WatchHub(0, HubLimits(history_bytes_max=3 * size + size // 2))
