@@ -294,6 +294,10 @@ def test_kill_all_nodes_and_restart_keeps_acknowledged_writes(cluster: Cluster) 
 def test_restart_after_log_compaction_keeps_acknowledged_writes(make_cluster: Callable[..., Cluster]) -> None:
     threshold = 50
     cluster = make_cluster("compact", ("--compaction-entries", str(threshold)))
+    # A stale pysyncobj temp file (as a crash mid-snapshot in older versions left) must never be
+    # renamed over a good snapshot: snapshots are written by a forked child under another name.
+    stale_tmp = cluster.nodes[0].data_dir / "raft.snapshot.tmp"
+    stale_tmp.write_bytes(b"not a snapshot")
     client = cluster.client()
     written: dict[str, int] = {}
     # Serial writes: one Raft entry each, well past the threshold.
@@ -304,7 +308,9 @@ def test_restart_after_log_compaction_keeps_acknowledged_writes(make_cluster: Ca
         written.update(register_group(cluster.endpoints, "cmp", [f"g{g}-{k}" for k in range(8)], 4000 + g))
 
     snapshots = [n.data_dir / "raft.snapshot" for n in cluster.nodes]
-    wait_until(lambda: any(p.exists() for p in snapshots), 20, "a raft.snapshot file after compaction")
+    wait_until(lambda: all(p.exists() for p in snapshots), 20, "a raft.snapshot file on every node after compaction")
+    # The stale file is gone, not renamed over anything; the restart below loads the snapshots.
+    assert not stale_tmp.exists()
     # Writes after the snapshot live only in the journal tail: both halves must survive.
     for i in range(10):
         written[f"t{i}"] = client.register("cmp", f"t{i}", "10.0.0.2", 1 + i)["revision"]
@@ -325,6 +331,7 @@ def test_restart_after_log_compaction_keeps_acknowledged_writes(make_cluster: Ca
             assert set(written) <= set(on_node), f"{node.node_id} is missing writes after restart"
     logs = "".join(n.log_path.read_text(errors="replace") for n in cluster.nodes)
     assert "snapshot loaded" in logs, "no node restored from its snapshot: the compaction path was not exercised"
+    assert "snapshot written by a forked child" in logs
 
 
 # -- 4. isolated (SIGSTOPped) nodes never serve stale linearizable reads ---------------------
