@@ -474,12 +474,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
         pysyncobj checks a follower's election deadline at the top of a tick,
         before the tick's poll reads the sockets.  After a long stretch of the
-        Raft thread's own work (writing a snapshot took 0.1-0.45 s with 5 MB
-        of state on this 2-core machine, and all three nodes compact at the
-        same log index), the leader's heartbeats sat unread in the socket
-        while the deadline passed, and the follower started an election
-        against a healthy leader: one leader change in about one benchmark
-        run in three.  Reading first lets those heartbeats reset the deadline.
+        Raft thread's own work (a big batch to apply, a starved CPU; snapshots
+        took 0.1-0.45 s here before they moved to a child process), the
+        leader's heartbeats sat unread in the socket while the deadline
+        passed, and the follower started an election against a healthy
+        leader: one leader change in about one benchmark run in three.
+        Reading first lets those heartbeats reset the deadline.
         """
         if self._SyncObj__raftState != _RAFT_STATE.LEADER and self._SyncObj__raftElectionDeadline < raft_clock():
             self._poller.poll(0)
