@@ -19,6 +19,7 @@ from .backup import encode_backup
 from .commands import validate_command
 from .errors import BadRequest, InvalidArgument, Timeout, UnknownOp
 from .proposer import Proposer, outcome_result
+from .protocol import WRITE_OPS
 from .replication import RaftNode, StateHolder
 from .state import RegistryState
 
@@ -32,24 +33,6 @@ __all__ = [
 CURRENT_AUTH: ContextVar[str | None] = ContextVar("regctl_current_auth", default=None)
 #: The client address of the request being served (login rate limits, audit).
 CURRENT_PEER: ContextVar[str | None] = ContextVar("regctl_current_peer", default=None)
-
-#: Ops a client may propose.  Internal commands (barrier, lease_expire,
-#: leader_epoch) are absent on purpose: only the node itself issues them.
-WRITE_OPS = frozenset(
-    {
-        "register",
-        "deregister",
-        "service_put",
-        "service_delete",
-        "set_status",
-        "lease_grant",
-        "lease_revoke",
-        "key_put",
-        "key_delete",
-        "lock_acquire",
-        "lock_release",
-    }
-)
 
 #: Backup bytes per stream item: well under the 1 MiB frame limit.
 BACKUP_CHUNK_BYTES = 256 << 10
@@ -192,6 +175,10 @@ class RegistryAPI:
             self._handlers[op] = self._reader(fn, allowed)
         for op in WRITE_OPS:
             self._handlers[op] = self._writer(op)
+        #: Ops whose args the handler checks field by field by exact type (``validate_command``)
+        #: before anything else reads them: the server skips the frame's data-model walk for
+        #: those args (``protocol.WRITE_OPS``).  An op given another handler leaves the set.
+        self.field_checked_ops: frozenset[str] = WRITE_OPS
         #: Task-free forms of the built-in handlers above (see ``starter``).
         self._starters: dict[str, Starter] = {op: self._write_starter(op) for op in WRITE_OPS}
         for op, (fn, allowed) in self._read_fns.items():
@@ -208,6 +195,7 @@ class RegistryAPI:
     def add_handler(self, op: str, handler: Handler) -> None:
         self._handlers[op] = handler
         self._starters.pop(op, None)  # the new handler replaces the built-in op everywhere
+        self.field_checked_ops = self.field_checked_ops - {op}
 
     def starter(self, op: str) -> Starter | None:
         """The task-free form of ``op``'s handler, if it has one (built-in reads and writes).

@@ -26,6 +26,7 @@ from .acl import hash_secret
 from .api import CURRENT_AUTH, CURRENT_PEER, Deferred, RegistryAPI, Started
 from .errors import Conflict, Internal, NotFound, PermissionDenied, RegistryError, Unauthenticated
 from .metrics import NodeMetrics
+from .model import RID_CHARS_MAX
 from .protocol import (
     BadMessage,
     Bye,
@@ -105,6 +106,13 @@ InlineHandler = Callable[[dict[str, Any]], tuple[int, Any]]
 TokenCheck = Callable[[str | None], Any]
 
 
+def _rid(args: dict[str, Any]) -> str | None:
+    """A request's client request id for a log line: a write's args reach the handler unwalked
+    (``protocol.WRITE_OPS``), so a failing one may carry anything there, even deeply nested."""
+    rid = args.get("rid")
+    return rid[:RID_CHARS_MAX] if isinstance(rid, str) else None
+
+
 def _cancelled() -> Started:
     raise asyncio.CancelledError
 
@@ -112,7 +120,8 @@ def _cancelled() -> Started:
 class _ClientProtocol(asyncio.Protocol):
     def __init__(self, server: APIServer) -> None:
         self._server = server
-        self._conn = ServerConnection(frame_bytes_max=server.frame_bytes_max, pack=server.pack)
+        self._conn = ServerConnection(frame_bytes_max=server.frame_bytes_max, pack=server.pack,
+                                      checked_ops=server.api.field_checked_ops)
         self._transport: asyncio.Transport | None = None
         #: Requests in progress by id: their tasks, or the futures fast-path requests wait on.
         self._tasks: dict[int, asyncio.Future[Any]] = {}
@@ -253,7 +262,7 @@ class _ClientProtocol(asyncio.Protocol):
             if acl is not None and isinstance(err, (Unauthenticated, PermissionDenied)):
                 acl.denied(req.op, req.args, principal, self.peer, err)
             if not isinstance(err, (NotFound, Conflict)):
-                log.info("request failed: op=%s rid=%s code=%s: %s", req.op, req.args.get("rid"), err.code,
+                log.info("request failed: op=%s rid=%s code=%s: %s", req.op, _rid(req.args), err.code,
                          err.message)
             self._reply_error(req, err, stream=req.op in server.streams)
         except Exception as err:
@@ -264,7 +273,7 @@ class _ClientProtocol(asyncio.Protocol):
             self._tasks.pop(req.id, None)
             elapsed_s = time.perf_counter() - started
             if elapsed_s > SLOW_REQUEST_S and req.op not in server.streams:
-                log.warning("slow request: op=%s rid=%s took %.3fs", req.op, req.args.get("rid"), elapsed_s)
+                log.warning("slow request: op=%s rid=%s took %.3fs", req.op, _rid(req.args), elapsed_s)
             op = req.op if req.op in server.known_ops else "other"
             server.metrics.request_done(op, code, elapsed_s)
 
@@ -295,7 +304,7 @@ class _ClientProtocol(asyncio.Protocol):
         except RegistryError as err:
             code = err.code
             if not isinstance(err, (NotFound, Conflict)):
-                log.info("request failed: op=%s rid=%s code=%s: %s", req.op, req.args.get("rid"), err.code,
+                log.info("request failed: op=%s rid=%s code=%s: %s", req.op, _rid(req.args), err.code,
                          err.message)
             self._reply_error(req, err, stream=False)
         except Exception as err:
@@ -305,7 +314,7 @@ class _ClientProtocol(asyncio.Protocol):
         server = self._server
         elapsed_s = time.perf_counter() - started
         if elapsed_s > SLOW_REQUEST_S:
-            log.warning("slow request: op=%s rid=%s took %.3fs", req.op, req.args.get("rid"), elapsed_s)
+            log.warning("slow request: op=%s rid=%s took %.3fs", req.op, _rid(req.args), elapsed_s)
         server.metrics.request_done(req.op if req.op in server.known_ops else "other", code, elapsed_s)
 
     def _resumed(self, req: Request, started: float, deferred: Deferred, future: asyncio.Future[Any]) -> None:

@@ -15,6 +15,7 @@ from .messages import (
     REQUEST_ID_MAX,
     STREAMS_PER_CONNECTION_MAX,
     TOKEN_CHARS_MAX,
+    WRITE_OPS,
     BadMessage,
     Bye,
     Cancel,
@@ -38,6 +39,7 @@ __all__ = [
     "Closed",
     # messages
     "PROTOCOL_VERSION",
+    "WRITE_OPS",
     "Hello",
     "Request",
     "Cancel",

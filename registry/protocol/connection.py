@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
 from ..errors import BadRequest, Internal, LimitExceeded, ProtocolError, RegistryError, VersionMismatch
-from .frames import FRAME_BYTES_MAX_DEFAULT, FrameDecoder, encode_frame
+from .frames import FRAME_BYTES_MAX_DEFAULT, FrameDecoder, check_frame_model, encode_frame
 from .messages import (
     PROTOCOL_VERSION,
     STREAMS_PER_CONNECTION_MAX,
@@ -145,12 +145,19 @@ class _Connection:
 class ServerConnection(_Connection):
     """The server's side: enforces the handshake and tracks open request ids."""
 
-    __slots__ = ("_hello_ok_sent", "_hello_received", "_open", "_owed_rejections")
+    __slots__ = ("_checked_ops", "_hello_ok_sent", "_hello_received", "_open", "_owed_rejections")
 
     def __init__(self, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *,
-                 pack: Callable[[Any], bytes] | None = None) -> None:
-        """``pack``: a Packer's ``pack`` to share between the connections of one thread (see ``encode_frame``)."""
-        super().__init__(frame_bytes_max, pack=pack)
+                 pack: Callable[[Any], bytes] | None = None, checked_ops: frozenset[str] = frozenset()) -> None:
+        """``pack``: a Packer's ``pack`` to share between the connections of one thread (see ``encode_frame``).
+
+        ``checked_ops``: ops whose args the server checks field by field by exact type before
+        anything reads them (``RegistryAPI.field_checked_ops``, at most ``WRITE_OPS``): their
+        args skip the data-model walk; every other part of every frame is walked.
+        """
+        # The walk runs in next_event, once the op is known.
+        super().__init__(frame_bytes_max, check_model=False, pack=pack)
+        self._checked_ops = checked_ops
         self._hello_received = False
         self._hello_ok_sent = False
         self._open: set[int] = set()
@@ -167,6 +174,10 @@ class ServerConnection(_Connection):
         frame = self._next_frame()
         if isinstance(frame, NeedData | Closed):
             return frame
+        try:
+            check_frame_model(frame, ProtocolError, except_key="args" if self._args_checked(frame) else None)
+        except ProtocolError as exc:
+            self._fail(exc)
         if not self._hello_received:
             return self._handshake(frame)
         try:
@@ -184,6 +195,12 @@ class ServerConnection(_Connection):
                 )
             self._open.add(msg.id)
         return msg
+
+    def _args_checked(self, frame: dict[str, Any]) -> bool:
+        if not self._hello_received or frame.get("t") != "req":
+            return False
+        op = frame.get("op")
+        return type(op) is str and op in self._checked_ops
 
     def _handshake(self, frame: dict[str, Any]) -> Hello:
         if frame.get("t") != "hello":

@@ -53,6 +53,7 @@ __all__ = [
     "FRAME_PREFIX_BYTES",
     "NESTING_DEPTH_MAX",
     "FrameDecoder",
+    "check_frame_model",
     "encode_frame",
 ]
 
@@ -118,6 +119,23 @@ def _check_data_model(obj: object, err: type[RegistryError]) -> None:
                 elif not isinstance(item, _SCALARS):
                     raise err(f"unsupported value type {type(item).__name__}")
         level = deeper
+
+
+def check_frame_model(frame: dict[str, Any], err: type[RegistryError], *, except_key: str | None = None) -> None:
+    """The data-model walk of a decoded frame, leaving out the value of ``except_key`` (if any).
+
+    For a request whose args the receiver checks field by field by exact type
+    (``messages.WRITE_OPS``): the rest of the frame is walked as always, at the
+    same depths.
+    """
+    if except_key is None:
+        _check_data_model(frame, err)
+        return
+    for key, value in frame.items():
+        if type(key) is not str:
+            _check_data_model(frame, err)  # names the bad key
+        if key != except_key and type(value) not in _SCALAR_TYPES:
+            _check_data_model({key: value}, err)
 
 
 def _check_limit(frame_bytes_max: int) -> None:

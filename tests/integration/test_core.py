@@ -515,6 +515,12 @@ BROKEN_STREAMS: list[tuple[str, bool, bytes, bool, str]] = [
     ("zero-length frame", True, struct.pack(">I", 0), False, "PROTOCOL_ERROR"),
     ("nesting too deep", True, _frame_body({"t": "req", "id": 1, "op": "status", "args": _nested(40)}), False,
      "PROTOCOL_ERROR"),
+    # A write's args skip the frame's data-model walk (the node checks them field by field);
+    # everything else in its frame, and every other op's args, is still walked.
+    ("write, nesting too deep outside args", True,
+     _frame_body({"t": "req", "id": 1, "op": "register", "args": {}, "x": _nested(40)}), False, "PROTOCOL_ERROR"),
+    ("bytes key in a read's args", True, _frame_body({"t": "req", "id": 1, "op": "service_get",
+                                                        "args": {b"name": "x"}}), False, "PROTOCOL_ERROR"),
     ("truncated frame then EOF", True, struct.pack(">I", 100) + b"\x80" * 10, True, "PROTOCOL_ERROR"),
     ("request before hello", False, encode_frame(Request(1, "status", {}).to_wire()), False, "PROTOCOL_ERROR"),
     ("hello of another version", False,
@@ -563,6 +569,20 @@ def test_bad_input_over_raw_socket_is_refused_and_node_keeps_serving(
         conn.send(message)
         response = conn.response(message["id"])
         assert response.error is not None and response.error.code == code, f"{message!r:.80}: {response!r}"
+    # A write's args are not walked by the frame codec: what the walk would refuse there is a
+    # BAD_REQUEST from the schema check, for that request only.
+    unwalked: list[tuple[dict[str, Any], str]] = [
+        ({**REGISTER_OK, "meta": _nested(40)}, "field 'meta' must be map<str,str>"),
+        ({**REGISTER_OK, "meta": {b"k": "v"}}, "field 'meta' must be map<str,str>"),
+        ({**REGISTER_OK, b"port": 1}, "unknown field b'port'"),
+        ({**REGISTER_OK, "rid": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+         "field 'rid' must be str"),
+    ]
+    for req_id, (args, message) in enumerate(unwalked, start=9100):
+        conn.send_bytes(_frame_body({"t": "req", "id": req_id, "op": "register", "args": args}))
+        response = conn.response(req_id)
+        assert response.error is not None and response.error.code == "BAD_REQUEST", f"{args!r:.80}: {response!r}"
+        assert message in response.error.message, response.error.message
     ok = conn.request(10_000, "status", {})
     assert ok.error is None and ok.body["id"] == node.node_id
 

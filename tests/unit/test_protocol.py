@@ -34,6 +34,7 @@ from registry.protocol import (
     REQUEST_ID_MAX,
     STREAMS_PER_CONNECTION_MAX,
     TOKEN_CHARS_MAX,
+    WRITE_OPS,
     BadMessage,
     Bye,
     Cancel,
@@ -99,8 +100,8 @@ def feed(conn: ServerConnection | ClientConnection, data: bytes, chunk: int) -> 
     return out
 
 
-def server_after_hello() -> ServerConnection:
-    server = ServerConnection()
+def server_after_hello(checked_ops: frozenset[str] = frozenset()) -> ServerConnection:
+    server = ServerConnection(checked_ops=checked_ops)
     server.receive_data(frame({"t": "hello", "v": PROTOCOL_VERSION, "token": None, "client": "t"}))
     assert isinstance(server.next_event(), Hello)
     server.send(HelloOk(PROTOCOL_VERSION, "n1", 0))
@@ -179,6 +180,37 @@ def test_only_the_trusting_decoder_accepts_frames_outside_the_data_model(body: b
     checking.feed(raw_frame(body))
     with pytest.raises(ProtocolError):
         checking.next_frame()
+
+
+#: Args outside the data model in each way only the walk refuses (the decoder refuses int keys itself).
+OFF_MODEL_ARGS = [
+    pytest.param({"meta": {b"k": "v"}}, id="bytes-key"),
+    pytest.param(nested(NESTING_DEPTH_MAX), id="too-deep-inside-a-frame"),
+]
+
+
+@pytest.mark.parametrize("args", OFF_MODEL_ARGS)
+def test_server_leaves_only_a_checked_ops_args_unwalked(args: dict[Any, Any]) -> None:
+    """A write's args reach the node's field-by-field check as they are; the rest is walked."""
+    server = server_after_hello(checked_ops=WRITE_OPS)
+    server.receive_data(frame({"t": "req", "id": 1, "op": "register", "args": args}))
+    request = server.next_event()
+    assert isinstance(request, Request) and request.op == "register" and request.args == args
+    walked = [
+        (WRITE_OPS, {"t": "req", "id": 2, "op": "service_get", "args": args}),  # not a checked op
+        (WRITE_OPS, {"t": "req", "id": 3, "op": "register", "args": {}, "x": args}),  # outside args
+        (frozenset(), {"t": "req", "id": 4, "op": "register", "args": args}),  # nothing checked
+    ]
+    for checked_ops, obj in walked:
+        server = server_after_hello(checked_ops)
+        server.receive_data(frame(obj))
+        with pytest.raises(ProtocolError):
+            server.next_event()
+    # Before the handshake nothing is unwalked.
+    server = ServerConnection(checked_ops=WRITE_OPS)
+    server.receive_data(frame({"t": "req", "id": 1, "op": "register", "args": args}))
+    with pytest.raises(ProtocolError):
+        server.next_event()
 
 
 def test_zero_length_frame_is_protocol_error() -> None:
@@ -505,6 +537,8 @@ class _IntSub(int):
         (1, "get", [], BadRequest),
         (1, "get", {1: "int key"}, Internal),  # outside the data model: refused before it is sent
         (1, "get", {"a": {1, 2}}, Internal),
+        # The client walks a write's args too: the node's decoder refuses int keys outright.
+        (1, "register", {1: "int key"}, Internal),
     ],
 )
 def test_client_send_request_matches_send_of_a_request(request_id: Any, op: Any, args: Any,
