@@ -91,8 +91,8 @@ class Node:
         self._waiters = waiters = RevisionWaiters(loop)
         # One hand-off per applied batch, in apply order: everything that
         # reacts to applied events runs on the loop, never in the Raft thread.
-        def applied(revision: int, events: list[dict[str, Any]]) -> None:
-            loop.call_soon_threadsafe(self._on_applied, revision, events)
+        def applied(revision: int, events: list[dict[str, Any]], entry_bytes: int) -> None:
+            loop.call_soon_threadsafe(self._on_applied, revision, events, entry_bytes)
 
         def restored() -> None:
             loop.call_soon_threadsafe(self._on_restore)
@@ -165,11 +165,11 @@ class Node:
             config.node_id, config.api_addr, config.raft_addr, config.http_addr, config.data_dir,
         )
 
-    def _on_applied(self, revision: int, events: list[dict[str, Any]]) -> None:
+    def _on_applied(self, revision: int, events: list[dict[str, Any]], entry_bytes: int) -> None:
         if self._waiters is not None:
             self._waiters.applied(revision)
         if self.watches is not None:
-            self.watches.publish(revision, events)
+            self.watches.publish(revision, events, entry_bytes)
         if events and self.leases is not None:
             self.leases.on_events(events)
 

@@ -91,8 +91,8 @@ SNAPSHOT_MAGIC = b"RREGSNP1"
 
 #: One outcome per command in a batch: (True, result dict) or (False, code, message).
 BatchOutcome = list[tuple[Any, ...]]
-#: Called in the Raft thread after each applied batch: (revision, events).
-Listener = Callable[[int, list[dict[str, Any]]], None]
+#: Called in the Raft thread after each applied batch: (revision, events, the entry's bytes).
+Listener = Callable[[int, list[dict[str, Any]], int], None]
 
 
 class StateHolder:
@@ -636,7 +636,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 holder.high_water = revision
         for listener in self._listeners:
             try:
-                listener(revision, events)
+                listener(revision, events, len(batch))
             except Exception:
                 log.exception("apply listener failed")
         return outcomes

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 
@@ -85,9 +85,10 @@ def event_matches(selector: Selector, event: Event) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class HubLimits:
-    #: History kept for resumes: events, and their encoded bytes.  The watch messages built
-    #: from the history for watches that start behind the head are cached in up to as many
-    #: bytes again (see WatchHub.subscribe).
+    #: History kept for resumes: events, and their encoded bytes (while no watch is open, the
+    #: bytes of the Raft entries they came from plus EVENT_CHARGE_BYTES each: see
+    #: WatchHub.publish).  The watch messages built from the history for watches that start
+    #: behind the head are cached in up to as many bytes again (see WatchHub.subscribe).
     history_events_max: int = 100_000
     history_bytes_max: int = 64 << 20
     #: Events queued for one watcher before it is resynced instead.
@@ -367,9 +368,17 @@ class Watcher:
         return out
 
 
+#: What the history's byte budget charges per event kept unencoded, on top of its share of
+#: the Raft entry bytes (see ``WatchHub.publish``): the event map's own keys and revision.
+EVENT_CHARGE_BYTES: Final = 64
+
+
 class _Published:
     """One published batch kept in the history: its events, their encodings, and the watch
     messages already built from them for watchers that started behind the head.
+
+    ``encoded`` is None while no watch has needed the batch (``WatchHub.publish`` with a size
+    hint and no watch open); ``size`` is then the charge the hint gave it.
 
     ``chunks`` is filled by ``subscribe`` only, one list per selector, on first use: after an
     overload a thousand watches of one selector resume from about the same revision, and
@@ -381,11 +390,11 @@ class _Published:
 
     __slots__ = ("cached_size", "chunks", "encoded", "events", "last_revision", "size")
 
-    def __init__(self, events: list[Event], encoded: list[bytes]) -> None:
+    def __init__(self, events: list[Event], encoded: list[bytes] | None, size: int) -> None:
         self.last_revision: int = events[-1]["revision"]
         self.events = events
         self.encoded = encoded
-        self.size = sum(map(len, encoded))
+        self.size = size
         self.chunks: dict[Selector, list[Chunk]] = {}
         self.cached_size = 0
 
@@ -427,7 +436,19 @@ class WatchHub:
     def distinct(self) -> int:
         return len(self._groups)
 
-    def publish(self, revision: int, events: list[Event]) -> None:
+    def publish(self, revision: int, events: list[Event], size_hint: int | None = None) -> None:
+        """Applied events up to ``revision``: to the history, and to every watcher they match.
+
+        ``size_hint``: bytes of the Raft entries the events came from.  With it, and no watch
+        open on this node, nothing needs the events' bytes yet: they are kept unencoded until
+        a watch resuming from the history needs them (encoding events nobody watched was a
+        sixth of a follower's CPU per write), and the byte budget charges the hint plus
+        ``EVENT_CHARGE_BYTES`` per event until then, the encoded size after.  That still
+        bounds what the history keeps beyond the live state: an event's new record was built
+        from its command (charged with its entry), and an old record it keeps (a put's
+        ``before``, a delete's) was either an earlier event's new record or part of the state
+        when the history's oldest event was published.
+        """
         if events and events[0]["revision"] <= self.revision:
             fresh = [e for e in events if e["revision"] > self.revision]
         else:
@@ -435,15 +456,26 @@ class WatchHub:
         if revision <= self.revision and not fresh:
             return
         if fresh:
-            # Each event is encoded once; a selector's chunks are joined from
-            # these bytes, and each chunk is shared by every watcher of it.
-            encoded = encode_events(fresh, self._pack)
-            published = _Published(fresh, encoded)
+            if size_hint is not None and not self._groups:
+                published = _Published(fresh, None, size_hint + EVENT_CHARGE_BYTES * len(fresh))
+            else:
+                # Each event is encoded once; a selector's chunks are joined from
+                # these bytes, and each chunk is shared by every watcher of it.
+                encoded = encode_events(fresh, self._pack)
+                published = _Published(fresh, encoded, sum(map(len, encoded)))
             self._history.append(published)
             self._history_events += len(fresh)
             self._history_bytes += published.size
             self._trim()
-            for selector, group in self._groups.items():
+            self._fan_out(fresh, published.encoded)
+            self.events_published += len(fresh)
+        self.revision = max(self.revision, revision, fresh[-1]["revision"] if fresh else 0)
+
+    def _fan_out(self, fresh: list[Event], encoded: list[bytes] | None) -> None:
+        """Hand freshly published events to every watcher they match."""
+        if encoded is None:
+            return  # kept unencoded: no watch is open
+        for selector, group in self._groups.items():
                 chunks = selected_chunks(selector, fresh, encoded)
                 if not chunks:
                     continue
@@ -464,8 +496,6 @@ class WatchHub:
                         self._flagged("slow")
                 if direct_sends:
                     self.events_sent_direct += direct_sends * sum(len(c.events) for c in chunks)
-            self.events_published += len(fresh)
-        self.revision = max(self.revision, revision, fresh[-1]["revision"] if fresh else 0)
 
     def _trim(self) -> None:
         limits = self.limits
@@ -493,12 +523,20 @@ class WatchHub:
                 watcher.mark_resync("compacted")
                 self._flagged("compacted")
             else:
+                encoded_now = False
                 for published in self._history:
                     if published.last_revision < start:
                         continue
+                    encoded = published.encoded
+                    if encoded is None:
+                        encoded = published.encoded = encode_events(published.events, self._pack)
+                        size = sum(map(len, encoded))
+                        self._history_bytes += size - published.size
+                        published.size = size
+                        encoded_now = True
                     chunks = published.chunks.get(selector)
                     if chunks is None:
-                        chunks = selected_chunks(selector, published.events, published.encoded)
+                        chunks = selected_chunks(selector, published.events, encoded)
                         # Kept for the next watch of this selector that starts this far back,
                         # within a budget as large as the history's own: past it, each such
                         # watch builds its messages again, as it did before the cache.
@@ -510,6 +548,10 @@ class WatchHub:
                     if watcher.push_chunks(chunks):
                         self._flagged("slow")
                         break
+                if encoded_now:
+                    # The budget now charges encoded sizes, which may exceed the hints: trim (this
+                    # watcher already holds what it needed from the trimmed batches).
+                    self._trim()
         self._groups.setdefault(selector, set()).add(watcher)
         self.watchers += 1
         return watcher

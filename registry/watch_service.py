@@ -214,10 +214,12 @@ class WatchService:
         self.linger_s = PUBLISH_LINGER_S
         self._pending_events: list[dict[str, Any]] = []
         self._pending_revision = hub.revision
+        #: Raft entry bytes behind the pending events, or None once a batch came without (hub.publish).
+        self._pending_size_hint: int | None = 0
         self._last_flush = -1e9
         self._flush_handle: asyncio.TimerHandle | None = None
 
-    def publish(self, revision: int, events: list[dict[str, Any]]) -> None:
+    def publish(self, revision: int, events: list[dict[str, Any]], size_hint: int | None = None) -> None:
         """An applied batch.  Handed to the hub at once when the last hand-off was ``linger_s`` ago,
         else with whatever else arrives until then.
 
@@ -225,9 +227,15 @@ class WatchService:
         watcher gets one message (and the node one write per watcher) per
         ``linger_s`` instead of one per Raft batch, which divides the per-watcher
         cost of an event on both ends; an idle node adds no delay.
+
+        ``size_hint``: the bytes of the Raft entry the events came from (see ``WatchHub.publish``).
         """
         self._pending_revision = max(self._pending_revision, revision)
         self._pending_events.extend(events)
+        if size_hint is None or self._pending_size_hint is None:
+            self._pending_size_hint = None
+        else:
+            self._pending_size_hint += size_hint
         if self._snapshots and revision > self._snapshots_revision:
             self._snapshots.clear()  # cached snapshot parts are only good for one revision
         if self._acl_listeners and any(e.get("kind") in ACL_EVENT_KINDS for e in events):
@@ -253,7 +261,8 @@ class WatchService:
             self._flush_handle = None
         self._last_flush = time.monotonic()
         events, self._pending_events = self._pending_events, []
-        self.hub.publish(self._pending_revision, events)
+        size_hint, self._pending_size_hint = self._pending_size_hint, 0
+        self.hub.publish(self._pending_revision, events, size_hint)
         self._export_events()
         self._export_resyncs()
 

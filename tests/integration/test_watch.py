@@ -495,6 +495,40 @@ def test_a_follower_that_installs_a_snapshot_keeps_its_watch_consistent(
 # -- 3. list-then-watch ----------------------------------------------------------------------
 
 
+def test_a_watch_resuming_on_a_node_nobody_watched_gets_what_an_open_watch_got(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """A node no watch is open on keeps its history unencoded (``WatchHub.publish``); a watch
+    resuming from that history gets exactly the events a watch open all along on another node got."""
+    cluster = make_cluster()
+    leader = wait_all_serving(cluster)
+    idle, watched = followers(cluster, leader)
+    along = WatchThread([watched.api], service="lz", start_revision=1)
+    try:
+        wait_until(lambda: along.snapshot(), 10, "the watch on the other follower to be created")
+        writer = cluster.client([leader.api])
+        first = writer.register("lz", "a", "10.0.0.1", 1, meta={"k": "v"})["revision"]
+        writer.register("lz", "b", "10.0.0.1", 2)
+        writer.register("lz", "a", "10.0.0.1", 3, tags=["t"])
+        writer.set_status("lz", "b", "critical")
+        writer.register("other", "x", "10.0.0.1", 4)
+        last = writer.deregister("lz", "b")["revision"]
+        wait_until(lambda: along.revision() >= last, 10, "the open watch to see every write")
+        assert metric(idle, "regctl_watchers") == 0
+        expected = [e for e in check_message_order(along.snapshot()) if e["revision"] >= first + 1]
+        assert [e["type"] for e in expected] == ["put", "put", "status", "delete"]
+        stream = cluster.client([idle.api]).watch(service="lz", start_revision=first + 1)
+        try:
+            got: list[Item] = []
+            while not got or got[-1]["revision"] < last:
+                got += next_item(stream, lambda i: i["type"] == "events")["events"]
+        finally:
+            stream.close()
+        assert got == expected
+    finally:
+        along.stop(check=False)
+
+
 def test_list_first_gives_a_list_snapshot_then_events_after_it(shared: Cluster) -> None:
     cluster = shared
     client = cluster.client()
@@ -608,8 +642,12 @@ def test_a_watcher_that_stops_reading_costs_bounded_memory_and_does_not_delay_ot
     stuck = RawWatch(node.api, {"all": True, "start_revision": 1})
     # A normal watcher of the same selection (same group on the node) that reads everything.
     normal = WatchThread([node.api], all=True, start_revision=1)
+    # And one on the peer, so that it keeps its history encoded too (a node no watch is open on
+    # keeps it unencoded, see WatchHub.publish): the two then differ by the stuck watcher only.
+    on_peer = WatchThread([peer.api], all=True, start_revision=1)
     try:
         wait_until(lambda: metric(node, "regctl_watchers") == 2, 10, "both watches open")
+        wait_until(lambda: metric(peer, "regctl_watchers") == 1, 10, "the peer's watch open")
         # Rounds of concurrent updates of the same 256 instances with 32 KB of meta each: every
         # event carries the old and the new record (~64 KB encoded), while the state stays small.
         ids, rounds, meta_value = [f"u{i}" for i in range(256)], 5, "v" * 500
@@ -639,8 +677,8 @@ def test_a_watcher_that_stops_reading_costs_bounded_memory_and_does_not_delay_ot
         print(f"RSS MB: baseline {baseline:.0f}, node peak {peak['node']:.0f}, peer peak {peak['peer']:.0f}; "
               f"{event_mb:.0f} MB of events; normal watcher caught up {caught_up_s:.2f}s after the writes, "
               f"round delays {delays}")
-        # Memory.  The node holds the same state, Raft log and watch history as its peer follower; the
-        # stuck watcher may add one paused transport buffer (4 MiB high-water mark plus one message),
+        # Memory.  The node holds the same state, Raft log and watch history as its peer follower, and
+        # each has a watcher that reads everything; the stuck watcher may add one paused transport buffer (4 MiB high-water mark plus one message),
         # kernel socket buffers (not RSS) and a queue of at most queue_max references to events.  Had
         # the node buffered what the stuck watcher did not read, it would hold ~event_mb more than the
         # peer; 32 MB covers the normal watcher's buffers and allocator noise, and is well under that.
@@ -653,9 +691,11 @@ def test_a_watcher_that_stops_reading_costs_bounded_memory_and_does_not_delay_ot
         assert metric(peer, "regctl_watch_resyncs_total", 'reason="slow"') == 0
         assert metric(node, "regctl_watchers") == 2
         normal.stop()
+        on_peer.stop()
     finally:
         stuck.close()
         normal.stop(check=False)  # after a failure: must not hide it
+        on_peer.stop(check=False)
     wait_until(lambda: metric(node, "regctl_watchers") == 0, 10, "the node to drop both watches")
 
 

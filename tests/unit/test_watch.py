@@ -440,6 +440,72 @@ def test_history_trims_by_bytes_and_raises_the_floor() -> None:
     assert hub.subscribe(WEB, 11, noop).resync_reason == "compacted"
 
 
+def test_with_a_size_hint_and_no_watch_open_events_wait_unencoded_until_a_resume(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody watching: nothing is encoded at publish; the first watch resuming from the history
+    encodes what it needs, once, and gets the same bytes an eagerly encoding hub would send."""
+    import registry.watch as watch_module
+
+    calls: list[int] = []
+    real = watch_module.encode_events
+
+    def counting(events: list[Event], pack: Any = None) -> list[bytes]:
+        calls.append(len(events))
+        return real(events, pack)
+
+    monkeypatch.setattr(watch_module, "encode_events", counting)
+    lazy, eager = WatchHub(0), WatchHub(0)
+    for rev in range(1, 11):
+        events = [ev(rev, service="web" if rev % 2 else "api", id_=f"i{rev}")]
+        lazy.publish(rev, events, size_hint=100)
+        eager.publish(rev, events)
+    assert calls == [1] * 10  # the eager hub's
+    calls.clear()
+    resumed = [lazy.subscribe(WEB, 4, noop) for _ in range(3)] + [lazy.subscribe(Selector("all"), 6, noop)]
+    assert calls == [1] * 7  # revisions 4..10, once each, for all four watches
+    reference = eager.subscribe(WEB, 4, noop)
+    assert [c.body for c in resumed[0].take_chunks()] == [c.body for c in reference.take_chunks()]
+    assert revs(resumed[1].take(100)) == [5, 7, 9]
+    assert revs(resumed[3].take(100)) == [6, 7, 8, 9, 10]
+    # A watch from the head needs no history; one is open now, so publishing encodes again.
+    calls.clear()
+    live = lazy.subscribe(WEB, None, noop)
+    assert calls == []
+    lazy.publish(11, [ev(11)], size_hint=100)
+    assert calls == [1] and revs(live.take(10)) == [11]
+
+
+def test_unencoded_events_are_charged_their_hint_and_trimmed_by_it() -> None:
+    """The byte budget counts a lazily kept batch as its entry bytes plus EVENT_CHARGE_BYTES per event."""
+    from registry.watch import EVENT_CHARGE_BYTES
+
+    charge = 1000 + EVENT_CHARGE_BYTES
+    hub = WatchHub(0, HubLimits(history_bytes_max=3 * charge))
+    for rev in range(1, 4):
+        hub.publish(rev, [ev(rev)], size_hint=1000)
+    assert hub.floor == 0
+    hub.publish(4, [ev(4)], size_hint=1000)
+    assert hub.floor == 1
+    assert hub.subscribe(WEB, 1, noop).resync_reason == "compacted"
+    assert revs(hub.subscribe(WEB, 2, noop).take(10)) == [2, 3, 4]
+
+
+def test_a_resume_that_encodes_more_than_the_hints_charged_trims_after_it() -> None:
+    """Encoded sizes replace the hints once a resume encodes: the history may shrink, but the
+    watch that caused it keeps every event it asked for."""
+    payload = "p" * 1000
+    size = len(msgpack.packb(ev(1, payload=payload), use_bin_type=True))
+    hub = WatchHub(0, HubLimits(history_bytes_max=3 * size))
+    for rev in range(1, 6):
+        hub.publish(rev, [ev(rev, payload=payload)], size_hint=10)  # an undercharge, on purpose
+    assert hub.floor == 0
+    watcher = hub.subscribe(WEB, 1, noop)
+    assert revs(watcher.take(100)) == [1, 2, 3, 4, 5]
+    assert hub.floor == 2  # 5 encoded events over a 3-event budget
+    assert hub.subscribe(WEB, 2, noop).resync_reason == "compacted"
+    assert revs(hub.subscribe(WEB, 3, noop).take(100)) == [3, 4, 5]
+
+
 @pytest.mark.parametrize(
     "limits",
     [HubLimits(history_events_max=0), HubLimits(history_bytes_max=0), HubLimits(queue_events_max=0),
