@@ -678,10 +678,11 @@ def test_a_watcher_that_stops_reading_costs_bounded_memory_and_does_not_delay_ot
               f"{event_mb:.0f} MB of events; normal watcher caught up {caught_up_s:.2f}s after the writes, "
               f"round delays {delays}")
         # Memory.  The node holds the same state, Raft log and watch history as its peer follower, and
-        # each has a watcher that reads everything; the stuck watcher may add one paused transport buffer (4 MiB high-water mark plus one message),
-        # kernel socket buffers (not RSS) and a queue of at most queue_max references to events.  Had
-        # the node buffered what the stuck watcher did not read, it would hold ~event_mb more than the
-        # peer; 32 MB covers the normal watcher's buffers and allocator noise, and is well under that.
+        # each has a watcher that reads everything; the stuck watcher may add one paused transport
+        # buffer (4 MiB high-water mark plus one message), kernel socket buffers (not RSS) and a queue
+        # of at most queue_max references to events.  Had the node buffered what the stuck watcher did
+        # not read, it would hold ~event_mb more than the peer; 32 MB covers allocator noise and is
+        # well under that.
         assert event_mb > 2 * 32
         assert peak["node"] < peak["peer"] + 32
         assert peak["node"] < baseline + 300
