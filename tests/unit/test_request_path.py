@@ -81,7 +81,7 @@ class _Node:
         self.raft = _Raft(self.holder, loop)
         metrics = NodeMetrics()
         waiters = RevisionWaiters(loop)
-        self.raft._listeners.append(lambda revision, events: waiters.applied(revision))
+        self.raft._listeners.append(lambda revision, events, entry_bytes: waiters.applied(revision))
         self.proposer = Proposer(self.raft, loop, metrics, batch_commands_max=64, batch_inflight_max=2,
                                  pending_max=1000, timeout_s=5.0)
         info = NodeInfo("n1", "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", {})
