@@ -18,6 +18,7 @@ for up to ``model.LEASE_KEEPALIVE_IDS_MAX`` leases.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any
@@ -73,7 +74,11 @@ class LeaseService:
 
     def on_events(self, events: list[dict[str, Any]]) -> None:
         """Mirror lease grants and removals from applied events (every node)."""
-        if not self.keeper.active and any(e.get("kind") == "lease" for e in events) and self._raft._isLeader():
+        # Most batches hold no lease event: find that out in C (two Python passes over every
+        # event of every batch were 5% of a follower's CPU under register load).
+        if "lease" not in set(map(dict.get, events, itertools.repeat("kind"))):
+            return
+        if not self.keeper.active and self._raft._isLeader():
             # This node leads but its tick has not noticed yet: take over the
             # countdowns now, so a lease granted in this term (one of these
             # events) gets its plain TTL rather than the hand-over grace.
@@ -98,10 +103,11 @@ class LeaseService:
         """The state was replaced by a snapshot: rebuild from it."""
         if not self._raft._isLeader():
             self.keeper.deactivate()  # followers keep no deadlines; TTLs are read from the new state
-            return
-        with self._holder.lock:
-            ttls = self._holder.state.lease_ttls()
-        self.keeper.reset_all(ttls, time.monotonic())
+        else:
+            with self._holder.lock:
+                ttls = self._holder.state.lease_ttls()
+            self.keeper.reset_all(ttls, time.monotonic())
+        self._metrics.leases.set(len(self.keeper))
 
     # -- ops ----------------------------------------------------------------------
 
@@ -177,6 +183,7 @@ class LeaseService:
             with self._holder.lock:
                 ttls = self._holder.state.lease_ttls()
             self.keeper.reset_all(ttls, now, self._handover_grace_s)
+            self._metrics.leases.set(len(self.keeper))
             self._term = term
             log.info("leading in term %d: restarted the countdown of %d lease(s)", term, len(ttls))
             self._spawn(self._announce_epoch(term))
