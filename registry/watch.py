@@ -398,6 +398,13 @@ class _Published:
         self.chunks: dict[Selector, list[Chunk]] = {}
         self.cached_size = 0
 
+    def encode(self, pack: Callable[[Any], bytes]) -> list[bytes]:
+        """Encode the events (once); ``size`` becomes their encoded bytes."""
+        if self.encoded is None:
+            self.encoded = encode_events(self.events, pack)
+            self.size = sum(map(len, self.encoded))
+        return self.encoded
+
 
 class WatchHub:
     def __init__(self, revision: int, limits: HubLimits | None = None) -> None:
@@ -456,13 +463,11 @@ class WatchHub:
         if revision <= self.revision and not fresh:
             return
         if fresh:
-            if size_hint is not None and not self._groups:
-                published = _Published(fresh, None, size_hint + EVENT_CHARGE_BYTES * len(fresh))
-            else:
+            published = _Published(fresh, None, EVENT_CHARGE_BYTES * len(fresh) + (size_hint or 0))
+            if size_hint is None or self._groups:
                 # Each event is encoded once; a selector's chunks are joined from
                 # these bytes, and each chunk is shared by every watcher of it.
-                encoded = encode_events(fresh, self._pack)
-                published = _Published(fresh, encoded, sum(map(len, encoded)))
+                published.encode(self._pack)
             self._history.append(published)
             self._history_events += len(fresh)
             self._history_bytes += published.size
@@ -476,26 +481,26 @@ class WatchHub:
         if encoded is None:
             return  # kept unencoded: no watch is open
         for selector, group in self._groups.items():
-                chunks = selected_chunks(selector, fresh, encoded)
-                if not chunks:
-                    continue
-                # The common case inlined (this loop runs once per watcher per batch): a watcher
-                # with nothing queued, not resyncing and not past these revisions gets the shared
-                # bytes written at once; any other goes through push_chunks.
-                bodies = [c.body for c in chunks]
-                first = chunks[0].first
-                after = chunks[-1].last + 1
-                direct_sends = 0
-                for watcher in group:
-                    direct = watcher.direct
-                    if (direct is not None and not watcher._chunks and watcher.resync_reason is None
-                            and watcher.next_revision <= first and direct(bodies)):
-                        watcher.next_revision = after
-                        direct_sends += 1
-                    elif watcher.push_chunks(chunks):
-                        self._flagged("slow")
-                if direct_sends:
-                    self.events_sent_direct += direct_sends * sum(len(c.events) for c in chunks)
+            chunks = selected_chunks(selector, fresh, encoded)
+            if not chunks:
+                continue
+            # The common case inlined (this loop runs once per watcher per batch): a watcher
+            # with nothing queued, not resyncing and not past these revisions gets the shared
+            # bytes written at once; any other goes through push_chunks.
+            bodies = [c.body for c in chunks]
+            first = chunks[0].first
+            after = chunks[-1].last + 1
+            direct_sends = 0
+            for watcher in group:
+                direct = watcher.direct
+                if (direct is not None and not watcher._chunks and watcher.resync_reason is None
+                        and watcher.next_revision <= first and direct(bodies)):
+                    watcher.next_revision = after
+                    direct_sends += 1
+                elif watcher.push_chunks(chunks):
+                    self._flagged("slow")
+            if direct_sends:
+                self.events_sent_direct += direct_sends * sum(len(c.events) for c in chunks)
 
     def _trim(self) -> None:
         limits = self.limits
@@ -523,17 +528,12 @@ class WatchHub:
                 watcher.mark_resync("compacted")
                 self._flagged("compacted")
             else:
-                encoded_now = False
                 for published in self._history:
                     if published.last_revision < start:
                         continue
-                    encoded = published.encoded
-                    if encoded is None:
-                        encoded = published.encoded = encode_events(published.events, self._pack)
-                        size = sum(map(len, encoded))
-                        self._history_bytes += size - published.size
-                        published.size = size
-                        encoded_now = True
+                    charged = published.size
+                    encoded = published.encode(self._pack)  # a batch kept unencoded is encoded now
+                    self._history_bytes += published.size - charged
                     chunks = published.chunks.get(selector)
                     if chunks is None:
                         chunks = selected_chunks(selector, published.events, encoded)
@@ -548,10 +548,9 @@ class WatchHub:
                     if watcher.push_chunks(chunks):
                         self._flagged("slow")
                         break
-                if encoded_now:
-                    # The budget now charges encoded sizes, which may exceed the hints: trim (this
-                    # watcher already holds what it needed from the trimmed batches).
-                    self._trim()
+                # The budget now charges encoded sizes, which may exceed the hints: trim (this
+                # watcher already holds what it needed from the trimmed batches).
+                self._trim()
         self._groups.setdefault(selector, set()).add(watcher)
         self.watchers += 1
         return watcher
