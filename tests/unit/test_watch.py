@@ -259,20 +259,34 @@ def test_subscribe_within_history_backfills_exactly_the_matching_events(
     assert revs(watcher.take(1000)) == [11]
 
 
-def test_subscribers_in_the_past_reuse_the_history_encodings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each event is encoded once, when published; 100 watchers starting behind the head encode nothing."""
+def hub_holding(events: float) -> tuple[WatchHub, str, int]:
+    """A hub whose byte budget holds ``events`` one-event batches of the returned payload,
+    and that batch's encoded size."""
+    payload = "p" * 1000
+    size = len(msgpack.packb([ev(1, payload=payload)], use_bin_type=True))
+    return WatchHub(0, HubLimits(history_bytes_max=int(events * size))), payload, size
+
+
+def count_encodings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the batch size of every ``encode_events`` call the hub makes from now on."""
     import registry.watch as watch_module
 
-    hub = WatchHub(0)
-    mixed_history(hub, 10)
-    calls = []
+    calls: list[int] = []
     real = watch_module.encode_events
 
-    def counting(events: list[Event]) -> list[bytes]:
+    def counting(events: list[Event], pack: Any = None) -> list[bytes]:
         calls.append(len(events))
-        return real(events)
+        return real(events, pack)
 
     monkeypatch.setattr(watch_module, "encode_events", counting)
+    return calls
+
+
+def test_subscribers_in_the_past_reuse_the_history_encodings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each event is encoded once, when published; 100 watchers starting behind the head encode nothing."""
+    hub = WatchHub(0)
+    mixed_history(hub, 10)
+    calls = count_encodings(monkeypatch)
     watchers = [hub.subscribe(WEB if i % 2 else Selector("all"), 2 + i % 3, noop) for i in range(100)]
     assert calls == []
     assert revs(watchers[1].take(1000)) == [3, 5, 7, 9]  # WEB from 3
@@ -311,9 +325,7 @@ def test_watches_resuming_from_the_past_share_one_build_of_each_batch(monkeypatc
 def test_the_resume_cache_has_its_own_budget_and_leaves_the_history_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """Cached messages never trim the history; past their budget, watches build their own again."""
     calls = count_selected_chunks(monkeypatch)
-    payload = "p" * 1000
-    size = len(msgpack.packb([ev(1, payload=payload)], use_bin_type=True))
-    hub = WatchHub(0, HubLimits(history_bytes_max=3 * size + size // 2))
+    hub, payload, _ = hub_holding(3.5)
     for rev in range(1, 11):
         hub.publish(rev, [ev(rev, payload=payload)])
     assert hub.floor == 7
@@ -421,9 +433,7 @@ def test_history_trims_a_whole_batch_at_once() -> None:
 
 
 def test_history_trims_by_bytes_and_raises_the_floor() -> None:
-    payload = "p" * 1000
-    size = len(msgpack.packb([ev(1, payload=payload)], use_bin_type=True))
-    hub = WatchHub(0, HubLimits(history_bytes_max=3 * size + size // 2))
+    hub, payload, size = hub_holding(3.5)
     for rev in range(1, 4):
         hub.publish(rev, [ev(rev, payload=payload)])
     assert hub.floor == 0
@@ -444,16 +454,7 @@ def test_with_a_size_hint_and_no_watch_open_events_wait_unencoded_until_a_resume
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Nobody watching: nothing is encoded at publish; the first watch resuming from the history
     encodes what it needs, once, and gets the same bytes an eagerly encoding hub would send."""
-    import registry.watch as watch_module
-
-    calls: list[int] = []
-    real = watch_module.encode_events
-
-    def counting(events: list[Event], pack: Any = None) -> list[bytes]:
-        calls.append(len(events))
-        return real(events, pack)
-
-    monkeypatch.setattr(watch_module, "encode_events", counting)
+    calls = count_encodings(monkeypatch)
     lazy, eager = WatchHub(0), WatchHub(0)
     for rev in range(1, 11):
         events = [ev(rev, service="web" if rev % 2 else "api", id_=f"i{rev}")]
@@ -493,9 +494,7 @@ def test_unencoded_events_are_charged_their_hint_and_trimmed_by_it() -> None:
 def test_a_resume_that_encodes_more_than_the_hints_charged_trims_after_it() -> None:
     """Encoded sizes replace the hints once a resume encodes: the history may shrink, but the
     watch that caused it keeps every event it asked for."""
-    payload = "p" * 1000
-    size = len(msgpack.packb(ev(1, payload=payload), use_bin_type=True))
-    hub = WatchHub(0, HubLimits(history_bytes_max=3 * size))
+    hub, payload, _ = hub_holding(3)
     for rev in range(1, 6):
         hub.publish(rev, [ev(rev, payload=payload)], size_hint=10)  # an undercharge, on purpose
     assert hub.floor == 0
