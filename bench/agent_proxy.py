@@ -54,7 +54,7 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 from localcluster import BenchCluster, cpu_seconds, machine_busy_seconds, regctl_command  # noqa: E402
 
 from registry.client import SyncClient  # noqa: E402
-from registry.ports import free_ports  # noqa: E402
+from registry.server.ports import free_ports  # noqa: E402
 
 PING = b"ping\n"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from localcluster import NodeProcess, ProcessCluster
 
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 
 __all__ = ["EtcdCluster", "EtcdNode", "ensure_etcd", "etcd_version"]
 

@@ -44,8 +44,8 @@ from localcluster import BenchCluster, cpu_seconds, machine_busy_seconds
 
 from registry.client import Client
 from registry.errors import RegistryError
-from registry.leases import LeaseKeeper
-from registry.state import RegistryState
+from registry.fsm.leases import LeaseKeeper
+from registry.fsm.state import RegistryState
 
 TTL_MS = 600_000
 WARMUP_S = 1.0
@@ -110,7 +110,7 @@ async def find_leader(endpoints: list[str]) -> str | None:
 
 
 class StateTtls:
-    """What a node hands its LeaseKeeper (registry.lease_service._StateTtls), minus the StateHolder."""
+    """What a node hands its LeaseKeeper (registry.server.lease_service._StateTtls), minus the StateHolder."""
 
     def __init__(self, state: RegistryState) -> None:
         self._state = state

@@ -23,7 +23,7 @@ from typing import Generic, Protocol, TypeVar
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 
 __all__ = ["BenchCluster", "BenchNode", "LoadTarget", "NodeProcess", "ProcessCluster", "cpu_seconds",
            "machine_busy_seconds", "stop_processes"]

@@ -29,7 +29,7 @@ import click
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 
 from .main import cli
 from .output import table

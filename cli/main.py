@@ -140,8 +140,8 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None) -> None:
     """Run one registry node in the foreground."""
-    from registry.incarnation import load_or_create
-    from registry.node import run_node, server_ssl_context
+    from registry.raft.incarnation import load_or_create
+    from registry.server.node import run_node, server_ssl_context
 
     key: str | None = None
     if cluster_key_file is not None:

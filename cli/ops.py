@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from registry.backup import decode_backup, seed_data_dir, write_atomic
 from registry.client import SyncClient
 from registry.errors import BadRequest, Internal, NotLeader, RegistryError
+from registry.server.backup import decode_backup, seed_data_dir, write_atomic
 
 from .main import Ctx, cli, handles_errors
 from .output import emit, table

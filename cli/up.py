@@ -15,7 +15,7 @@ import click
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 
 #: Largest local cluster: more nodes than this on one machine only adds Raft traffic.
 NODES_MAX = 9

@@ -13,10 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidArgument
-from .watch import HubLimits
+from registry.errors import InvalidArgument
 
-__all__ = ["NodeConfig", "RaftTiming", "parse_hostport", "format_hostport", "UNSAFE_LOCAL_READS_ENV"]
+__all__ = ["NodeConfig", "HubLimits", "RaftTiming", "parse_hostport", "format_hostport", "UNSAFE_LOCAL_READS_ENV"]
 
 #: Testing only: with ``--dev``, ``REGCTL_UNSAFE_LOCAL_READS=1`` makes a node serve linearizable reads
 #: from its local state without the read barrier (stale reads), so jepsen-lite can show its checkers fail.
@@ -42,6 +41,30 @@ def format_hostport(host: str, port: int) -> str:
 
 #: Longest Raft address (bytes of UTF-8) a node accepts for itself.
 RAFT_ADDRESS_BYTES_MAX = 255
+
+
+
+@dataclass(frozen=True, slots=True)
+class HubLimits:
+    #: History kept for resumes: events, and their encoded bytes (while no watch is open, the
+    #: bytes of the Raft entries they came from plus EVENT_CHARGE_BYTES each: see
+    #: WatchHub.publish).  The watch messages built from the history for watches that start
+    #: behind the head are cached in up to as many bytes again (see WatchHub.subscribe).
+    history_events_max: int = 100_000
+    history_bytes_max: int = 64 << 20
+    #: Events queued for one watcher before it is resynced instead.
+    queue_events_max: int = 10_000
+    #: Encoded bytes queued for one watcher (the chunks are shared with the
+    #: other watchers of its selector, but a watcher this far behind is
+    #: resynced all the same: catching up by snapshot is cheaper).
+    queue_bytes_max: int = 64 << 20
+    #: Watchers on one node.
+    watchers_max: int = 100_000
+
+    def validate(self) -> None:
+        if (self.history_events_max < 1 or self.history_bytes_max < 1 or self.queue_events_max < 1
+                or self.queue_bytes_max < 1):
+            raise InvalidArgument("watch limits must be positive")
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from registry.errors import Conflict
-from registry.state import RegistryState
+from registry.fsm.state import RegistryState
 
 from .history import Op
 

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 
 from .runner import LOCAL_PORT_RANGE, Cluster, NodeSpec, Topology
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from registry.client import Client
 from registry.errors import Conflict, NotFound, RegistryError
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 
 __all__ = [
     "NodeSpec",
@@ -65,7 +65,7 @@ NETNS_CLIENT_HOST = 100
 NETNS_API_PORT, NETNS_RAFT_PORT, NETNS_HTTP_PORT = 7001, 7101, 7201
 #: Status requests during leader discovery: short, a paused node must not stall the nemesis.
 STATUS_TIMEOUT_S = 0.5
-#: A membership change may take the node up to 10 s to commit (registry.membership.CHANGE_TIMEOUT_S).
+#: A membership change may take the node up to 10 s to commit (registry.raft.membership.CHANGE_TIMEOUT_S).
 MEMBER_CALL_TIMEOUT_S = 12.0
 
 

@@ -17,9 +17,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .endpoint import Endpoint
-from .outlier import EJECTED, LIMITED, OutlierConfig, OutlierDetector, Selection
-from .policies import Policy
+from registry.agent.endpoint import Endpoint
+from registry.agent.outlier import EJECTED, LIMITED, OutlierConfig, OutlierDetector, Selection
+from registry.agent.policies import Policy
 
 __all__ = ["Balancer", "BalancerEvent", "Observer"]
 

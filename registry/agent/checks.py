@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from .health import CheckSpec, HealthState
+from registry.agent.health import CheckSpec, HealthState
 
 __all__ = ["run_check", "CheckLoop"]
 

@@ -55,14 +55,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import model
-from ..client import DEFAULT_ENDPOINTS
-from ..config import parse_hostport
-from ..errors import BadRequest
-from .errors import ConfigError
-from .health import CheckSpec, parse_check
-from .outlier import OutlierConfig
-from .policies import canonical_policy_name
+from registry.agent.errors import ConfigError
+from registry.agent.health import CheckSpec, parse_check
+from registry.agent.outlier import OutlierConfig
+from registry.agent.policies import canonical_policy_name
+from registry.client import DEFAULT_ENDPOINTS
+from registry.config import parse_hostport
+from registry.errors import BadRequest
+from registry.fsm import model
 
 __all__ = [
     "AgentConfig",

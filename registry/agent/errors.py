@@ -14,7 +14,7 @@ them too.  ``regctl agent`` exits 2 on a ``ConfigError``.
 
 from __future__ import annotations
 
-from ..errors import InvalidArgument, Unavailable
+from registry.errors import InvalidArgument, Unavailable
 
 __all__ = ["ConfigError", "NoEndpoint"]
 

@@ -20,9 +20,9 @@ import shlex
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..config import parse_hostport
-from ..errors import InvalidArgument
-from .errors import ConfigError
+from registry.agent.errors import ConfigError
+from registry.config import parse_hostport
+from registry.errors import InvalidArgument
 
 __all__ = ["CheckSpec", "HealthState", "parse_check", "CHECK_KINDS", "PASSING", "CRITICAL"]
 

@@ -18,8 +18,8 @@ import asyncio
 import logging
 from typing import Any
 
-from ..client import Client
-from ..errors import RegistryError
+from registry.client import Client
+from registry.errors import RegistryError
 
 __all__ = ["IntentionsWatcher"]
 

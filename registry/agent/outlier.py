@@ -36,8 +36,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .endpoint import Endpoint
-from .errors import ConfigError
+from registry.agent.endpoint import Endpoint
+from registry.agent.errors import ConfigError
 
 __all__ = ["OutlierConfig", "OutlierDetector", "Selection", "EJECTED", "LIMITED"]
 

@@ -23,8 +23,8 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from .endpoint import Endpoint
-from .errors import ConfigError
+from registry.agent.endpoint import Endpoint
+from registry.agent.errors import ConfigError
 
 __all__ = [
     "Policy",

@@ -50,10 +50,10 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, Any, cast
 
-from .balancer import Balancer
-from .endpoint import Endpoint
-from .errors import ConfigError
-from .metrics import AgentMetrics, EndpointMetrics
+from registry.agent.balancer import Balancer
+from registry.agent.endpoint import Endpoint
+from registry.agent.errors import ConfigError
+from registry.agent.metrics import AgentMetrics, EndpointMetrics
 
 __all__ = ["UpstreamProxy", "AccessLog", "Intentions", "allow_all", "os_reason"]
 

@@ -28,13 +28,13 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from ..client import Client
-from .balancer import Balancer, Observer
-from .endpoint import Endpoint
-from .errors import NoEndpoint
-from .outlier import OutlierConfig
-from .policies import canonical_policy_name, make_policy
-from .table import EndpointTable
+from registry.agent.balancer import Balancer, Observer
+from registry.agent.endpoint import Endpoint
+from registry.agent.errors import NoEndpoint
+from registry.agent.outlier import OutlierConfig
+from registry.agent.policies import canonical_policy_name, make_policy
+from registry.agent.table import EndpointTable
+from registry.client import Client
 
 __all__ = ["Resolver"]
 

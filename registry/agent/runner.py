@@ -46,18 +46,18 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..client import Client
-from ..errors import NotFound, RegistryError, Unavailable
-from ..model import NOTE_CHARS_MAX
-from .balancer import Balancer, BalancerEvent
-from .checks import CheckLoop
-from .config import AgentConfig, LocalService, Upstream
-from .errors import ConfigError
-from .intentions import IntentionsWatcher
-from .metrics import AgentMetrics
-from .policies import make_policy
-from .proxy import AccessLog, Intentions, UpstreamProxy, allow_all, os_reason
-from .table import EndpointTable
+from registry.agent.balancer import Balancer, BalancerEvent
+from registry.agent.checks import CheckLoop
+from registry.agent.config import AgentConfig, LocalService, Upstream
+from registry.agent.errors import ConfigError
+from registry.agent.intentions import IntentionsWatcher
+from registry.agent.metrics import AgentMetrics
+from registry.agent.policies import make_policy
+from registry.agent.proxy import AccessLog, Intentions, UpstreamProxy, allow_all, os_reason
+from registry.agent.table import EndpointTable
+from registry.client import Client
+from registry.errors import NotFound, RegistryError, Unavailable
+from registry.fsm.model import NOTE_CHARS_MAX
 
 __all__ = ["Agent", "run_agent", "configure_logging"]
 

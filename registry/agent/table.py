@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .endpoint import Endpoint, endpoint_from_record
+from registry.agent.endpoint import Endpoint, endpoint_from_record
 
 __all__ = ["EndpointTable"]
 

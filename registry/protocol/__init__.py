@@ -6,9 +6,9 @@ client and server state machines the asyncio shells drive).  Nothing in this
 package does I/O, uses asyncio or threads, or reads a clock.
 """
 
-from .connection import CLOSED, NEED_DATA, ClientConnection, Closed, NeedData, ServerConnection
-from .frames import FRAME_BYTES_MAX_DEFAULT, NESTING_DEPTH_MAX, FrameDecoder, encode_frame
-from .messages import (
+from registry.protocol.connection import CLOSED, NEED_DATA, ClientConnection, Closed, NeedData, ServerConnection
+from registry.protocol.frames import FRAME_BYTES_MAX_DEFAULT, NESTING_DEPTH_MAX, FrameDecoder, encode_frame
+from registry.protocol.messages import (
     CLIENT_NAME_CHARS_MAX,
     OP_NAME_CHARS_MAX,
     PROTOCOL_VERSION,

@@ -40,9 +40,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
-from ..errors import BadRequest, Internal, LimitExceeded, ProtocolError, RegistryError, VersionMismatch
-from .frames import FRAME_BYTES_MAX_DEFAULT, FrameDecoder, check_frame_model, encode_frame
-from .messages import (
+from registry.errors import BadRequest, Internal, LimitExceeded, ProtocolError, RegistryError, VersionMismatch
+from registry.protocol.frames import FRAME_BYTES_MAX_DEFAULT, FrameDecoder, check_frame_model, encode_frame
+from registry.protocol.messages import (
     PROTOCOL_VERSION,
     STREAMS_PER_CONNECTION_MAX,
     BadMessage,

@@ -46,7 +46,7 @@ from typing import Any, Final
 
 import msgpack
 
-from ..errors import FrameTooLarge, Internal, InvalidArgument, ProtocolError, RegistryError
+from registry.errors import FrameTooLarge, Internal, InvalidArgument, ProtocolError, RegistryError
 
 __all__ = [
     "FRAME_BYTES_MAX_DEFAULT",

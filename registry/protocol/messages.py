@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..errors import (
+from registry.errors import (
     BadRequest,
     InvalidArgument,
     ProtocolError,
@@ -102,7 +102,7 @@ STREAMS_PER_CONNECTION_MAX: Final = 1024
 #: Ops a client may propose (internal commands such as barrier, lease_expire and
 #: leader_epoch are absent on purpose: only a node issues them).  A node checks
 #: every field of their args by exact type before anything else reads them
-#: (``registry.commands`` schemas), which the data-model walk of the frame codec
+#: (``registry.fsm.commands`` schemas), which the data-model walk of the frame codec
 #: would only repeat: the node skips the walk for these args (``ServerConnection``
 #: ``checked_ops``), so a value outside the model there is a BAD_REQUEST answer
 #: to that request, not a broken connection.  The walk cost as much as decoding

@@ -21,8 +21,8 @@ from typing import Final
 
 import msgpack
 
-from ..errors import FrameTooLarge
-from .messages import REQUEST_ID_MAX
+from registry.errors import FrameTooLarge
+from registry.protocol.messages import REQUEST_ID_MAX
 
 __all__ = ["stream_event_head", "shared_frame_prefix"]
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 from tests.support.cluster import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]

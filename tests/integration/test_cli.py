@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 from tests.support.cluster import Cluster, regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration

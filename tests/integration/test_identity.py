@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from registry.client import SyncClient
-from registry.incarnation import INCARNATION_FILE
-from registry.ports import free_ports
+from registry.raft.incarnation import INCARNATION_FILE
+from registry.server.ports import free_ports
 from tests.integration.test_ops import ok_json, regctl
 from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
 

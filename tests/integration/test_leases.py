@@ -22,7 +22,7 @@ import pytest
 
 from registry.client import SyncClient
 from registry.errors import Conflict, NotFound, RegistryError, Unavailable
-from registry.model import LEASE_KEEPALIVE_IDS_MAX
+from registry.fsm.model import LEASE_KEEPALIVE_IDS_MAX
 from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
 from tests.support.workers import Worker, running
 

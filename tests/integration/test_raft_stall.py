@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from registry.config import NodeConfig, RaftTiming
-from registry.replication import RaftNode, StateHolder
+from registry.raft.node import RaftNode, StateHolder
 
 
 def _free_ports(count: int) -> list[int]:

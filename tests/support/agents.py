@@ -22,7 +22,7 @@ from typing import Any
 
 from registry.client import SyncClient
 from registry.errors import NotFound
-from registry.ports import free_ports
+from registry.server.ports import free_ports
 from tests.support.cluster import regctl_executable, wait_until
 
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from registry.client import SyncClient
 from registry.errors import RegistryError
-from registry.ports import ports_free
+from registry.server.ports import ports_free
 
 T = TypeVar("T")
 

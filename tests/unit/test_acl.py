@@ -9,9 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from registry import acl
-from registry.acl_service import LoginLimiter, hash_password, verify_password
-from registry.commands import validate_command
+from registry.fsm import acl
 from registry.errors import (
     BadRequest,
     Conflict,
@@ -22,7 +20,9 @@ from registry.errors import (
     RegistryError,
     Unauthenticated,
 )
-from registry.state import RegistryState
+from registry.fsm.commands import validate_command
+from registry.fsm.state import RegistryState
+from registry.server.acl_service import LoginLimiter, hash_password, verify_password
 
 H_ADMIN = acl.hash_secret("admin-secret")
 H_RO = acl.hash_secret("ro-secret")

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import weakref
 
-from registry.gc_tuning import GcSettings, GcTuner
+from registry.server.gc_tuning import GcSettings, GcTuner
 
 
 class Node:

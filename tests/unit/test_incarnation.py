@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from registry.backup import encode_backup, load_seed, seed_data_dir
 from registry.errors import InvalidArgument, RegistryError
-from registry.incarnation import INCARNATION_FILE, IncarnationGuard, PeerRefused, check_incarnation, load_or_create
-from registry.replication import RaftCipher
-from registry.state import RegistryState
+from registry.fsm.state import RegistryState
+from registry.raft.cipher import RaftCipher
+from registry.raft.incarnation import INCARNATION_FILE, IncarnationGuard, PeerRefused, check_incarnation, load_or_create
+from registry.server.backup import encode_backup, load_seed, seed_data_dir
 
 A = "a" * 32
 B = "b" * 32
@@ -51,7 +51,7 @@ def test_guard_decisions(recorded: str | None, sender: str, admitted: bool, seen
 def test_guard_logs_a_refused_peer_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
     guard = IncarnationGuard(lambda addr: A, clock=clock)
-    with caplog.at_level(logging.ERROR, logger="registry.incarnation"):
+    with caplog.at_level(logging.ERROR, logger="registry.raft.incarnation"):
         for _ in range(50):  # a refused peer reconnects over and over
             with pytest.raises(PeerRefused):
                 guard.check("10.0.0.1:7101", B)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from registry.errors import NotFound
-from registry.leases import LeaseKeeper, StallGuard
+from registry.fsm.leases import LeaseKeeper, StallGuard
 
 #: The service ticks every 0.1 s; the fake clock does the same.
 STEP = 0.1

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from registry.config import RaftTiming
 from registry.errors import InvalidArgument
-from registry.replication import CommitHold, commit_round_action, zlib_stored
+from registry.raft.commit_hold import CommitHold, commit_round_action
+from registry.raft.transport import zlib_stored
 
 D = 0.002  # delay_s
 

@@ -14,10 +14,7 @@ from typing import Any
 
 import pytest
 
-from registry.api import NodeInfo, RegistryAPI, RevisionWaiters
 from registry.errors import BadRequest
-from registry.metrics import NodeMetrics
-from registry.proposer import Proposer
 from registry.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -29,8 +26,11 @@ from registry.protocol import (
     Response,
     StreamEnd,
 )
-from registry.replication import RaftNode, StateHolder
-from registry.server import APIServer, _ClientProtocol
+from registry.raft.node import RaftNode, StateHolder
+from registry.server.api import NodeInfo, RegistryAPI, RevisionWaiters
+from registry.server.metrics import NodeMetrics
+from registry.server.proposer import Proposer
+from registry.server.server import APIServer, _ClientProtocol
 
 
 class _Raft:

@@ -1,4 +1,4 @@
-"""Table-driven tests of the registry state machine (registry/state.py)."""
+"""Table-driven tests of the registry state machine (registry/fsm/state.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from registry import model
-from registry.commands import OPS, validate_command
+from registry.fsm import model
 from registry.errors import (
     BadRequest,
     Conflict,
@@ -22,7 +21,8 @@ from registry.errors import (
     RegistryError,
     UnknownOp,
 )
-from registry.state import Applied, RegistryState
+from registry.fsm.commands import OPS, validate_command
+from registry.fsm.state import Applied, RegistryState
 
 Cmd = dict[str, Any]
 

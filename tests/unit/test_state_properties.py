@@ -8,9 +8,9 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry.commands import OPS, is_normalised, validate_command
 from registry.errors import BadRequest, LimitExceeded, RegistryError
-from registry.state import RegistryState
+from registry.fsm.commands import OPS, is_normalised, validate_command
+from registry.fsm.state import RegistryState
 
 # Moderate counts: the whole file must stay well under 20 s.
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,19 +11,19 @@ import msgpack
 import pytest
 
 from registry.errors import BadRequest, InvalidArgument, LimitExceeded, RegistryError
-from registry.metrics import NodeMetrics
-from registry.replication import StateHolder
-from registry.server import StreamSink
-from registry.state import RegistryState
-from registry.watch import HubLimits, Selector, Watcher, WatchHub, event_matches, parse_selector
-from registry.watch_service import WatchService, message_chunks
+from registry.fsm.state import RegistryState
+from registry.fsm.watch import HubLimits, Selector, Watcher, WatchHub, event_matches, parse_selector
+from registry.raft.node import StateHolder
+from registry.server.metrics import NodeMetrics
+from registry.server.server import StreamSink
+from registry.server.watch_service import WatchService, message_chunks
 
 Event = dict[str, Any]
 
 
 def ev(revision: int, kind: str = "instance", service: str | None = "web", id_: str | None = "i1",
        type_: str = "put", payload: str = "") -> Event:
-    """An event shaped like ``registry.state._event``."""
+    """An event shaped like ``registry.fsm.state._event``."""
     after = {"id": id_, "payload": payload} if type_ == "put" else None
     return {"revision": revision, "type": type_, "kind": kind, "service": service, "id": id_,
             "before": None, "after": after}
@@ -269,7 +269,7 @@ def hub_holding(events: float) -> tuple[WatchHub, str, int]:
 
 def count_encodings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Record the batch size of every ``encode_events`` call the hub makes from now on."""
-    import registry.watch as watch_module
+    import registry.fsm.watch as watch_module
 
     calls: list[int] = []
     real = watch_module.encode_events
@@ -295,7 +295,7 @@ def test_subscribers_in_the_past_reuse_the_history_encodings(monkeypatch: pytest
 
 def count_selected_chunks(monkeypatch: pytest.MonkeyPatch) -> list[Selector]:
     """Record the selector of every ``selected_chunks`` call the hub makes from now on."""
-    import registry.watch as watch_module
+    import registry.fsm.watch as watch_module
 
     calls: list[Selector] = []
     real = watch_module.selected_chunks
@@ -478,7 +478,7 @@ def test_with_a_size_hint_and_no_watch_open_events_wait_unencoded_until_a_resume
 
 def test_unencoded_events_are_charged_their_hint_and_trimmed_by_it() -> None:
     """The byte budget counts a lazily kept batch as its entry bytes plus EVENT_CHARGE_BYTES per event."""
-    from registry.watch import EVENT_CHARGE_BYTES
+    from registry.fsm.watch import EVENT_CHARGE_BYTES
 
     charge = 1000 + EVENT_CHARGE_BYTES
     hub = WatchHub(0, HubLimits(history_bytes_max=3 * charge))

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 
 from registry.client import Client
+from registry.fsm.watch import Chunk, HubLimits, Selector, WatchHub, make_chunks
 from registry.protocol import (
     Cancel,
     ClientConnection,
@@ -23,7 +24,6 @@ from registry.protocol import (
 )
 from registry.protocol.messages import REQUEST_ID_MAX, parse_server_message
 from registry.protocol.shared import shared_frame_prefix, stream_event_head
-from registry.watch import Chunk, HubLimits, Selector, WatchHub, make_chunks
 
 Event = dict[str, Any]
 WEB = Selector("service", "web")
@@ -291,9 +291,9 @@ def test_a_client_decodes_an_item_repeated_on_several_streams_once() -> None:
 
 
 def test_batches_within_the_linger_go_out_as_one_fan_out_and_an_idle_node_sends_at_once() -> None:
-    from registry.metrics import NodeMetrics
-    from registry.replication import StateHolder
-    from registry.watch_service import WatchService
+    from registry.raft.node import StateHolder
+    from registry.server.metrics import NodeMetrics
+    from registry.server.watch_service import WatchService
 
     async def run() -> tuple[list[list[int]], list[list[int]]]:
         service = WatchService(WatchHub(0), StateHolder(), NodeMetrics())

@@ -18,7 +18,7 @@ or raises a ``BadRequest`` subclass.  The returned dict
 Errors, checked in this order so the first problem is reported:
 unknown field -> ``BadRequest`` naming it; missing required field or wrong
 Python type -> ``BadRequest`` naming the field and the expected type; bad
-value -> ``InvalidName`` / ``InvalidArgument`` from :mod:`registry.model`.
+value -> ``InvalidName`` / ``InvalidArgument`` from :mod:`registry.fsm.model`.
 An optional field given as ``None`` (msgpack nil) takes its default.
 """
 
@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from . import acl, model
-from .errors import BadRequest, UnknownOp
+from registry.errors import BadRequest, UnknownOp
+from registry.fsm import acl, model
 
 __all__ = ["FieldSpec", "SCHEMAS", "OPS", "is_normalised", "validate_command"]
 
@@ -105,7 +105,7 @@ _COMMON: Final[dict[str, FieldSpec]] = {
     "rid": _f("str", model.check_rid),
     "now_ms": _f("int?", model.check_now_ms),
     # sha256 of the caller's token, stamped by the receiving node when ACLs are on:
-    # the state machine then authorizes the command at apply time (see registry.acl).
+    # the state machine then authorizes the command at apply time (see registry.fsm.acl).
     "auth": _f("str", acl.check_hash),
 }
 _ACL_ID = _r("str", acl.check_id)
@@ -147,7 +147,7 @@ _OP_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
         "epoch": _r("int", model.check_epoch),
     },
     "leader_epoch": {"epoch": _r("int", model.check_epoch)},
-    # Member identities (registry.incarnation): proposed by nodes only, never by clients (not in WRITE_OPS).
+    # Member identities (registry.raft.incarnation): proposed by nodes only, never by clients (not in WRITE_OPS).
     "identity_put": {
         "raft": _r("str", model.check_key),
         "incarnation": _r("str", model.check_incarnation),

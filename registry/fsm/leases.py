@@ -52,7 +52,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import NotFound
+from registry.errors import NotFound
 
 __all__ = ["LeaseKeeper", "StallGuard", "TickResult", "TtlTable"]
 

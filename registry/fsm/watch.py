@@ -34,7 +34,8 @@ from typing import Any, Final
 
 import msgpack
 
-from .errors import BadRequest, InvalidArgument
+from registry.config import HubLimits
+from registry.errors import BadRequest, InvalidArgument
 
 __all__ = ["CHUNK_BYTES_MAX", "Chunk", "Selector", "Watcher", "WatchHub", "HubLimits", "event_matches", "make_chunks",
            "parse_selector"]
@@ -81,29 +82,6 @@ def event_matches(selector: Selector, event: Event) -> bool:
     if kind == "prefix" and event_kind in ("key", "lock"):
         return str(event.get("id") or "").startswith(selector.value)
     return False
-
-
-@dataclass(frozen=True, slots=True)
-class HubLimits:
-    #: History kept for resumes: events, and their encoded bytes (while no watch is open, the
-    #: bytes of the Raft entries they came from plus EVENT_CHARGE_BYTES each: see
-    #: WatchHub.publish).  The watch messages built from the history for watches that start
-    #: behind the head are cached in up to as many bytes again (see WatchHub.subscribe).
-    history_events_max: int = 100_000
-    history_bytes_max: int = 64 << 20
-    #: Events queued for one watcher before it is resynced instead.
-    queue_events_max: int = 10_000
-    #: Encoded bytes queued for one watcher (the chunks are shared with the
-    #: other watchers of its selector, but a watcher this far behind is
-    #: resynced all the same: catching up by snapshot is cheaper).
-    queue_bytes_max: int = 64 << 20
-    #: Watchers on one node.
-    watchers_max: int = 100_000
-
-    def validate(self) -> None:
-        if (self.history_events_max < 1 or self.history_bytes_max < 1 or self.queue_events_max < 1
-                or self.queue_bytes_max < 1):
-            raise InvalidArgument("watch limits must be positive")
 
 
 #: Encoded event bytes per stream message (soft: one revision is split only
@@ -516,7 +494,7 @@ class WatchHub:
     def subscribe(self, selector: Selector, start_revision: int | None, notify: Callable[[], None]) -> Watcher:
         """Start a watcher at ``start_revision`` (None: from the next revision)."""
         if self.watchers >= self.limits.watchers_max:
-            from .errors import LimitExceeded
+            from registry.errors import LimitExceeded
 
             raise LimitExceeded(f"at most {self.limits.watchers_max} watchers per node")
         start = self.revision + 1 if start_revision is None else start_revision

@@ -33,10 +33,10 @@ from typing import Any, cast
 
 import msgpack
 
-from .config import parse_hostport
-from .errors import ProtocolError, RegistryError, Timeout, Unavailable
-from .model import LEASE_KEEPALIVE_IDS_MAX
-from .protocol import (
+from registry.config import parse_hostport
+from registry.errors import ProtocolError, RegistryError, Timeout, Unavailable
+from registry.fsm.model import LEASE_KEEPALIVE_IDS_MAX
+from registry.protocol import (
     PROTOCOL_VERSION,
     Bye,
     Cancel,

@@ -11,13 +11,13 @@ same committed Raft log in the same order and therefore holds byte-identical
 through the command (``now_ms`` stamped by the proposer; ``lease_expire``
 decided by the leader and committed through the log).
 
-* ``apply`` validates the command fully (:func:`registry.commands.validate_command`)
+* ``apply`` validates the command fully (:func:`registry.fsm.commands.validate_command`)
   and checks every precondition *before* mutating anything.  The one
   exception is ``apply(cmd, trusted=True)``, used for commands read from the
   Raft log: every proposer validated them already (``Proposer.write``), and
   validation is a fixed point, so re-running it on every replica only costs
   CPU.  Those get a cheap structural guard instead
-  (:func:`registry.commands.is_normalised`: exact key set and value types);
+  (:func:`registry.fsm.commands.is_normalised`: exact key set and value types);
   a command failing the guard -- an entry written by an older version, a
   hand-built command -- is validated fully, as before.  A command that
   raises leaves the state unchanged -- with one deliberate exception: if it
@@ -84,10 +84,10 @@ from typing import Any, Final, NamedTuple
 
 import msgpack
 
-from . import acl, model
-from .commands import OPS, is_normalised, validate_command
-from .errors import CODES, BadRequest, Conflict, LimitExceeded, NotFound, RegistryError
-from .model import Record
+from registry.errors import CODES, BadRequest, Conflict, LimitExceeded, NotFound, RegistryError
+from registry.fsm import acl, model
+from registry.fsm.commands import OPS, is_normalised, validate_command
+from registry.fsm.model import Record
 
 __all__ = ["Applied", "RegistryState", "SNAPSHOT_FORMAT"]
 
@@ -262,7 +262,7 @@ class RegistryState:
         # OrderedDict, not dict: popitem(last=False) is O(1), whereas evicting
         # the first key of a plain dict degrades to O(n) between resizes.
         self._dedup: OrderedDict[str, _Outcome] = OrderedDict()
-        # ACL tables (see registry.acl).  _acl_token_by_hash is a derived index, not in the snapshot.
+        # ACL tables (see registry.fsm.acl).  _acl_token_by_hash is a derived index, not in the snapshot.
         self._acl_bootstrapped = False
         self._acl_tokens: dict[str, Record] = {}
         self._acl_token_by_hash: dict[str, Record] = {}
@@ -270,7 +270,7 @@ class RegistryState:
         self._acl_users: dict[str, Record] = {}
         self._intentions: dict[str, Record] = {}
         self._intention_default: str = INTENTION_DEFAULT
-        #: Raft address -> incarnation of each member's data directory (registry.incarnation).
+        #: Raft address -> incarnation of each member's data directory (registry.raft.incarnation).
         #: Cluster metadata, not user data: no revision, no events.
         self._identities: dict[str, str] = {}
 

@@ -23,16 +23,16 @@ import logging
 import time
 from typing import Any
 
-from . import model
-from .errors import BadRequest, InvalidArgument, NotLeader, RegistryError
-from .leases import LeaseKeeper, StallGuard
-from .metrics import NodeMetrics
-from .proposer import Proposer
-from .replication import RaftNode, StateHolder
+from registry.errors import BadRequest, InvalidArgument, NotLeader, RegistryError
+from registry.fsm import model
+from registry.fsm.leases import LeaseKeeper, StallGuard
+from registry.raft.node import RaftNode, StateHolder
+from registry.server.metrics import NodeMetrics
+from registry.server.proposer import Proposer
 
 __all__ = ["LeaseService"]
 
-log = logging.getLogger("registry.leases")
+log = logging.getLogger("registry.fsm.leases")
 
 #: Expiry tick; lease deadlines are honoured to within this.
 TICK_S = 0.1

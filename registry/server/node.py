@@ -11,27 +11,27 @@ from typing import Any
 
 import uvloop
 
-from .acl_service import AclService
-from .api import NodeInfo, RegistryAPI, RevisionWaiters
-from .backup import load_seed
-from .config import NodeConfig
-from .errors import RegistryError
-from .gc_tuning import GcSettings, GcTuner
-from .http import HTTPServer
-from .incarnation import IncarnationGuard, load_or_create
-from .lease_service import LeaseService
-from .logs import configure_logging
-from .membership import MEMBER_KEY_PREFIX, IncarnationRecorder, MembershipService
-from .metrics import NodeMetrics
-from .proposer import Proposer
-from .replication import RaftNode, StateHolder
-from .server import APIServer
-from .watch import WatchHub
-from .watch_service import WatchService
+from registry.config import NodeConfig
+from registry.errors import RegistryError
+from registry.fsm.watch import WatchHub
+from registry.raft.incarnation import IncarnationGuard, load_or_create
+from registry.raft.membership import MEMBER_KEY_PREFIX, IncarnationRecorder, MembershipService
+from registry.raft.node import RaftNode, StateHolder
+from registry.server.acl_service import AclService
+from registry.server.api import NodeInfo, RegistryAPI, RevisionWaiters
+from registry.server.backup import load_seed
+from registry.server.gc_tuning import GcSettings, GcTuner
+from registry.server.http import HTTPServer
+from registry.server.lease_service import LeaseService
+from registry.server.logs import configure_logging
+from registry.server.metrics import NodeMetrics
+from registry.server.proposer import Proposer
+from registry.server.server import APIServer
+from registry.server.watch_service import WatchService
 
 __all__ = ["Node", "run_node"]
 
-log = logging.getLogger("registry.node")
+log = logging.getLogger("registry.server.node")
 
 
 class Node:

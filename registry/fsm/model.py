@@ -3,7 +3,7 @@
 Everything here is pure: validators take ``(field, value)`` and either return
 the (normalised) value or raise a :mod:`registry.errors` ``BadRequest``
 subclass whose message names the field.  Type checks (is it a str at all?)
-happen in :mod:`registry.commands`; validators here assume the Python type is
+happen in :mod:`registry.fsm.commands`; validators here assume the Python type is
 already right and check the *value*.
 
 Error classes, consistently:
@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from .errors import BadRequest, InvalidArgument, InvalidName
+from registry.errors import BadRequest, InvalidArgument, InvalidName
 
 __all__ = [
     "Record",
@@ -341,7 +341,7 @@ IDENTITY_MODES: Final = ("create", "replace")
 
 
 def check_incarnation(field: str, value: str) -> str:
-    """A data directory's identity (see registry.incarnation): 32 lowercase hex digits."""
+    """A data directory's identity (see registry.raft.incarnation): 32 lowercase hex digits."""
     if not _INCARNATION.fullmatch(value):
         raise InvalidArgument(f"field {field!r}: incarnation must be 32 lowercase hex digits")
     return value

@@ -39,21 +39,21 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from .acl import ACL_EVENT_KINDS, event_resource
-from .api import CURRENT_AUTH
-from .errors import BadRequest, InvalidArgument, NotFound
-from .metrics import NodeMetrics
-from .replication import StateHolder
-from .server import StreamSink
-from .state import RegistryState
-from .watch import Selector, WatchHub, event_matches, parse_selector
+from registry.errors import BadRequest, InvalidArgument, NotFound
+from registry.fsm.acl import ACL_EVENT_KINDS, event_resource
+from registry.fsm.state import RegistryState
+from registry.fsm.watch import Selector, WatchHub, event_matches, parse_selector
+from registry.raft.node import StateHolder
+from registry.server.api import CURRENT_AUTH
+from registry.server.metrics import NodeMetrics
+from registry.server.server import StreamSink
 
 if TYPE_CHECKING:
-    from .acl_service import AclService
+    from registry.server.acl_service import AclService
 
 __all__ = ["WatchService"]
 
-log = logging.getLogger("registry.watch")
+log = logging.getLogger("registry.fsm.watch")
 
 #: Events per stream message (soft: a revision is never split across messages).
 EVENTS_PER_MESSAGE_MAX = 256

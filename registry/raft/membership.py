@@ -29,11 +29,11 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON
 
-from .config import parse_hostport
-from .errors import BadRequest, Conflict, NotFound, NotLeader, RegistryError
-from .incarnation import IncarnationGuard, check_incarnation
-from .proposer import Proposer
-from .replication import RaftNode, StateHolder, submit_error
+from registry.config import parse_hostport
+from registry.errors import BadRequest, Conflict, NotFound, NotLeader, RegistryError
+from registry.raft.incarnation import IncarnationGuard, check_incarnation
+from registry.raft.node import RaftNode, StateHolder, submit_error
+from registry.server.proposer import Proposer
 
 __all__ = ["MembershipService", "MEMBER_KEY_PREFIX", "IncarnationRecorder"]
 

@@ -36,12 +36,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import model
-from .errors import InvalidArgument
+from registry.errors import InvalidArgument
+from registry.fsm import model
 
 __all__ = ["INCARNATION_FILE", "IncarnationGuard", "PeerRefused", "load_or_create", "check_incarnation"]
 
-log = logging.getLogger("registry.incarnation")
+log = logging.getLogger("registry.raft.incarnation")
 
 INCARNATION_FILE = "incarnation"
 #: An incarnation is 16 random bytes, written as 32 lowercase hex digits.

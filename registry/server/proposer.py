@@ -39,14 +39,14 @@ from typing import Any, Protocol
 
 import msgpack
 
-from .commands import validate_command
-from .errors import CODES, LimitExceeded, RegistryError, Timeout
-from .metrics import NodeMetrics
-from .replication import submit_error
+from registry.errors import CODES, LimitExceeded, RegistryError, Timeout
+from registry.fsm.commands import validate_command
+from registry.raft.node import submit_error
+from registry.server.metrics import NodeMetrics
 
 __all__ = ["Proposer", "Submitter", "outcome_result"]
 
-log = logging.getLogger("registry.proposer")
+log = logging.getLogger("registry.server.proposer")
 
 #: Normalised (as validate_command returns it), so replicas apply it without re-validating.
 _BARRIER = validate_command({"op": "barrier"})

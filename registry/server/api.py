@@ -14,14 +14,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from . import model
-from .backup import encode_backup
-from .commands import validate_command
-from .errors import BadRequest, InvalidArgument, Timeout, UnknownOp
-from .proposer import Proposer, outcome_result
-from .protocol import WRITE_OPS
-from .replication import RaftNode, StateHolder
-from .state import RegistryState
+from registry.errors import BadRequest, InvalidArgument, Timeout, UnknownOp
+from registry.fsm import model
+from registry.fsm.commands import validate_command
+from registry.fsm.state import RegistryState
+from registry.protocol import WRITE_OPS
+from registry.raft.node import RaftNode, StateHolder
+from registry.server.backup import encode_backup
+from registry.server.proposer import Proposer, outcome_result
 
 __all__ = [
     "RegistryAPI", "NodeInfo", "RevisionWaiters", "WRITE_OPS", "CURRENT_AUTH", "CURRENT_PEER", "Deferred", "Started",

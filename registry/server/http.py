@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .acl import hash_secret
-from .errors import PermissionDenied, RegistryError, Unauthenticated, error_to_wire
-from .metrics import NodeMetrics
+from registry.errors import PermissionDenied, RegistryError, Unauthenticated, error_to_wire
+from registry.fsm.acl import hash_secret
+from registry.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
-    from .acl_service import AclService
+    from registry.server.acl_service import AclService
 
 __all__ = ["HTTPServer", "HTTP_STATUS_BY_CODE", "sd_targets"]
 

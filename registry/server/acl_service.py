@@ -1,6 +1,6 @@
 """The node side of ACLs: per-request authorization, ACL/intention ops, login, audit.
 
-Where each check happens (see ``registry.acl`` for rules and the op -> permission map):
+Where each check happens (see ``registry.fsm.acl`` for rules and the op -> permission map):
 
 * Writes that are state-machine commands carry the caller's token hash in the
   command's ``auth`` field (stamped by ``RegistryAPI.writer`` from
@@ -31,14 +31,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import acl
-from .api import CURRENT_AUTH, CURRENT_PEER, WRITE_OPS, RegistryAPI
-from .commands import validate_command
-from .errors import BadRequest, LimitExceeded, PermissionDenied, RegistryError, Unauthenticated
-from .metrics import NodeMetrics
-from .proposer import Proposer
-from .replication import StateHolder
-from .state import RegistryState
+from registry.errors import BadRequest, LimitExceeded, PermissionDenied, RegistryError, Unauthenticated
+from registry.fsm import acl
+from registry.fsm.commands import validate_command
+from registry.fsm.state import RegistryState
+from registry.raft.node import StateHolder
+from registry.server.api import CURRENT_AUTH, CURRENT_PEER, WRITE_OPS, RegistryAPI
+from registry.server.metrics import NodeMetrics
+from registry.server.proposer import Proposer
 
 __all__ = ["AclService", "hash_password", "verify_password", "LoginLimiter"]
 

@@ -22,12 +22,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
-from .acl import hash_secret
-from .api import CURRENT_AUTH, CURRENT_PEER, Deferred, RegistryAPI, Started
-from .errors import Conflict, Internal, NotFound, PermissionDenied, RegistryError, Unauthenticated
-from .metrics import NodeMetrics
-from .model import RID_CHARS_MAX
-from .protocol import (
+from registry.errors import Conflict, Internal, NotFound, PermissionDenied, RegistryError, Unauthenticated
+from registry.fsm.acl import hash_secret
+from registry.fsm.model import RID_CHARS_MAX
+from registry.protocol import (
     BadMessage,
     Bye,
     Cancel,
@@ -41,14 +39,16 @@ from .protocol import (
     StreamEnd,
     StreamEvent,
 )
-from .protocol.shared import shared_frame_prefix, stream_event_head
+from registry.protocol.shared import shared_frame_prefix, stream_event_head
+from registry.server.api import CURRENT_AUTH, CURRENT_PEER, Deferred, RegistryAPI, Started
+from registry.server.metrics import NodeMetrics
 
 if TYPE_CHECKING:
-    from .acl_service import AclService
+    from registry.server.acl_service import AclService
 
 __all__ = ["APIServer", "StreamSink", "StreamHandler", "InlineHandler"]
 
-log = logging.getLogger("registry.server")
+log = logging.getLogger("registry.server.server")
 
 #: Requests slower than this are logged with their request id.
 SLOW_REQUEST_S = 1.0
@@ -472,7 +472,7 @@ class APIServer:
         self.pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         self.known_ops: set[str] = set()
         self._token_check = token_check
-        #: With ACLs on: every request is authorized (see registry.acl_service).
+        #: With ACLs on: every request is authorized (see registry.server.acl_service).
         self.acl = acl
         self._ssl = ssl_context
         self._clients: set[_ClientProtocol] = set()

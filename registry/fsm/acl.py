@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import Any, Final
 
-from .errors import InvalidArgument, InvalidName, PermissionDenied, Unauthenticated
+from registry.errors import InvalidArgument, InvalidName, PermissionDenied, Unauthenticated
 
 __all__ = [
     "VERBS",
@@ -69,7 +69,7 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-# -- command field checks (signature ``(field, value) -> value`` like registry.model) ----------
+# -- command field checks (signature ``(field, value) -> value`` like registry.fsm.model) ----------
 
 
 def check_id(field: str, value: str) -> str:

@@ -22,8 +22,8 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadRequest
-from .state import RegistryState
+from registry.errors import BadRequest
+from registry.fsm.state import RegistryState
 
 __all__ = ["BACKUP_MAGIC", "SEED_FILE", "encode_backup", "decode_backup", "write_atomic", "seed_data_dir"]
 

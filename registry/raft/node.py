@@ -45,11 +45,8 @@ outlives the process) but not a power loss or kernel crash of a majority.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import itertools
 import logging
 import os
-import struct
 import threading
 import time
 import zlib
@@ -59,35 +56,24 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
-from pysyncobj import pickle as raft_pickle
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.node import TCPNode
 from pysyncobj.serializer import SERIALIZER_STATE
 from pysyncobj.syncobj import _RAFT_STATE
-from pysyncobj.tcp_connection import CONNECTION_STATE
-from pysyncobj.transport import TCPTransport
 
-from .config import RAFT_ADDRESS_BYTES_MAX, NodeConfig
-from .errors import BadRequest, Internal, RegistryError, Timeout, Unavailable
-from .incarnation import IncarnationGuard
-from .state import RegistryState
+from registry.config import NodeConfig
+from registry.errors import Internal, RegistryError, Timeout, Unavailable
+from registry.fsm.state import RegistryState
+from registry.raft.cipher import DEV_MODE_KEY, RaftCipher
+from registry.raft.commit_hold import CommitHold
+from registry.raft.incarnation import IncarnationGuard
+from registry.raft.snapshot import SNAPSHOT_FORMAT, SNAPSHOT_MAGIC, read_snapshot_file
+from registry.raft.transport import RaftTransport
 
-__all__ = ["StateHolder", "RaftNode", "RaftCipher", "BatchOutcome", "Listener", "RaftStatus", "RaftTransport",
-           "CommitHold", "commit_round_action", "submit_error", "zlib_stored"]
+__all__ = ["StateHolder", "RaftNode", "BatchOutcome", "Listener", "RaftStatus", "submit_error"]
 
-log = logging.getLogger("registry.replication")
-
-#: The "cluster key" of ``--dev`` nodes: public, so it keeps no one out; it
-#: only lets dev nodes use the same message framing (sender identity) as real ones.
-DEV_MODE_KEY = "raft-registry dev mode: no secret"
-
-SNAPSHOT_FORMAT = 1
-#: Magic prefix of our dump files, so a foreign or pickled file is refused.
-SNAPSHOT_MAGIC = b"RREGSNP1"
+log = logging.getLogger("registry.raft.node")
 
 #: One outcome per command in a batch: (True, result dict) or (False, code, message).
 BatchOutcome = list[tuple[Any, ...]]
@@ -143,225 +129,6 @@ def submit_error(reason: int) -> RegistryError:
     if reason == FAIL_REASON.REQUEST_DENIED:
         return Unavailable("raft request denied")
     return Timeout(f"proposal outcome unknown (pysyncobj reason {reason})")
-
-
-class RaftCipher:
-    """Authenticated encryption of pysyncobj messages (its ``encryptor`` interface), AES-256-GCM.
-
-    pysyncobj calls ``encrypt_at_time(data, ts)`` per message sent, and per
-    message received ``extract_timestamp(token)`` (it refuses a timestamp
-    below the connection's last one) then ``decrypt(token)``; any exception
-    drops the connection.
-
-    Keys.  The cluster key is stretched once (PBKDF2-SHA256, 100k rounds, as
-    pysyncobj does for Fernet) into a master key.  Each process draws a random
-    16-byte salt at start and encrypts with HKDF(master, salt); nonces are a
-    per-process counter, so a (key, nonce) pair never repeats: no birthday
-    bound on random nonces.  Receivers derive the sender's key from the salt
-    in the header (a few cached: one per peer process lifetime).
-
-    Identity.  The header also names the sender: its Raft address and its
-    data directory's incarnation (``incarnation.py``).  After a message
-    authenticates, ``check(address, incarnation)`` may refuse it by raising,
-    which makes pysyncobj drop the connection: that is how a wiped node
-    speaking under a member's address is kept out of elections.
-
-    Token: version (1) | salt (16) | counter (8) | timestamp (8) |
-    incarnation (16) | address length (1) | address | ciphertext and 16-byte
-    tag.  The whole header is authenticated (associated data), and
-    ``extract_timestamp`` authenticates before it answers.
-    """
-
-    VERSION = 2
-    _HEADER = struct.Struct(">B16sQQ16sB")
-    _KDF_SALT = b"raft-registry/raft-aead/v1"
-    _KEY_INFO = b"raft-registry raft message key v1"
-    _CACHED_KEYS_MAX = 64
-    #: Longest Raft address a header can carry (bytes of UTF-8); NodeConfig.validate refuses longer.
-    ADDRESS_BYTES_MAX = RAFT_ADDRESS_BYTES_MAX
-
-    def __init__(self, cluster_key: str, sender: str, incarnation: str,
-                 check: Callable[[str, str], None] | None = None) -> None:
-        address = sender.encode()
-        if len(address) > self.ADDRESS_BYTES_MAX:
-            raise ValueError(f"raft address longer than {self.ADDRESS_BYTES_MAX} bytes")
-        self._master = hashlib.pbkdf2_hmac("sha256", cluster_key.encode(), self._KDF_SALT, 100_000)
-        self._salt = os.urandom(16)
-        self._aead = AESGCM(self._derive(self._salt))
-        self._counter = itertools.count(1)
-        #: Messages encrypted so far (every Raft message this process sent).
-        self.messages_sent = 0
-        self._identity = bytes.fromhex(incarnation)
-        self._address = address
-        self._check = check
-        self._peers: dict[bytes, AESGCM] = {}
-        #: The last token opened and its (timestamp, plaintext): decrypt() follows extract_timestamp().
-        self._last: tuple[bytes | None, tuple[int, bytes]] = (None, (0, b""))
-
-    def _derive(self, salt: bytes) -> bytes:
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=self._KEY_INFO).derive(self._master)
-
-    @staticmethod
-    def _nonce(counter: int) -> bytes:
-        return b"\0\0\0\0" + counter.to_bytes(8, "big")
-
-    def encrypt_at_time(self, data: bytes, timestamp: int) -> bytes:
-        counter = next(self._counter)
-        self.messages_sent = counter
-        header = self._HEADER.pack(self.VERSION, self._salt, counter, timestamp, self._identity,
-                                   len(self._address)) + self._address
-        return header + self._aead.encrypt(self._nonce(counter), data, header)
-
-    def _open(self, token: bytes) -> tuple[int, bytes]:
-        last_token, opened = self._last
-        if last_token is token:
-            return opened
-        if len(token) < self._HEADER.size or token[0] != self.VERSION:
-            raise ValueError(f"raft message format {token[:1].hex() or 'empty'}, expected {self.VERSION} "
-                             "(every node must run the same raft-registry version)")
-        _, salt, counter, timestamp, identity, address_len = self._HEADER.unpack_from(token)
-        size = self._HEADER.size + address_len
-        aead = self._peers.get(salt)
-        if aead is None:
-            if len(self._peers) >= self._CACHED_KEYS_MAX:
-                self._peers.clear()
-            aead = AESGCM(self._derive(salt))
-        plain = aead.decrypt(self._nonce(counter), token[size:], token[:size])  # raises InvalidTag
-        self._peers[salt] = aead  # cached only once a message under it authenticated
-        if self._check is not None:
-            self._check(token[self._HEADER.size : size].decode(), identity.hex())
-        self._last = (token, (timestamp, plain))
-        return timestamp, plain
-
-    def extract_timestamp(self, token: bytes) -> int:
-        return self._open(token)[0]
-
-    def decrypt(self, token: bytes) -> bytes:
-        return self._open(token)[1]
-
-
-#: Largest payload of one stored deflate block (its length field is 16 bits).
-_STORED_BLOCK_BYTES_MAX = 0xFFFF
-_STORED_BLOCK_HEAD = struct.Struct("<BHH")
-#: zlib header: deflate, 32 KiB window, no dictionary, "fastest" level; (0x78 << 8 | 0x01) % 31 == 0.
-_ZLIB_HEAD = b"\x78\x01"
-
-
-def zlib_stored(data: bytes) -> bytes:
-    """``data`` as a zlib stream of stored (uncompressed) deflate blocks: what ``zlib.decompress`` reads back.
-
-    pysyncobj zlib-compresses every message it sends at level 3, and each
-    ``zlib.compress`` call sets up a fresh deflate state: ~50 us for a
-    500-byte message here, more than pickling, encrypting and sending it.
-    Raft traffic is loopback or LAN and mostly small or already-dense
-    msgpack, so it is sent stored instead (~1 us); the receiver's
-    ``zlib.decompress`` is unchanged and just copies, so stock pysyncobj
-    peers read it too.
-    """
-    parts: list[bytes | memoryview] = [_ZLIB_HEAD]
-    size = len(data)
-    view = memoryview(data)
-    start = 0
-    while True:
-        end = min(start + _STORED_BLOCK_BYTES_MAX, size)
-        length = end - start
-        parts.append(_STORED_BLOCK_HEAD.pack(1 if end == size else 0, length, length ^ 0xFFFF))
-        parts.append(view[start:end])
-        if end == size:
-            break
-        start = end
-    parts.append(zlib.adler32(data).to_bytes(4, "big"))
-    return b"".join(parts)
-
-
-class RaftTransport(TCPTransport):  # type: ignore[misc]
-    """pysyncobj's TCP transport, with every Raft message sent as a stored zlib stream (``zlib_stored``).
-
-    The same framing as ``TcpConnection.send`` (random key, pickle, zlib,
-    encryptor, 4-byte length) without the compression; the connection
-    handshake still goes through pysyncobj's own ``send``.
-    """
-
-    def send(self, node: Any, message: Any) -> bool:
-        conn = self._connections.get(node)
-        if conn is None or conn.state != CONNECTION_STATE.CONNECTED:
-            return False
-        if conn.encryptor is None:  # every RaftNode sets one; keep pysyncobj's path otherwise
-            return bool(super().send(node, message))
-        if conn.sendRandKey:
-            message = (conn.sendRandKey, message)
-        data = conn.encryptor.encrypt_at_time(zlib_stored(raft_pickle.dumps(message)), int(raft_clock()))
-        conn._TcpConnection__writeBuffer += struct.pack("i", len(data)) + data
-        conn._TcpConnection__trySendBuffer()
-        return bool(conn.state == CONNECTION_STATE.CONNECTED)
-
-
-def commit_round_action(*, wanted: bool, due: float | None, now: float, delay_s: float,
-                        only_commit_index: bool) -> tuple[bool, float | None]:
-    """Whether the leader sends an AppendEntries round now, and until when it holds one back.
-
-    ``wanted``: pysyncobj asked for a round during this tick; ``due``: the
-    deadline of a round held back earlier (None: none held);
-    ``only_commit_index``: a round now would carry nothing but the commit
-    index (no entries for any follower, no heartbeat due).  Returns (send
-    now, the new deadline).  A held round keeps its first deadline, so a
-    stream of commits cannot postpone it forever.
-    """
-    if wanted and only_commit_index and delay_s > 0:
-        if due is None:
-            return False, now + delay_s
-        wanted = False
-    if wanted:
-        return True, None
-    if due is None:
-        return False, None
-    if now >= due:
-        return True, None
-    return False, due
-
-
-class CommitHold:
-    """The leader's policy for rounds that would carry only a new commit index (pure: callers pass the time).
-
-    Holding such a round pays off only if an entry follows within
-    ``delay_s`` (a client writing in a loop); for writes that arrive further
-    apart (paced writers, a watch feed) it would only delay every follower.
-    So a round is held only while the last entry came within ``delay_s`` of
-    the commit before it: one miss turns holding off, one quick entry on.
-    """
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        #: Deadline of the round held now, None if none is.
-        self.due: float | None = None
-        #: When the oldest commit index not yet sent was first wanted.
-        self._commit_since: float | None = None
-        self._entry_follows = True
-
-    def decide(self, now: float, wanted: bool, only_commit_index: bool) -> bool:
-        """Whether to send a round now; ``wanted``: asked for in this tick, ``only_commit_index``: see below.
-
-        ``only_commit_index``: a round now would carry no entries to any
-        follower and no heartbeat is due.
-        """
-        if wanted:
-            if only_commit_index:
-                if self._commit_since is None:
-                    self._commit_since = now
-            elif self._commit_since is not None:
-                # This round carries entries (or a heartbeat) and the commit index with them.
-                self._entry_follows = now - self._commit_since < self.delay_s
-                self._commit_since = None
-        send, self.due = commit_round_action(
-            wanted=wanted, due=self.due, now=now, delay_s=self.delay_s,
-            only_commit_index=only_commit_index and self._entry_follows)
-        return send
-
-    def reset(self) -> None:
-        """Forget everything (the node stopped leading)."""
-        self.due = None
-        self._commit_since = None
-        self._entry_follows = True
 
 
 class _DeadlinePoller:
@@ -785,19 +552,3 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         prev = tuple(envelope["prev"])
         cluster = {TCPNode(node_id) for node_id in envelope["cluster"]}
         return last, prev, cluster
-
-
-def read_snapshot_file(filename: str) -> dict[str, Any]:
-    """Read and check one of our snapshot files; raise BadRequest if it is not one."""
-    with open(filename, "rb") as f:
-        data = f.read()
-    if not data.startswith(SNAPSHOT_MAGIC) or len(data) < len(SNAPSHOT_MAGIC) + 4:
-        raise BadRequest(f"{filename}: not a raft-registry snapshot (bad magic)")
-    crc = int.from_bytes(data[len(SNAPSHOT_MAGIC) : len(SNAPSHOT_MAGIC) + 4], "big")
-    body = data[len(SNAPSHOT_MAGIC) + 4 :]
-    if zlib.crc32(body) != crc:
-        raise BadRequest(f"{filename}: snapshot checksum mismatch (corrupt file)")
-    envelope = msgpack.unpackb(body, raw=False)
-    if not isinstance(envelope, dict) or envelope.get("format") != SNAPSHOT_FORMAT:
-        raise BadRequest(f"{filename}: unsupported snapshot format")
-    return envelope
