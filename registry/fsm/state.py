@@ -59,7 +59,8 @@ Lease ids come from a counter in the state (``_next_lease``) and are never
 reused.  Lease *deadlines* are not replicated: the leader keeps them in
 memory (rebuilt from ``lease_ttls()`` on election), and commits
 ``lease_expire`` carrying its leadership ``epoch``; an expiry proposed by a
-deposed leader (epoch below ``state.epoch``) is dropped whole.
+deposed leader (epoch below ``state.epoch``, or not the term of the log entry
+that carries it) is dropped whole.
 
 De-duplication: a command with a ``rid`` (except ``barrier``, which is a pure
 read barrier and always re-executes) has its outcome -- result or error class
@@ -234,6 +235,7 @@ class RegistryState:
         "_acl_users",
         "_attached",
         "_dedup",
+        "_entry_term",
         "_epoch",
         "_identities",
         "_instances",
@@ -250,6 +252,8 @@ class RegistryState:
     def __init__(self) -> None:
         self._revision = 0
         self._epoch = 0
+        #: The Raft term of the log entry being applied (None outside Raft: tests, the jepsen model).
+        self._entry_term: int | None = None
         self._next_lease = 1
         self._services: dict[str, Record] = {}
         self._instances: dict[str, dict[str, Record]] = {}
@@ -286,13 +290,17 @@ class RegistryState:
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, command: dict[str, Any], *, trusted: bool = False) -> Applied:
+    def apply(self, command: dict[str, Any], *, trusted: bool = False, entry_term: int | None = None) -> Applied:
         """Validate, de-duplicate and apply one command.
 
         ``trusted``: the command came through the Raft log, so it was validated
         where it was proposed; only the structural guard runs (module docstring).
+        ``entry_term``: the Raft term of the log entry that carries the command
+        (as hashicorp's ``FSM.Apply(*Log)`` gets it); every replica sees the
+        same one, so rules that use it stay deterministic.
         The caller must not keep or mutate it: its containers become the state's.
         """
+        self._entry_term = entry_term
         if trusted and type(command) is dict and is_normalised(command):
             cmd = command
         else:
@@ -514,8 +522,11 @@ class RegistryState:
 
     def _op_lease_expire(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         epoch = cmd["epoch"]
-        if epoch < self._epoch:
-            # Proposed by a deposed leader whose deadlines may be stale.
+        if epoch < self._epoch or (self._entry_term is not None and epoch != self._entry_term):
+            # Proposed by a deposed leader whose deadlines may be stale; or carried by
+            # an entry of another term (a deposed leader's expiry, forwarded to the new
+            # leader before its epoch announcement committed): only the leader whose
+            # term the entry carries may expire leases.
             return {"revision": self._revision, "dropped": True}, []
         self._epoch = epoch
         # Already-gone leases (revoked, or expired by an earlier batch) are fine.

@@ -368,21 +368,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         with holder.lock:
             state = holder.state
             for command in commands:
-                if isinstance(command, dict) and command.get("op") == "lease_expire":
-                    if entry_term is None:
-                        entry_term = self._applying_entry_term()
-                    if command.get("epoch") != entry_term:
-                        # Proposed by a leader of another term (a deposed leader's
-                        # expiry, forwarded to the new leader before its epoch
-                        # announcement committed): only the leader whose term the
-                        # entry carries may expire leases.  Every node sees the
-                        # same entry term, so this stays deterministic.
-                        outcomes.append((True, {"revision": state.revision, "dropped": True}))
-                        continue
+                if entry_term is None and isinstance(command, dict) and command.get("op") == "lease_expire":
+                    entry_term = self._applying_entry_term()
                 try:
                     # trusted: proposers validate before proposing (Proposer.write);
                     # apply only runs its structural guard on log entries.
-                    applied = state.apply(command, trusted=True)
+                    applied = state.apply(command, trusted=True, entry_term=entry_term)
                 except RegistryError as err:
                     outcomes.append((False, err.code, err.message))
                     continue
@@ -424,6 +415,18 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     def submit(self, batch: bytes, done: Callable[[Any, int], None]) -> None:
         """Queue one batch; ``done(outcomes, fail_reason)`` runs in the Raft thread."""
         self.apply_batch(batch, callback=done)
+
+    def is_leader(self) -> bool:
+        """Whether this node leads now (any thread: a racy read of one attribute, as pysyncobj's own)."""
+        return bool(self._isLeader())
+
+    def term(self) -> int:
+        """The node's current Raft term (any thread)."""
+        return int(self.raftCurrentTerm)
+
+    def stop(self) -> None:
+        """Stop the Raft thread and close the log (pysyncobj's destroy)."""
+        self.destroy()
 
     def raft_status(self) -> RaftStatus:
         raw = self.getStatus()

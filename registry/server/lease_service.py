@@ -78,7 +78,7 @@ class LeaseService:
         # event of every batch were 5% of a follower's CPU under register load).
         if "lease" not in set(map(dict.get, events, itertools.repeat("kind"))):
             return
-        if not self.keeper.active and self._raft._isLeader():
+        if not self.keeper.active and self._raft.is_leader():
             # This node leads but its tick has not noticed yet: take over the
             # countdowns now, so a lease granted in this term (one of these
             # events) gets its plain TTL rather than the hand-over grace.
@@ -101,7 +101,7 @@ class LeaseService:
 
     def on_restore(self) -> None:
         """The state was replaced by a snapshot: rebuild from it."""
-        if not self._raft._isLeader():
+        if not self._raft.is_leader():
             self.keeper.deactivate()  # followers keep no deadlines; TTLs are read from the new state
         else:
             with self._holder.lock:
@@ -113,8 +113,8 @@ class LeaseService:
 
     def _leading(self) -> bool:
         """Still the leader of the term whose countdowns the keeper holds (the tick may lag by 100 ms)."""
-        return (self.keeper.active and bool(self._raft._isLeader())
-                and int(self._raft.raftCurrentTerm) == self._term)
+        return (self.keeper.active and self._raft.is_leader()
+                and self._raft.term() == self._term)
 
     def _require_leader(self) -> None:
         if not self._leading():
@@ -177,8 +177,8 @@ class LeaseService:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        leading = bool(self._raft._isLeader())
-        term = int(self._raft.raftCurrentTerm)
+        leading = self._raft.is_leader()
+        term = self._raft.term()
         if leading and (not self.keeper.active or term != self._term):
             with self._holder.lock:
                 ttls = self._holder.state.lease_ttls()

@@ -247,7 +247,7 @@ class Node:
         if self._proposer is not None:
             self._proposer.close()
         if self.raft is not None:
-            self.raft.destroy()
+            self.raft.stop()
         if self._gc is not None:
             self._gc.stop()
         log.info("node %s stopped", self.config.node_id)
@@ -281,7 +281,7 @@ def run_node(config: NodeConfig) -> None:
     node = Node(config)
 
     def term() -> int:
-        return int(node.raft.raftCurrentTerm) if node.raft is not None else 0
+        return node.raft.term() if node.raft is not None else 0
 
     configure_logging(config.node_id, config.log_format, config.log_level, lambda: node.holder.state.revision, term)
     uvloop.install()

@@ -10,7 +10,6 @@ from typing import Any
 import msgpack
 import pytest
 
-from registry.fsm import model
 from registry.errors import (
     BadRequest,
     Conflict,
@@ -21,6 +20,7 @@ from registry.errors import (
     RegistryError,
     UnknownOp,
 )
+from registry.fsm import model
 from registry.fsm.commands import OPS, validate_command
 from registry.fsm.state import Applied, RegistryState
 
@@ -715,6 +715,26 @@ def test_stale_epoch_expiry_dropped() -> None:
     assert st.snapshot() == snap
     applied = st.apply({"op": "lease_expire", "leases": [1], "epoch": 5})
     assert applied.result["expired"] == [1]
+
+
+@pytest.mark.parametrize(
+    ("entry_term", "epoch", "dropped"),
+    [
+        (None, 6, False),  # outside Raft (unit tests, the jepsen model): the epoch rule alone
+        (6, 6, False),  # proposed by the leader of the entry's term
+        (7, 6, True),  # a deposed leader's expiry carried by the next leader's entry
+        (5, 6, True),  # an entry older than the expiry's epoch cannot carry it either
+    ],
+)
+def test_expiry_must_come_from_the_entry_term(entry_term: int | None, epoch: int, dropped: bool) -> None:
+    st = state_with(*WORLD, {"op": "leader_epoch", "epoch": 5})
+    snap = st.snapshot()
+    applied = st.apply({"op": "lease_expire", "leases": [1], "epoch": epoch}, entry_term=entry_term)
+    assert applied.result["dropped"] is dropped
+    if dropped:
+        assert st.snapshot() == snap
+    else:
+        assert applied.result["expired"] == [1]
 
 
 def test_expiry_raises_epoch() -> None:
