@@ -88,6 +88,7 @@ import msgpack
 from registry.errors import CODES, BadRequest, Conflict, LimitExceeded, NotFound, RegistryError
 from registry.fsm import acl, model
 from registry.fsm.commands import OPS, is_normalised, validate_command
+from registry.fsm.limits import StateLimits
 from registry.fsm.model import Record
 
 __all__ = ["Applied", "RegistryState", "SNAPSHOT_FORMAT"]
@@ -224,6 +225,9 @@ def _guard_failed(what: str, current: int, expected: int) -> Conflict:
     return Conflict(f"{what}: mod_revision is {current}, expected {expected} (0 = must not exist)")
 
 
+_DEFAULT_LIMITS = StateLimits()
+
+
 class RegistryState:
     """The replicated registry state.  See the module docstring for the contract."""
 
@@ -243,13 +247,16 @@ class RegistryState:
         "_intentions",
         "_keys",
         "_leases",
+        "_limits",
         "_locks",
         "_next_lease",
         "_revision",
         "_services",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, limits: StateLimits | None = None) -> None:
+        #: Replicated limits: every replica must be built with the same ones.
+        self._limits = limits if limits is not None else _DEFAULT_LIMITS
         self._revision = 0
         self._epoch = 0
         #: The Raft term of the log entry being applied (None outside Raft: tests, the jepsen model).
@@ -283,6 +290,10 @@ class RegistryState:
     @property
     def revision(self) -> int:
         return self._revision
+
+    @property
+    def limits(self) -> StateLimits:
+        return self._limits
 
     @property
     def epoch(self) -> int:
@@ -339,7 +350,7 @@ class RegistryState:
 
     def _remember(self, rid: str, outcome: _Outcome) -> None:
         self._dedup[rid] = outcome
-        if len(self._dedup) > model.DEDUP_ENTRIES_MAX:
+        if len(self._dedup) > self._limits.dedup_entries_max:
             self._dedup.popitem(last=False)
 
     def _bump(self) -> int:
@@ -369,8 +380,8 @@ class RegistryState:
     def _op_service_put(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         name = cmd["name"]
         old = self._services.get(name)
-        if old is None and len(self._services) >= model.SERVICES_MAX:
-            raise LimitExceeded(f"at most {model.SERVICES_MAX} services")
+        if old is None and len(self._services) >= self._limits.services_max:
+            raise LimitExceeded(f"at most {self._limits.services_max} services")
         rev = self._bump()
         new = model.service_record(
             name, cmd["meta"], cmd["tags"], rev if old is None else old["create_revision"], rev
@@ -410,10 +421,10 @@ class RegistryState:
             if current != guard:
                 raise _guard_failed(f"instance {svc}/{iid}", current, guard)
         if insts is None:
-            if len(self._services) >= model.SERVICES_MAX:
-                raise LimitExceeded(f"at most {model.SERVICES_MAX} services")
-        elif old is None and len(insts) >= model.INSTANCES_PER_SERVICE_MAX:
-            raise LimitExceeded(f"at most {model.INSTANCES_PER_SERVICE_MAX} instances per service")
+            if len(self._services) >= self._limits.services_max:
+                raise LimitExceeded(f"at most {self._limits.services_max} services")
+        elif old is None and len(insts) >= self._limits.instances_per_service_max:
+            raise LimitExceeded(f"at most {self._limits.instances_per_service_max} instances per service")
         rev = self._bump()
         events = []
         if insts is None:
@@ -477,8 +488,8 @@ class RegistryState:
     # ------------------------------------------------------------------ leases
 
     def _op_lease_grant(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
-        if len(self._leases) >= model.LEASES_MAX:
-            raise LimitExceeded(f"at most {model.LEASES_MAX} leases")
+        if len(self._leases) >= self._limits.leases_max:
+            raise LimitExceeded(f"at most {self._limits.leases_max} leases")
         lease = self._next_lease
         if lease > model.INT_MAX:
             raise LimitExceeded("lease id space exhausted")
@@ -588,8 +599,8 @@ class RegistryState:
             current = 0 if old is None else old["mod_revision"]
             if current != guard:
                 raise _guard_failed(f"key {key!r}", current, guard)
-        if old is None and len(self._keys) >= model.KEYS_MAX:
-            raise LimitExceeded(f"at most {model.KEYS_MAX} keys")
+        if old is None and len(self._keys) >= self._limits.keys_max:
+            raise LimitExceeded(f"at most {self._limits.keys_max} keys")
         rev = self._bump()
         new = model.key_record(key, cmd["value"], lease, rev if old is None else old["create_revision"], rev)
         self._keys[key] = new
@@ -945,7 +956,7 @@ class RegistryState:
         return data
 
     @classmethod
-    def restore(cls, data: bytes) -> RegistryState:
+    def restore(cls, data: bytes, limits: StateLimits | None = None) -> RegistryState:
         """Rebuild a state from ``snapshot()`` bytes; BadRequest on corrupt/foreign data."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise BadRequest(f"snapshot must be bytes, got {type(data).__name__}")
@@ -954,7 +965,7 @@ class RegistryState:
         except Exception as exc:  # msgpack signals corruption with many exception types
             raise BadRequest(f"corrupt snapshot: {type(exc).__name__}: {exc}"[:200]) from None
         try:
-            return cls._from_snapshot_obj(obj)
+            return cls._from_snapshot_obj(obj, limits)
         except BadRequest as exc:
             raise BadRequest(f"corrupt snapshot: {exc.message}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -962,7 +973,7 @@ class RegistryState:
             raise BadRequest(f"corrupt snapshot: {type(exc).__name__}: {exc}"[:200]) from None
 
     @classmethod
-    def _from_snapshot_obj(cls, obj: Any) -> RegistryState:
+    def _from_snapshot_obj(cls, obj: Any, limits: StateLimits | None) -> RegistryState:
         if not isinstance(obj, dict):
             raise BadRequest("not a registry snapshot")
         fmt = obj.get("format")
@@ -983,7 +994,7 @@ class RegistryState:
                 raise BadRequest(f"{key!r} must be a list")
             return value
 
-        st = cls()
+        st = cls(limits)
         st._revision = revision = snap_int("revision", 0)
         st._epoch = snap_int("epoch", 0)
         st._next_lease = snap_int("next_lease", 1)
@@ -1041,8 +1052,8 @@ class RegistryState:
             st._locks[name] = rec
             st._attach(lease).locks.add(name)
         dedup = snap_list("dedup")
-        if len(dedup) > model.DEDUP_ENTRIES_MAX:
-            raise BadRequest(f"dedup table has {len(dedup)} entries, at most {model.DEDUP_ENTRIES_MAX}")
+        if len(dedup) > st._limits.dedup_entries_max:
+            raise BadRequest(f"dedup table has {len(dedup)} entries, at most {st._limits.dedup_entries_max}")
         for entry in dedup:
             rid, outcome = cls._parse_dedup_entry(entry, revision)
             if rid in st._dedup:

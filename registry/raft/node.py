@@ -540,7 +540,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
     def _load_snapshot(self, filename: str) -> tuple[Any, Any, set[Any]]:
         envelope = read_snapshot_file(filename)
-        state = RegistryState.restore(envelope["state"])
+        state = RegistryState.restore(envelope["state"], self._holder.state.limits)
         with self._holder.lock:
             self._holder.state = state
             self._holder.generation += 1

@@ -22,6 +22,7 @@ from registry.errors import (
 )
 from registry.fsm import model
 from registry.fsm.commands import OPS, validate_command
+from registry.fsm.limits import StateLimits
 from registry.fsm.state import Applied, RegistryState
 
 Cmd = dict[str, Any]
@@ -553,24 +554,24 @@ def test_limit_boundary(build: Any, ok: Any, bad: Any, exc: type[BadRequest]) ->
 
 
 CAPACITY_CASES: list[tuple[str, str, list[Cmd], Cmd, Cmd]] = [
-    # (constant, fills to the limit, one more new one fails, replacing an existing one still works)
+    # (StateLimits field, fills to the limit, one more new one fails, replacing an existing one still works)
     (
-        "SERVICES_MAX",
+        "services_max",
         "services",
         [{"op": "service_put", "name": f"s{i}"} for i in range(3)],
         reg("s9", "i"),
         {"op": "service_put", "name": "s0", "tags": ["t"]},
     ),
     (
-        "INSTANCES_PER_SERVICE_MAX",
+        "instances_per_service_max",
         "instances",
         [reg("web", f"i{i}") for i in range(3)],
         reg("web", "i9"),
         reg("web", "i0", port=99),
     ),
-    ("LEASES_MAX", "leases", [GRANT] * 3, GRANT, {"op": "lease_revoke", "lease": 1}),
+    ("leases_max", "leases", [GRANT] * 3, GRANT, {"op": "lease_revoke", "lease": 1}),
     (
-        "KEYS_MAX",
+        "keys_max",
         "keys",
         [{"op": "key_put", "key": f"k{i}", "value": ""} for i in range(3)],
         {"op": "key_put", "key": "k9", "value": ""},
@@ -584,13 +585,12 @@ CAPACITY_CASES: list[tuple[str, str, list[Cmd], Cmd, Cmd]] = [
     [(c[0], *c[2:]) for c in CAPACITY_CASES],
     ids=[c[1] for c in CAPACITY_CASES],
 )
-def test_capacity_limits(
-    monkeypatch: pytest.MonkeyPatch, const: str, fill: list[Cmd], extra: Cmd, replace: Cmd
-) -> None:
+def test_capacity_limits(const: str, fill: list[Cmd], extra: Cmd, replace: Cmd) -> None:
     # The real limits are 10^5..10^6 records; the check is the same code path
     # at any value, so shrink the limit rather than fill a million keys.
-    monkeypatch.setattr(model, const, 3)
-    st = state_with(*fill)
+    st = RegistryState(StateLimits(**{const: 3}))
+    for cmd in fill:
+        st.apply(cmd)
     snap = st.snapshot()
     with pytest.raises(LimitExceeded):
         st.apply(extra)
@@ -923,9 +923,8 @@ def test_barrier_not_deduplicated() -> None:
     assert st.apply({"op": "barrier", "rid": "b"}).result == {"revision": WORLD_REV + 1}
 
 
-def test_dedup_fifo_eviction(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model, "DEDUP_ENTRIES_MAX", 3)
-    st = RegistryState()
+def test_dedup_fifo_eviction() -> None:
+    st = RegistryState(StateLimits(dedup_entries_max=3))
 
     def put(i: int) -> int:
         applied = st.apply({"op": "key_put", "key": f"k{i}", "value": "", "rid": f"r{i}"})
