@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,14 +43,16 @@ class Ctx:
     tls_cert: str | None = None
     tls_key: str | None = None
 
-    def client(self) -> SyncClient:
+    def ssl_context(self) -> ssl.SSLContext | None:
         if self.tls_ca is None and self.tls_cert is None:
-            return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s)
+            return None
         try:
-            ctx = client_ssl_context(self.tls_ca, self.tls_cert, self.tls_key)
+            return client_ssl_context(self.tls_ca, self.tls_cert, self.tls_key)
         except OSError as err:  # a missing file, or ssl.SSLError (an OSError) for a bad PEM
             raise click.UsageError(f"cannot load TLS files (--tls-ca/--tls-cert/--tls-key): {err}") from None
-        return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s, ssl_context=ctx)
+
+    def client(self) -> SyncClient:
+        return SyncClient(self.endpoints, token=self.token, timeout_s=self.timeout_s, ssl_context=self.ssl_context())
 
 
 def fail(err: RegistryError) -> None:
@@ -201,28 +204,64 @@ cli.add_command(up)
 
 # -- status ----------------------------------------------------------------------
 
-STATUS_KEYS = ("id", "role", "term", "commit_index", "applied_index", "revision", "api", "reachable")
+STATUS_KEYS = ("id", "role", "term", "commit_index", "applied_index", "revision", "api", "reachable", "pid")
+#: How often `status --wait` asks again.
+STATUS_WAIT_INTERVAL_S = 0.5
 
 
 @cli.command()
 @click.option("--watch", "watch_live", is_flag=True, help="Refresh every second (same as `regctl top`).")
+@click.option("--wait", "wait_ms", type=Duration(), default=None,
+              help="Block until the cluster is ready (e.g. 30s); exit 3 if it is not by then.")
+@click.option("--data-dir", "up_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("./regctl-data"), show_default=True,
+              help="Data dir of a running `regctl up`: shows which nodes it restarts or left down.")
 @click.pass_obj
 @handles_errors
-def status(obj: Ctx, watch_live: bool) -> None:
-    """Every node: role, term, commit and applied index, revision."""
+def status(obj: Ctx, watch_live: bool, wait_ms: int | None, up_dir: Path) -> None:
+    """Every node: role, term, commit and applied index, revision, PID.
+
+    Exits 0 only when the cluster is ready: a majority of the endpoints
+    answer and agree on a leader. Otherwise it prints the table and exits 3.
+    """
+    import time
+
+    from .readiness import readiness
+    from .supervisor import read_state
+
     if watch_live:
         from .ops import top
 
         click.get_current_context().invoke(top)
         return
-    with obj.client() as client:
-        nodes = client.cluster_status()
-    data = [{k: n.get(k) for k in (*STATUS_KEYS, "leader", "incarnation", "incarnation_recorded", "error")}
-            for n in nodes]
-    rows = [[n.get(k) if n.get("reachable") or k in ("api", "reachable") else "-" for k in STATUS_KEYS]
+    deadline = time.monotonic() + (wait_ms or 0) / 1000
+    with SyncClient(obj.endpoints, token=obj.token, timeout_s=obj.timeout_s, connect_timeout_s=0.5,
+                    ssl_context=obj.ssl_context()) as client:
+        while True:
+            nodes = client.cluster_status()
+            ready = readiness(nodes)
+            if ready.ready or time.monotonic() >= deadline:
+                break
+            time.sleep(min(STATUS_WAIT_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+    supervised = read_state(up_dir.resolve())
+    data: list[dict[str, Any]] = [
+        {k: n.get(k) for k in (*STATUS_KEYS, "leader", "incarnation", "incarnation_recorded", "error")}
+        for n in nodes]
+    for n in data:
+        up_node = supervised.get(str(n["api"]))
+        if up_node is not None:
+            n["supervisor"] = up_node
+            if n["pid"] is None:
+                n["pid"] = up_node.get("pid")
+    rows = [[n.get(k) if n.get("reachable") or k in ("api", "reachable", "pid") else "-" for k in STATUS_KEYS]
             for n in data]
-    emit(obj.output, data, table(rows, [k.upper() for k in STATUS_KEYS]))
-    if not any(n.get("reachable") for n in data):
+    notes = [f"{n['supervisor']['id']} ({n['api']}) left down by regctl up: {n['supervisor']['note']}; "
+             f"log: {n['supervisor']['log']}" for n in data if n.get("supervisor", {}).get("state") == "down"]
+    notes += [f"{n['supervisor']['id']} ({n['api']}) is being restarted by regctl up: {n['supervisor']['note']}"
+              for n in data if n.get("supervisor", {}).get("state") == "restarting"]
+    emit(obj.output, data, "\n".join([table(rows, [k.upper() for k in STATUS_KEYS]), *notes]))
+    if not ready.ready:
+        click.echo(f"not ready: {ready.reason}", err=True)
         sys.exit(EXIT_UNAVAILABLE)
 
 

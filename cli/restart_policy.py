@@ -26,7 +26,7 @@ class RestartPolicy:
     backoff_first_s: float = 1.0
     #: No restart waits longer than this.
     backoff_max_s: float = 30.0
-    #: More deaths than this within ``window_s`` and the node stays down.
+    #: More deaths than this within ``window_s`` and the node stays down (0: never restart).
     deaths_per_window_max: int = 5
     #: The window deaths are counted in.
     window_s: float = 60.0
@@ -34,8 +34,8 @@ class RestartPolicy:
     def validate(self) -> None:
         if not 0 < self.backoff_first_s <= self.backoff_max_s:
             raise ValueError("backoff_first_s must be > 0 and <= backoff_max_s")
-        if self.deaths_per_window_max < 1:
-            raise ValueError("deaths_per_window_max must be >= 1")
+        if self.deaths_per_window_max < 0:
+            raise ValueError("deaths_per_window_max must be >= 0 (0: never restart)")
         if self.window_s <= 0:
             raise ValueError("window_s must be > 0")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -17,10 +16,13 @@ from registry.client import SyncClient
 from registry.errors import RegistryError
 from registry.server.ports import ports_free
 
+from .restart_policy import RestartPolicy
+from .supervisor import NodeSpec, Supervisor, regctl_argv
+
 #: Largest local cluster: more nodes than this on one machine only adds Raft traffic.
 NODES_MAX = 9
-#: How long the nodes get to stop on SIGTERM before SIGKILL.
-STOP_GRACE_S = 10.0
+#: --deaths-max's ceiling: more restarts a minute than this is a crash loop, not supervision.
+DEATHS_PER_MINUTE_MAX = 60
 #: How long to wait for a leader before saying the cluster is not ready.
 READY_WAIT_S = 30.0
 
@@ -60,8 +62,9 @@ def _port_free(addr: str) -> bool:
 
 
 def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None, log_format: str) -> list[str]:
+    # Started as the `regctl` console script, so that `ps` shows each node as `regctl server`.
     cmd = [
-        sys.executable, "-m", "cli", "server", "--id", node.node_id, "--data-dir", str(node.data_dir),
+        *regctl_argv(), "server", "--id", node.node_id, "--data-dir", str(node.data_dir),
         "--raft", node.raft, "--peers", ",".join(p.raft for p in peers if p is not node),
         "--api", node.api, "--http", node.http, "--log-format", log_format,
     ]
@@ -82,8 +85,17 @@ def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None,
 @click.option("--base-port", type=click.IntRange(1024, 65000), default=7000, show_default=True)
 @click.option("--dev", is_flag=True, help="No cluster key (INSECURE). By default a key is made in the data dir.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str) -> None:
-    """Start a local cluster in the foreground; Ctrl-C stops it. Data persists in --data-dir."""
+@click.option("--deaths-max", type=click.IntRange(0, DEATHS_PER_MINUTE_MAX),
+              default=RestartPolicy().deaths_per_window_max,
+              show_default=True,
+              help="A node that dies more often than this within a minute is left down (0: never restart).")
+def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, deaths_max: int) -> None:
+    """Start a local cluster in the foreground; Ctrl-C stops it. Data persists in --data-dir.
+
+    A node that dies is restarted after 1s, 2s, 4s, ... (at most 30s) while
+    the others keep running; one that dies more than --deaths-max times a
+    minute is left down (`regctl status` says so).
+    """
     data_dir = data_dir.resolve()
     members = plan(nodes, data_dir, base_port)
     busy = [a for m in members for a in (m.api, m.raft, m.http) if not _port_free(a)]
@@ -91,54 +103,39 @@ def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str) -
         raise click.UsageError(f"address(es) already in use: {', '.join(busy)} (another cluster running? "
                                f"use --base-port)")
     key_file = None if dev else ensure_cluster_key(data_dir)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    stopping = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    specs = [NodeSpec(m.node_id, m.api, tuple(node_command(m, members, key_file, log_format)),
+                      m.data_dir / "node.log") for m in members]
+    supervisor = Supervisor(specs, data_dir, RestartPolicy(deaths_per_window_max=deaths_max),
+                            lambda line: click.echo(line, err=True))
+    signal.signal(signal.SIGINT, supervisor.request_stop)
+    signal.signal(signal.SIGTERM, supervisor.request_stop)
     try:
-        for m in members:
-            m.data_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(m.data_dir / "node.log", "ab")
-            procs[m.node_id] = subprocess.Popen(
-                node_command(m, members, key_file, log_format), stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            log_file.close()
+        supervisor.start_all()
         click.echo(f"raft-registry: {nodes} node(s), data in {data_dir}")
         for m in members:
             click.echo(f"  {m.node_id}  api {m.api}  raft {m.raft}  http http://{m.http}  "
                        f"log {m.data_dir / 'node.log'}")
         endpoints = [m.api for m in members]
-        leader = _wait_ready(endpoints, lambda: stopping)
+        leader = _wait_ready(endpoints, supervisor)
         if leader:
             click.echo(f"ready: leader {leader}. Try: regctl --endpoints {','.join(endpoints)} status")
-        elif not stopping:
+        elif not supervisor.stopping:
             click.echo("warning: no leader yet; see the node logs", err=True)
         click.echo("Ctrl-C to stop.")
-        while not stopping:
-            for node_id, proc in procs.items():
-                if proc.poll() is not None:
-                    click.echo(f"error: node {node_id} exited with code {proc.returncode}; stopping the cluster "
-                               f"(log: {data_dir / node_id / 'node.log'})", err=True)
-                    stopping = True
-                    break
-            time.sleep(0.2)
+        supervisor.run()
     finally:
-        codes = _stop_all(procs)
+        codes = supervisor.stop_all()
         click.echo("stopped.")
-    if any(code not in (0, -signal.SIGTERM) for code in codes.values()):
+    if supervisor.any_down() or any(code not in (0, -signal.SIGTERM) for code in codes.values()):
         sys.exit(1)
 
 
-def _wait_ready(endpoints: list[str], stop: object) -> str | None:
+def _wait_ready(endpoints: list[str], supervisor: Supervisor) -> str | None:
+    """The leader's id once one is up; supervises meanwhile (a node can die while the cluster starts)."""
     deadline = time.monotonic() + READY_WAIT_S
     with SyncClient(endpoints, timeout_s=1.0, connect_timeout_s=0.3) as client:
-        while time.monotonic() < deadline and not stop():  # type: ignore[operator]
+        while time.monotonic() < deadline and not supervisor.stopping:
+            supervisor.step(time.monotonic())
             try:
                 for status in client.cluster_status():
                     if status.get("reachable") and status.get("role") == "leader":
@@ -147,18 +144,3 @@ def _wait_ready(endpoints: list[str], stop: object) -> str | None:
                 pass
             time.sleep(0.2)
     return None
-
-
-def _stop_all(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, int]:
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    codes: dict[str, int] = {}
-    for node_id, proc in procs.items():
-        try:
-            codes[node_id] = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            codes[node_id] = proc.wait()
-    return codes

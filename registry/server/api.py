@@ -8,6 +8,7 @@ so the asyncio server in ``server.py`` stays a thin shell around it.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -318,6 +319,8 @@ class RegistryAPI:
             "http": self.info.http_addr,
             "peers": st.peers_connected,
             "log_len": st.log_len,
+            # So `regctl status` can name the process to look at (or kill -9, as the README does).
+            "pid": os.getpid(),
             **self.extra_status(),
         }
 

@@ -34,6 +34,10 @@ def test_decide(deaths: tuple[float, ...], now: float, restart: bool, delay_s: f
     assert (decision.restart, decision.delay_s, len(decision.recent)) == (restart, delay_s, recent)
 
 
+def test_zero_deaths_allowed_never_restarts() -> None:
+    assert decide(RestartPolicy(deaths_per_window_max=0), (5.0,), 5.0).restart is False
+
+
 def test_defaults_are_valid_and_start_at_one_second() -> None:
     policy = RestartPolicy()
     policy.validate()
@@ -46,7 +50,7 @@ def test_defaults_are_valid_and_start_at_one_second() -> None:
     [
         RestartPolicy(backoff_first_s=0.0),
         RestartPolicy(backoff_first_s=10.0, backoff_max_s=5.0),
-        RestartPolicy(deaths_per_window_max=0),
+        RestartPolicy(deaths_per_window_max=-1),
         RestartPolicy(window_s=0.0),
     ],
 )
