@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry.errors import InvalidArgument
+from registry.server.dns.settings import DnsSettings
 
 __all__ = ["NodeConfig", "HubLimits", "RaftTiming", "parse_hostport", "format_hostport", "UNSAFE_LOCAL_READS_ENV"]
 
@@ -152,6 +153,8 @@ class NodeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    #: DNS for services (A, AAAA, SRV) on UDP and TCP; None: off.
+    dns: DnsSettings | None = None
     #: See UNSAFE_LOCAL_READS_ENV; ignored unless ``dev``.
     unsafe_local_reads: bool = field(default_factory=lambda: os.environ.get(UNSAFE_LOCAL_READS_ENV) == "1")
 
@@ -191,6 +194,12 @@ class NodeConfig:
             raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key")
         if self.log_format not in ("text", "json"):
             raise InvalidArgument("log format must be text or json")
+        if self.dns is not None:
+            self.dns.validate()
+            dns_addr = format_hostport(self.dns.host, self.dns.port)
+            if dns_addr in (self.api_addr, self.http_addr):
+                # The DNS TCP listener would take the port the API or HTTP server needs.
+                raise InvalidArgument(f"--dns {dns_addr} must differ from --api and --http")
 
     @property
     def api_addr(self) -> str:

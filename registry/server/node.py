@@ -20,6 +20,8 @@ from registry.raft.node import RaftNode, StateHolder
 from registry.server.acl_service import AclService
 from registry.server.api import NodeInfo, RegistryAPI, RevisionWaiters
 from registry.server.backup import load_seed
+from registry.server.dns.server import DnsServer, start_dns
+from registry.server.dns.stats import DnsStats
 from registry.server.gc_tuning import GcSettings, GcTuner
 from registry.server.http import HTTPServer
 from registry.server.lease_service import LeaseService
@@ -44,6 +46,9 @@ class Node:
         self.api: RegistryAPI | None = None
         self._server: APIServer | None = None
         self._http: HTTPServer | None = None
+        self._dns: DnsServer | None = None
+        self.dns_stats = DnsStats()
+        self.metrics.registry.register(self.dns_stats)
         self._proposer: Proposer | None = None
         self.leases: LeaseService | None = None
         self.watches: WatchService | None = None
@@ -160,6 +165,7 @@ class Node:
                                 acl=self.acl if config.acl else None)
         await self._server.start(config.api_host, config.api_port)
         await self._http.start(config.http_host, config.http_port)
+        self._dns = await start_dns(config.dns, self.holder, self.dns_stats, acl=config.acl)
         log.info(
             "node %s serving: api %s, raft %s, http %s, data %s",
             config.node_id, config.api_addr, config.raft_addr, config.http_addr, config.data_dir,
@@ -244,6 +250,8 @@ class Node:
             await self._server.stop()
         if self._http is not None:
             await self._http.stop()
+        if self._dns is not None:
+            await self._dns.stop()
         if self._proposer is not None:
             self._proposer.close()
         if self.raft is not None:
