@@ -407,12 +407,28 @@ class WatchHub:
         self.events_published = 0
         #: Events written to watchers straight from ``publish`` (the shell counts the rest).
         self.events_sent_direct = 0
+        #: Events the hub has encoded: each at most once, at publish while a watch is open, else
+        #: when a watch first resumes from its batch.  Tests read it to prove encodings are shared.
+        self.events_encoded = 0
+        #: Times a batch was filtered and joined into messages for one selector (at fan-out, and
+        #: for a resuming watch when no cached build of that batch for its selector is kept).
+        self.selections_built = 0
         #: Watchers flagged for resync by the hub, by reason (compacted, slow,
         #: restore), counted when flagged: a watcher stuck behind a full socket
         #: may never get to send its snapshot, but it was dropped all the same.
         self.resyncs: dict[str, int] = {}
         #: Encodes published events; the hub is used from one thread (the node's event loop).
         self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def _encoded(self, published: _Published) -> list[bytes]:
+        """The batch's encodings, made now if it was kept unencoded."""
+        if published.encoded is None:
+            self.events_encoded += len(published.events)
+        return published.encode(self._pack)
+
+    def _selected(self, selector: Selector, events: list[Event], encoded: list[bytes]) -> list[Chunk]:
+        self.selections_built += 1
+        return selected_chunks(selector, events, encoded)
 
     def _flagged(self, reason: str, count: int = 1) -> None:
         self.resyncs[reason] = self.resyncs.get(reason, 0) + count
@@ -445,7 +461,7 @@ class WatchHub:
             if size_hint is None or self._groups:
                 # Each event is encoded once; a selector's chunks are joined from
                 # these bytes, and each chunk is shared by every watcher of it.
-                published.encode(self._pack)
+                self._encoded(published)
             self._history.append(published)
             self._history_events += len(fresh)
             self._history_bytes += published.size
@@ -459,7 +475,7 @@ class WatchHub:
         if encoded is None:
             return  # kept unencoded: no watch is open
         for selector, group in self._groups.items():
-            chunks = selected_chunks(selector, fresh, encoded)
+            chunks = self._selected(selector, fresh, encoded)
             if not chunks:
                 continue
             # The common case inlined (this loop runs once per watcher per batch): a watcher
@@ -510,11 +526,11 @@ class WatchHub:
                     if published.last_revision < start:
                         continue
                     charged = published.size
-                    encoded = published.encode(self._pack)  # a batch kept unencoded is encoded now
+                    encoded = self._encoded(published)  # a batch kept unencoded is encoded now
                     self._history_bytes += published.size - charged
                     chunks = published.chunks.get(selector)
                     if chunks is None:
-                        chunks = selected_chunks(selector, published.events, encoded)
+                        chunks = self._selected(selector, published.events, encoded)
                         # Kept for the next watch of this selector that starts this far back,
                         # within a budget as large as the history's own: past it, each such
                         # watch builds its messages again, as it did before the cache.

@@ -267,64 +267,33 @@ def hub_holding(events: float) -> tuple[WatchHub, str, int]:
     return WatchHub(0, HubLimits(history_bytes_max=int(events * size))), payload, size
 
 
-def count_encodings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record the batch size of every ``encode_events`` call the hub makes from now on."""
-    import registry.fsm.watch as watch_module
-
-    calls: list[int] = []
-    real = watch_module.encode_events
-
-    def counting(events: list[Event], pack: Any = None) -> list[bytes]:
-        calls.append(len(events))
-        return real(events, pack)
-
-    monkeypatch.setattr(watch_module, "encode_events", counting)
-    return calls
-
-
-def test_subscribers_in_the_past_reuse_the_history_encodings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_subscribers_in_the_past_reuse_the_history_encodings() -> None:
     """Each event is encoded once, when published; 100 watchers starting behind the head encode nothing."""
     hub = WatchHub(0)
     mixed_history(hub, 10)
-    calls = count_encodings(monkeypatch)
+    assert hub.events_encoded == 10
     watchers = [hub.subscribe(WEB if i % 2 else Selector("all"), 2 + i % 3, noop) for i in range(100)]
-    assert calls == []
+    assert hub.events_encoded == 10
     assert revs(watchers[1].take(1000)) == [3, 5, 7, 9]  # WEB from 3
     assert revs(watchers[0].take(1000)) == list(range(2, 11))  # all from 2
 
 
-def count_selected_chunks(monkeypatch: pytest.MonkeyPatch) -> list[Selector]:
-    """Record the selector of every ``selected_chunks`` call the hub makes from now on."""
-    import registry.fsm.watch as watch_module
-
-    calls: list[Selector] = []
-    real = watch_module.selected_chunks
-
-    def counting(selector: Selector, events: list[Event], encoded: list[bytes]) -> Any:
-        calls.append(selector)
-        return real(selector, events, encoded)
-
-    monkeypatch.setattr(watch_module, "selected_chunks", counting)
-    return calls
-
-
-def test_watches_resuming_from_the_past_share_one_build_of_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A thousand watches of one selector resuming after an overload: each batch is filtered and
+def test_watches_resuming_from_the_past_share_one_build_of_each_batch() -> None:
+    """A thousand watches of two selectors resuming after an overload: each batch is filtered and
     joined once per selector, not once per watch (that kept a node busy for seconds)."""
     hub = WatchHub(0)
     mixed_history(hub, 10)
-    calls = count_selected_chunks(monkeypatch)
+    assert hub.selections_built == 0  # published with no watch open: no fan-out
     watchers = [hub.subscribe(WEB if i % 2 else Selector("all"), 2 + i % 3, noop) for i in range(1000)]
-    # 10 batches, one per revision; watches start at revision 2 at the earliest.
-    assert calls.count(WEB) == 9 and calls.count(Selector("all")) == 9
+    # 10 batches, one per revision; watches start at revision 2 at the earliest: 9 per selector.
+    assert hub.selections_built == 9 + 9
     assert revs(watchers[1].take(1000)) == [3, 5, 7, 9]  # WEB from 3
     assert revs(watchers[0].take(1000)) == list(range(2, 11))  # all from 2
     assert revs(watchers[5].take(1000)) == [5, 7, 9]  # WEB from 4: the shared batches, cut at its start
 
 
-def test_the_resume_cache_has_its_own_budget_and_leaves_the_history_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_resume_cache_has_its_own_budget_and_leaves_the_history_alone() -> None:
     """Cached messages never trim the history; past their budget, watches build their own again."""
-    calls = count_selected_chunks(monkeypatch)
     hub, payload, _ = hub_holding(3.5)
     for rev in range(1, 11):
         hub.publish(rev, [ev(rev, payload=payload)])
@@ -333,14 +302,15 @@ def test_the_resume_cache_has_its_own_budget_and_leaves_the_history_alone(monkey
     # The three batches' messages (about 3 x size) fit the cache budget; the history is untouched.
     assert hub.floor == 7
     assert revs(first.take(10)) == [8, 9, 10]
+    assert hub.selections_built == 3
     # A second selector's messages do not fit any more: they are built, used, and not kept.
     second = hub.subscribe(WEB, 8, noop)
     assert revs(second.take(10)) == [8, 9, 10]
     assert hub.floor == 7
     assert revs(hub.subscribe(WEB, 9, noop).take(10)) == [9, 10]
-    assert calls.count(Selector("all")) == 3 and calls.count(WEB) == 3 + 2  # WEB built twice: not kept
+    assert hub.selections_built == 3 + 3 + 2  # WEB built twice: not kept
     assert revs(hub.subscribe(Selector("all"), 8, noop).take(10)) == [8, 9, 10]
-    assert calls.count(Selector("all")) == 3  # kept
+    assert hub.selections_built == 3 + 3 + 2  # "all" was kept
     # Trimming drops a batch with its cached messages: the budget is free again.
     hub.publish(11, [ev(11, payload=payload)])
     assert hub.floor == 8
@@ -450,30 +420,26 @@ def test_history_trims_by_bytes_and_raises_the_floor() -> None:
     assert hub.subscribe(WEB, 11, noop).resync_reason == "compacted"
 
 
-def test_with_a_size_hint_and_no_watch_open_events_wait_unencoded_until_a_resume(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_a_size_hint_and_no_watch_open_events_wait_unencoded_until_a_resume() -> None:
     """Nobody watching: nothing is encoded at publish; the first watch resuming from the history
     encodes what it needs, once, and gets the same bytes an eagerly encoding hub would send."""
-    calls = count_encodings(monkeypatch)
     lazy, eager = WatchHub(0), WatchHub(0)
     for rev in range(1, 11):
         events = [ev(rev, service="web" if rev % 2 else "api", id_=f"i{rev}")]
         lazy.publish(rev, events, size_hint=100)
         eager.publish(rev, events)
-    assert calls == [1] * 10  # the eager hub's
-    calls.clear()
+    assert (lazy.events_encoded, eager.events_encoded) == (0, 10)
     resumed = [lazy.subscribe(WEB, 4, noop) for _ in range(3)] + [lazy.subscribe(Selector("all"), 6, noop)]
-    assert calls == [1] * 7  # revisions 4..10, once each, for all four watches
+    assert lazy.events_encoded == 7  # revisions 4..10, once each, for all four watches
     reference = eager.subscribe(WEB, 4, noop)
     assert [c.body for c in resumed[0].take_chunks()] == [c.body for c in reference.take_chunks()]
     assert revs(resumed[1].take(100)) == [5, 7, 9]
     assert revs(resumed[3].take(100)) == [6, 7, 8, 9, 10]
     # A watch from the head needs no history; one is open now, so publishing encodes again.
-    calls.clear()
     live = lazy.subscribe(WEB, None, noop)
-    assert calls == []
+    assert lazy.events_encoded == 7
     lazy.publish(11, [ev(11)], size_hint=100)
-    assert calls == [1] and revs(live.take(10)) == [11]
+    assert lazy.events_encoded == 8 and revs(live.take(10)) == [11]
 
 
 def test_unencoded_events_are_charged_their_hint_and_trimmed_by_it() -> None:
