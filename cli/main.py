@@ -22,6 +22,7 @@ import click
 from registry.client import DEFAULT_ENDPOINTS, SyncClient, client_ssl_context
 from registry.config import NodeConfig, parse_hostport
 from registry.errors import InvalidArgument, RegistryError
+from registry.server.dns.settings import DnsSettings, normalize_domain
 
 from .durations import Duration
 from .output import emit, table
@@ -136,12 +137,20 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
               help="Private key of --tls-cert (PEM).")
 @click.option("--tls-client-ca", "tls_client_ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Require client certificates signed by this CA.")
+@click.option("--dns", "dns_addr", default=None,
+              help="Answer DNS for services (A, AAAA, SRV) on this HOST:PORT, UDP and TCP (docs/dns.md).")
+@click.option("--dns-domain", default="consul.", show_default=True, help="The DNS domain answered for.")
+@click.option("--dns-ttl", "dns_ttl_s", type=click.IntRange(0, 86_400), default=0, show_default=True,
+              help="TTL of DNS answers, in seconds.")
+@click.option("--dns-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --acl: file holding the token whose read rights DNS answers with (without it DNS is off).")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
            log_level: str, compaction_entries: int | None, commit_notify_delay_ms: float | None,
            watch_history_events: int | None,
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
-           tls_client_ca: Path | None) -> None:
+           tls_client_ca: Path | None, dns_addr: str | None, dns_domain: str, dns_ttl_s: int,
+           dns_token_file: Path | None) -> None:
     """Run one registry node in the foreground."""
     from registry.raft.incarnation import load_or_create
     from registry.server.node import run_node, server_ssl_context
@@ -181,7 +190,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
             limits = dataclasses.replace(limits, history_events_max=watch_history_events)
         if watch_queue_events is not None:
             limits = dataclasses.replace(limits, queue_events_max=watch_queue_events)
-        config = config.replace(watch_limits=limits)
+        config = config.replace(watch_limits=limits, dns=_dns_settings(dns_addr, dns_domain, dns_ttl_s, dns_token_file))
         config.validate()
     except RegistryError as err:
         raise click.UsageError(err.message) from None
@@ -195,6 +204,21 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
     except (InvalidArgument, OSError) as err:
         raise click.UsageError(str(err)) from None
     run_node(config)
+
+
+def _dns_settings(addr: str | None, domain: str, ttl_s: int, token_file: Path | None) -> DnsSettings | None:
+    if addr is None:
+        if token_file is not None:
+            raise click.UsageError("--dns-token-file needs --dns")
+        return None
+    host, port = parse_hostport(addr, what="--dns")
+    token: str | None = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as err:
+            raise click.UsageError(f"cannot read --dns-token-file: {err}") from None
+    return DnsSettings(host=host, port=port, domain=normalize_domain(domain), ttl_s=ttl_s, token=token)
 
 
 from .up import up  # noqa: E402

@@ -16,7 +16,7 @@ import random
 import struct
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from registry.config import format_hostport
 from registry.errors import NotFound
@@ -68,8 +68,8 @@ class _Udp(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # uvloop's transports are not subclasses of asyncio's, only alike: cast, do not check.
+        self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         reply = self._server.answer(data, "udp")
@@ -93,7 +93,7 @@ class _Tcp(asyncio.Protocol):
         self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         stats = self._server.stats
         if stats.tcp_connections >= self._server.settings.tcp_connections_max:
@@ -176,7 +176,6 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         host, port = self.settings.host, self.settings.port
         udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(host, port))
-        assert isinstance(udp, asyncio.DatagramTransport)
         self._udp = udp
         self._tcp = await loop.create_server(lambda: _Tcp(self), host, port, reuse_address=True)
         log.info("dns serving udp+tcp %s for %s (stale reads: answers come from this node's applied state)",
