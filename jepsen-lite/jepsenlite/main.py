@@ -22,8 +22,10 @@ from typing import Any
 from .checker import check_history, merge_valid
 from .compose import ComposeProject
 from .compose import check_usable as compose_check_usable
+from .disks import NodeDisks
 from .history import pair, read_jsonl
-from .nemesis import KINDS, plan
+from .lazyfs import LAZYFS_BIN_DEFAULT, LazyFSError, why_lazyfs_unavailable
+from .nemesis import ALL_KINDS, KINDS, plan
 from .report import count_ops, latency_summary, unavailability, write_html, write_results, write_summary, write_timeline
 from .runner import NetnsNetwork, Topology, faketime_library, iptables_available, local_topology, write_json
 from .scenario import SCENARIO_NEEDS_SPARE, SCENARIO_NEMESES, SCENARIO_TARGETS, SCENARIO_WORKLOADS, SCENARIOS
@@ -35,7 +37,8 @@ __all__ = ["main", "EXIT_VALID", "EXIT_VIOLATION", "EXIT_UNKNOWN"]
 EXIT_VALID, EXIT_VIOLATION, EXIT_UNKNOWN = 0, 1, 2
 TARGETS = ("local", "netns", "compose")
 #: Deliberately unsafe node modes (see --unsafe): the run must then come back invalid.
-UNSAFE_MODES = ("local-reads",)
+#: ``no-fsync``: nodes started with ``--unsafe-no-fsync``; only the power nemesis can tell.
+UNSAFE_MODES = ("local-reads", "no-fsync")
 RUN_SCRIPT = Path(__file__).resolve().parent.parent / "run"
 
 
@@ -43,9 +46,10 @@ class UsageError(Exception):
     pass
 
 
-def _names(text: str, known: tuple[str, ...], what: str) -> list[str]:
+def _names(text: str, known: tuple[str, ...], what: str, everything: tuple[str, ...] | None = None) -> list[str]:
+    """The comma list ``text`` of names from ``known``; ``all`` means ``everything`` (default: all known)."""
     if text.strip() in ("all", ""):
-        return list(known)
+        return list(everything or known)
     if text.strip() == "none":
         return []
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -60,7 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jepsen-lite/run", description="Fault-injection runs against raft-registry.")
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds of traffic under faults (default 30)")
     p.add_argument("--seed", type=int, default=None, help="seed of the fault schedule and of the clients' choices")
-    p.add_argument("--nemesis", default="all", help=f"comma list of {','.join(KINDS)}, or all, or none")
+    p.add_argument("--nemesis", default="all", help=f"comma list of {','.join(KINDS)}, or all "
+                   f"({','.join(ALL_KINDS)}), or none")
     p.add_argument("--workload", default="all", help=f"comma list of {','.join(WORKLOADS)}, or all")
     p.add_argument("--target", default="local", help="local | netns | compose (root: docker-compose.yml's cluster)")
     p.add_argument("--out", default=None, help="output directory (default jepsen-lite/out/<time>-<seed>)")
@@ -74,7 +79,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=5, help="trials of a --scenario (default 5)")
     p.add_argument("--unsafe", default=None, choices=UNSAFE_MODES,
                    help="self-test: run the nodes in a deliberately broken mode the checkers must catch "
-                        "(local-reads: linearizable reads served locally, without the read barrier)")
+                        "(local-reads: linearizable reads served locally, without the read barrier; "
+                        "no-fsync: nodes never fsync, which --nemesis power must catch)")
+    p.add_argument("--lazyfs", default=str(LAZYFS_BIN_DEFAULT),
+                   help=f"the LazyFS binary of the power nemesis (default {LAZYFS_BIN_DEFAULT})")
     p.add_argument("--session", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -95,6 +103,8 @@ def _replay_command(args: argparse.Namespace, seed: int, out: Path) -> str:
         parts += ["--op-timeout", f"{args.op_timeout:g}"]
     if args.unsafe:
         parts += ["--unsafe", args.unsafe]
+    if args.lazyfs != str(LAZYFS_BIN_DEFAULT):
+        parts += ["--lazyfs", args.lazyfs]
     return " ".join(shlex.quote(p) for p in parts) + f" --out {shlex.quote(str(out))}-replay"
 
 
@@ -106,8 +116,12 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise _Terminated(f"signal {signum}")
 
 
-def _run_netns(spec: SessionSpec, network: NetnsNetwork, out: Path) -> tuple[SessionSpec, str | None]:
-    """Set up namespaces, run the session inside the client namespace, always tear down."""
+def _run_netns(spec: SessionSpec, network: NetnsNetwork, out: Path,
+               disks: NodeDisks | None = None) -> tuple[SessionSpec, str | None]:
+    """Set up namespaces, run the session inside the client namespace, always tear down.
+
+    With ``disks`` (mounted), every node's data goes on its disk.
+    """
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     child: subprocess.Popen[bytes] | None = None
     problem: str | None = None
@@ -116,6 +130,8 @@ def _run_netns(spec: SessionSpec, network: NetnsNetwork, out: Path) -> tuple[Ses
         if stale:
             print(f"removed {len(stale)} stale namespace(s) of earlier runs", file=sys.stderr)
         topology = network.setup()
+        if disks is not None:
+            topology = disks.attach(topology)
         spec.topology = topology
         spec_path = out / "session-spec.json"
         write_json(spec_path, spec.to_json())
@@ -190,7 +206,7 @@ def _main(args: argparse.Namespace) -> int:
             raise UsageError("--trials must be positive")
         args.workload, args.nemesis = SCENARIO_WORKLOADS[args.scenario], "none"
     workloads = _names(args.workload, tuple(WORKLOADS), "workload")
-    nemeses = _names(args.nemesis, KINDS, "nemesis")
+    nemeses = _names(args.nemesis, KINDS, "nemesis", ALL_KINDS)
     if not workloads:
         raise UsageError("at least one workload is needed")
     if args.time_limit <= 0 or args.concurrency < 1 or args.op_timeout <= 0:
@@ -223,6 +239,12 @@ def _main(args: argparse.Namespace) -> int:
         skipped["clock"] = "libfaketime is not installed (apt-get install faketime)"
     if "membership" in nemeses and args.target == "compose":
         skipped["membership"] = "docker-compose.yml has no spare node to add: use --target local or netns"
+    if "power" in nemeses:
+        why_not = why_lazyfs_unavailable(Path(args.lazyfs))
+        if args.target == "compose":
+            skipped["power"] = "the compose volumes are not on LazyFS: use --target local or netns"
+        elif why_not is not None:
+            skipped["power"] = why_not
     for name, why in skipped.items():
         notes.append(f"nemesis {name} skipped: {why}")
     active = [n for n in nemeses if n not in skipped]
@@ -239,16 +261,30 @@ def _main(args: argparse.Namespace) -> int:
     what = (f"scenario {args.scenario} x{args.trials}" if args.scenario else
             f"workloads {','.join(workloads)}, nemesis {','.join(active) or 'none'}, {len(faults)} fault(s)")
     print(f"jepsen-lite: seed {seed}, target {args.target}, {what}, output {out}", file=sys.stderr)
-    if args.target == "local":
-        spec.topology = local_topology(cluster_root, args.nodes, spares)
-        write_json(out / "session-spec.json", spec.to_json())
-        info = asyncio.run(run_session(spec))
-        if info["status"] != "done":
-            problem = info.get("error") or info["status"]
-    elif args.target == "compose":
-        spec, problem = _run_compose(spec, ComposeProject(cluster_root), out)
-    else:
-        spec, problem = _run_netns(spec, NetnsNetwork(cluster_root, args.nodes, spares), out)
+    # The power nemesis's disks: one LazyFS mount per node, mounted here (the session may run in another
+    # process) and unmounted after the session stopped every node, whatever happened.
+    disks = (NodeDisks(cluster_root / "disks", [f"n{i}" for i in range(1, args.nodes + spares + 1)],
+                       Path(args.lazyfs)) if "power" in active else None)
+    try:
+        if disks is not None:
+            disks.mount_all()
+        if args.target == "local":
+            spec.topology = local_topology(cluster_root, args.nodes, spares)
+            if disks is not None:
+                spec.topology = disks.attach(spec.topology)
+            write_json(out / "session-spec.json", spec.to_json())
+            info = asyncio.run(run_session(spec))
+            if info["status"] != "done":
+                problem = info.get("error") or info["status"]
+        elif args.target == "compose":
+            spec, problem = _run_compose(spec, ComposeProject(cluster_root), out)
+        else:
+            spec, problem = _run_netns(spec, NetnsNetwork(cluster_root, args.nodes, spares), out, disks)
+    except LazyFSError as err:
+        problem = f"LazyFS: {err}"
+    finally:
+        if disks is not None:
+            notes += [f"LazyFS: {p}" for p in disks.unmount_all()]
 
     results = _check_and_report(args, seed, out, spec, workloads, active, skipped, notes, clock_rate_max, problem,
                                 time.monotonic() - started)

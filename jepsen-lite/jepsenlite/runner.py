@@ -42,6 +42,8 @@ from registry.client import Client
 from registry.errors import Conflict, NotFound, RegistryError
 from registry.server.ports import ports_free
 
+from .lazyfs import clear_cache
+
 __all__ = [
     "NodeSpec",
     "Topology",
@@ -79,6 +81,11 @@ class NodeSpec:
     #: Network namespace of the node, or None on the local target.
     netns: str | None = None
     ip: str = "127.0.0.1"
+    #: Where the node's output goes; None: ``node.log`` in its data directory.
+    log_file: str | None = None
+    #: The command FIFO and log of the LazyFS mount holding the data directory (disks.py), or None.
+    disk_fifo: str | None = None
+    disk_log: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +330,8 @@ class Cluster:
         if node.proc is not None and node.proc.poll() is None:
             raise RuntimeError(f"node {node_id} is already running")
         Path(node.spec.data_dir).mkdir(parents=True, exist_ok=True)
-        node.log_path = Path(node.spec.data_dir) / "node.log"
+        node.log_path = Path(node.spec.log_file or Path(node.spec.data_dir) / "node.log")
+        node.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.node_env}
         if clock_rate is not None:
             if self.faketime_lib is None:
@@ -358,6 +366,23 @@ class Cluster:
             node.proc.kill()
             node.proc.wait()
         node.paused = False
+
+    def power_off(self, node_ids: list[str]) -> None:
+        """A power cut: kill -9 every node given, then drop every byte their disks had not fsynced.
+
+        All are killed before any disk is cleared, so none of them writes
+        after another one lost its data.  Blocks (a clear waits for LazyFS to
+        confirm it): call from a thread in async code.
+        """
+        for node_id in node_ids:
+            if self._proc(node_id).spec.disk_fifo is None:
+                raise RuntimeError(f"node {node_id} has no LazyFS disk: a power cut needs the power nemesis's disks")
+        for node_id in node_ids:
+            self.kill(node_id)
+        for node_id in node_ids:
+            spec = self._proc(node_id).spec
+            assert spec.disk_fifo is not None and spec.disk_log is not None
+            clear_cache(Path(spec.disk_fifo), Path(spec.disk_log))
 
     def pause(self, node_id: str) -> None:
         node = self._proc(node_id)

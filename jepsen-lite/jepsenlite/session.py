@@ -209,6 +209,9 @@ async def run_session(spec: SessionSpec) -> dict[str, Any]:
         # registry.config.UNSAFE_LOCAL_READS_ENV, honoured only by a node started with --dev.
         cluster.node_env["REGCTL_UNSAFE_LOCAL_READS"] = "1"
         cluster.node_args.append("--dev")
+    elif spec.unsafe == "no-fsync":
+        # Everything is written, nothing is fsynced: a power cut (--nemesis power) loses acknowledged writes.
+        cluster.node_args.append("--unsafe-no-fsync")
     info: dict[str, Any] = {"status": "running", "started_unix": time.time()}
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
