@@ -46,7 +46,7 @@ USER regctl
 WORKDIR /data
 VOLUME ["/data"]
 # Client API, Raft, HTTP (/metrics, /healthz, /readyz), as docker-compose.yml uses them.
-EXPOSE 7001 7101 7201
+EXPOSE 7001 7101 7201 8600/tcp 8600/udp
 # Liveness of a node: its HTTP port answers /healthz. python, not curl: slim images
 # have no curl. REGCTL_HEALTH_URL lets the demo containers (agents) point it elsewhere.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=20s --retries=3 \

@@ -143,7 +143,8 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
 @click.option("--dns-ttl", "dns_ttl_s", type=click.IntRange(0, 86_400), default=0, show_default=True,
               help="TTL of DNS answers, in seconds.")
 @click.option("--dns-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="With --acl: file holding the token whose read rights DNS answers with (without it DNS is off).")
+              help="With --acl: file holding the token whose read rights DNS answers with (or env REGCTL_DNS_TOKEN; "
+                   "without one DNS is off).")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
            log_level: str, compaction_entries: int | None, commit_notify_delay_ms: float | None,
@@ -206,6 +207,10 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
     run_node(config)
 
 
+#: The DNS token from the environment when there is no --dns-token-file.
+DNS_TOKEN_ENV = "REGCTL_DNS_TOKEN"
+
+
 def _dns_settings(addr: str | None, domain: str, ttl_s: int, token_file: Path | None) -> DnsSettings | None:
     if addr is None:
         if token_file is not None:
@@ -218,6 +223,9 @@ def _dns_settings(addr: str | None, domain: str, ttl_s: int, token_file: Path | 
             token = token_file.read_text().strip()
         except OSError as err:
             raise click.UsageError(f"cannot read --dns-token-file: {err}") from None
+    elif os.environ.get(DNS_TOKEN_ENV, "").strip():
+        # For containers, like REGCTL_CLUSTER_KEY: docker-compose passes it from .env (empty: DNS off with --acl).
+        token = os.environ[DNS_TOKEN_ENV].strip()
     return DnsSettings(host=host, port=port, domain=normalize_domain(domain), ttl_s=ttl_s, token=token)
 
 

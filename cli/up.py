@@ -34,13 +34,15 @@ class LocalNode:
     raft: str
     http: str
     data_dir: Path
+    #: DNS (UDP and TCP); empty: none.
+    dns: str = ""
 
 
 def plan(nodes: int, data_dir: Path, base_port: int, host: str = "127.0.0.1") -> list[LocalNode]:
-    """Node i (1-based): API base+i, Raft base+100+i, HTTP base+200+i."""
+    """Node i (1-based): API base+i, Raft base+100+i, HTTP base+200+i, DNS base+400+i."""
     return [
         LocalNode(f"n{i}", f"{host}:{base_port + i}", f"{host}:{base_port + 100 + i}",
-                  f"{host}:{base_port + 200 + i}", data_dir / f"n{i}")
+                  f"{host}:{base_port + 200 + i}", data_dir / f"n{i}", f"{host}:{base_port + 400 + i}")
         for i in range(1, nodes + 1)
     ]
 
@@ -71,6 +73,8 @@ def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None,
     for p in peers:
         if p is not node:
             cmd += ["--peer-api", f"{p.raft}={p.api}"]
+    if node.dns:
+        cmd += ["--dns", node.dns]
     if key_file is not None:
         cmd += ["--cluster-key-file", str(key_file)]
     else:
@@ -98,7 +102,7 @@ def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, d
     """
     data_dir = data_dir.resolve()
     members = plan(nodes, data_dir, base_port)
-    busy = [a for m in members for a in (m.api, m.raft, m.http) if not _port_free(a)]
+    busy = [a for m in members for a in (m.api, m.raft, m.http, m.dns) if not _port_free(a)]
     if busy:
         raise click.UsageError(f"address(es) already in use: {', '.join(busy)} (another cluster running? "
                                f"use --base-port)")
@@ -113,7 +117,7 @@ def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, d
         supervisor.start_all()
         click.echo(f"raft-registry: {nodes} node(s), data in {data_dir}")
         for m in members:
-            click.echo(f"  {m.node_id}  api {m.api}  raft {m.raft}  http http://{m.http}  "
+            click.echo(f"  {m.node_id}  api {m.api}  raft {m.raft}  http http://{m.http}  dns {m.dns}  "
                        f"log {m.data_dir / 'node.log'}")
         endpoints = [m.api for m in members]
         leader = _wait_ready(endpoints, supervisor)

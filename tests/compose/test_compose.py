@@ -234,9 +234,10 @@ def _remove_superseded(previous: str) -> None:
 
 @pytest.fixture
 def project(image: Image, request: pytest.FixtureRequest) -> Iterator[Project]:
-    ports = _free_ports(6)
+    ports = _free_ports(9)
     api = dict(zip(NODES, ports[:3], strict=True))
-    http = dict(zip(NODES, ports[3:], strict=True))
+    http = dict(zip(NODES, ports[3:6], strict=True))
+    dns = dict(zip(NODES, ports[6:], strict=True))
     name = f"regctltest{os.getpid()}"
     env = {
         **os.environ,
@@ -252,6 +253,7 @@ def project(image: Image, request: pytest.FixtureRequest) -> Iterator[Project]:
     for i, node in enumerate(NODES, start=1):
         env[f"REGCTL_API_PORT{i}"] = str(api[node])
         env[f"REGCTL_HTTP_PORT{i}"] = str(http[node])
+        env[f"REGCTL_DNS_PORT{i}"] = str(dns[node])
     proj = Project(name, env, api)
     try:
         proj.compose("up", "-d", timeout_s=600)
