@@ -34,6 +34,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Final
 
 from registry.errors import InvalidArgument, InvalidName, PermissionDenied, Unauthenticated
+from registry.fsm.ops import op_permission
 
 __all__ = [
     "VERBS",
@@ -214,62 +215,8 @@ def authorize(tokens_by_hash: Mapping[str, Mapping[str, Any]], roles: Mapping[st
 
 # -- op -> (verb, resource) -----------------------------------------------------------------------
 
-#: Ops anyone may call with ACLs on: health, the one-time bootstrap, and login (rate-limited).
-ANONYMOUS_OPS: Final = frozenset(("status", "acl_bootstrap", "login"))
-_ADMIN_ACL_OPS: Final = frozenset(
-    ("acl_token_create", "acl_token_delete", "acl_token_list", "acl_role_put", "acl_role_delete",
-     "acl_role_list", "acl_user_put", "acl_user_delete", "acl_user_list")
-)
-#: Reads whose result is filtered per item: the op itself only needs a valid token.
-FILTERED_OPS: Final = frozenset(("service_list", "service_dump", "key_list", "watch"))
-
-
-def op_permission(op: str, args: Mapping[str, Any]) -> tuple[str, str | None] | None:
-    """What ``op`` with ``args`` (or a command) needs: (verb, resource); None = anyone.
-
-    A resource of None means "any valid token" (the result is filtered per item).
-    Unknown ops need admin on cluster (default deny).
-    """
-    if op in ANONYMOUS_OPS:
-        return None
-
-    def arg(name: str) -> str:
-        value = args.get(name)
-        return value if isinstance(value, str) else ""
-
-    if op in ("register", "deregister", "set_status"):
-        return "register", "service:" + arg("service")
-    if op in ("service_put", "service_delete"):
-        return "write", "service:" + arg("name")
-    if op == "service_get":
-        return "read", "service:" + arg("name")
-    if op == "instance_get":
-        return "read", "service:" + arg("service")
-    if op in ("key_put", "key_delete"):
-        return "write", "key:" + arg("key")
-    if op in ("lock_acquire", "lock_release"):
-        return "write", "key:" + arg("name")
-    if op in ("key_get",):
-        return "read", "key:" + arg("key")
-    if op == "lock_get":
-        return "read", "key:" + arg("name")
-    if op in ("lease_grant", "lease_revoke", "lease_keepalive", "lease_keepalive_batch"):
-        return "write", "lease"
-    if op in ("lease_get", "lease_list", "lease_ttl"):
-        return "read", "lease"
-    if op in FILTERED_OPS:
-        if op == "watch" and isinstance(args.get("service"), str):
-            return "read", "service:" + arg("service")
-        return "read", None
-    if op in _ADMIN_ACL_OPS:
-        return "admin", "acl"
-    if op in ("intention_put", "intention_delete", "intention_default_set"):
-        return "write", "intention"
-    if op in ("intention_list", "intention_check"):
-        return "read", "intention"
-    if op == "member_list":
-        return "read", "cluster"
-    return "admin", "cluster"
+# op -> (verb, resource): ``registry.fsm.ops.OP_TABLE`` holds every op's permission; the
+# names below are re-exported from it for the modules that ask this one.
 
 
 def event_resource(event: Mapping[str, Any]) -> str:

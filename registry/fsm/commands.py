@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from registry.errors import BadRequest, UnknownOp
-from registry.fsm import acl, model
+from registry.fsm import acl, model, ops
 
 __all__ = ["FieldSpec", "SCHEMAS", "OPS", "is_normalised", "validate_command"]
 
@@ -197,6 +197,7 @@ SCHEMAS: Final[dict[str, dict[str, FieldSpec]]] = {
 
 #: Every op the state machine serves.
 OPS: Final = frozenset(SCHEMAS)
+assert OPS == ops.COMMAND_OPS, f"schemas and the op table disagree: {sorted(OPS ^ ops.COMMAND_OPS)}"
 
 
 #: Exact Python type of each kind: a value of exactly this type (with, for

@@ -15,7 +15,6 @@ from registry.protocol.messages import (
     REQUEST_ID_MAX,
     STREAMS_PER_CONNECTION_MAX,
     TOKEN_CHARS_MAX,
-    WRITE_OPS,
     BadMessage,
     Bye,
     Cancel,
@@ -39,7 +38,6 @@ __all__ = [
     "Closed",
     # messages
     "PROTOCOL_VERSION",
-    "WRITE_OPS",
     "Hello",
     "Request",
     "Cancel",

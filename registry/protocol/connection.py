@@ -152,7 +152,7 @@ class ServerConnection(_Connection):
         """``pack``: a Packer's ``pack`` to share between the connections of one thread (see ``encode_frame``).
 
         ``checked_ops``: ops whose args the server checks field by field by exact type before
-        anything reads them (``RegistryAPI.field_checked_ops``, at most ``WRITE_OPS``): their
+        anything reads them (``RegistryAPI.field_checked_ops``, at most ``registry.fsm.ops.WRITE_OPS``): their
         args skip the data-model walk; every other part of every frame is walked.
         """
         # The walk runs in next_event, once the op is known.

@@ -125,7 +125,7 @@ def check_frame_model(frame: dict[str, Any], err: type[RegistryError], *, except
     """The data-model walk of a decoded frame, leaving out the value of ``except_key`` (if any).
 
     For a request whose args the receiver checks field by field by exact type
-    (``messages.WRITE_OPS``): the rest of the frame is walked as always, at the
+    (``registry.fsm.ops.WRITE_OPS``): the rest of the frame is walked as always, at the
     same depths.
     """
     if except_key is None:

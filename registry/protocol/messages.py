@@ -63,7 +63,6 @@ __all__ = [
     "TOKEN_CHARS_MAX",
     "CLIENT_NAME_CHARS_MAX",
     "STREAMS_PER_CONNECTION_MAX",
-    "WRITE_OPS",
     "Hello",
     "Request",
     "Cancel",
@@ -98,31 +97,6 @@ CLIENT_NAME_CHARS_MAX: Final = 128
 #: task and maybe a watch, so one client cannot exhaust a node.  Enforced by
 #: ServerConnection.
 STREAMS_PER_CONNECTION_MAX: Final = 1024
-
-#: Ops a client may propose (internal commands such as barrier, lease_expire and
-#: leader_epoch are absent on purpose: only a node issues them).  A node checks
-#: every field of their args by exact type before anything else reads them
-#: (``registry.fsm.commands`` schemas), which the data-model walk of the frame codec
-#: would only repeat: the node skips the walk for these args (``ServerConnection``
-#: ``checked_ops``), so a value outside the model there is a BAD_REQUEST answer
-#: to that request, not a broken connection.  The walk cost as much as decoding
-#: a register (~4 us).  Clients still walk what they send: the node's decoder
-#: refuses non-string map keys outright (int keys would allow hash flooding).
-WRITE_OPS: Final = frozenset(
-    {
-        "register",
-        "deregister",
-        "service_put",
-        "service_delete",
-        "set_status",
-        "lease_grant",
-        "lease_revoke",
-        "key_put",
-        "key_delete",
-        "lock_acquire",
-        "lock_release",
-    }
-)
 
 #: Largest revision msgpack can carry (uint64).
 _REVISION_MAX: Final = 2**64 - 1

@@ -34,28 +34,16 @@ from typing import Any, Final
 from registry.errors import BadRequest, LimitExceeded, PermissionDenied, RegistryError, Unauthenticated
 from registry.fsm import acl
 from registry.fsm.commands import validate_command
+from registry.fsm.ops import AUDITED_OPS, CLIENT_COMMAND_OPS, NO_BARRIER_OPS, SELF_CHECKED_OPS
 from registry.fsm.state import RegistryState
 from registry.raft.node import StateHolder
-from registry.server.api import CURRENT_AUTH, CURRENT_PEER, WRITE_OPS, RegistryAPI
+from registry.server.api import CURRENT_AUTH, CURRENT_PEER, RegistryAPI
 from registry.server.metrics import NodeMetrics
 from registry.server.proposer import Proposer
 
 __all__ = ["AclService", "hash_password", "verify_password", "LoginLimiter"]
 
 audit = logging.getLogger("registry.audit")
-
-#: Ops that are state-machine commands: authorized at apply time through ``auth``.
-COMMAND_OPS: Final = WRITE_OPS | {
-    "acl_token_delete", "acl_role_put", "acl_role_delete", "acl_user_delete",
-    "intention_put", "intention_delete", "intention_default_set",
-}
-#: Node handlers that propose a command themselves, stamping ``auth`` (checked at apply).
-_SELF_CHECKED_OPS: Final = frozenset(("acl_token_create", "acl_user_put"))
-_ACL_CHANGE_OPS: Final = frozenset(
-    ("acl_bootstrap", "acl_token_create", "acl_token_delete", "acl_role_put", "acl_role_delete", "acl_user_put",
-     "acl_user_delete", "intention_put", "intention_delete", "intention_default_set")
-)
-_NO_BARRIER_OPS: Final = frozenset(("lease_keepalive", "lease_keepalive_batch"))
 
 SCRYPT_N: Final = 1 << 14
 SCRYPT_R: Final = 8
@@ -169,11 +157,11 @@ class AclService:
             return
         if not principal:
             raise Unauthenticated("a token is required (--token or REGCTL_TOKEN)")
-        if op in COMMAND_OPS:
+        if op in CLIENT_COMMAND_OPS:
             return  # authorized by the state machine at apply time
         # Self-checked ops are authorized at apply time too; the local check only spares an
         # unprivileged caller's scrypt work and secret generation.
-        if op not in _NO_BARRIER_OPS and op not in _SELF_CHECKED_OPS and args.get("consistency") != "stale":
+        if op not in NO_BARRIER_OPS and op not in SELF_CHECKED_OPS and args.get("consistency") != "stale":
             await self._proposer.barrier()
         with self._holder.lock:
             self._holder.state.acl_authorize(principal, need[0], need[1], _now_ms())
@@ -215,7 +203,7 @@ class AclService:
                       resource, _now_ms(), reason, err.message)
 
     def succeeded(self, op: str, args: dict[str, Any], principal: str, peer: str) -> None:
-        if op in _ACL_CHANGE_OPS:
+        if op in AUDITED_OPS:
             safe = {k: v for k, v in args.items() if k not in ("password", "secret")}
             audit.info("ACL CHANGE who=%s peer=%s op=%s args=%s at=%d", self.who(principal), peer, op, safe,
                        _now_ms())
@@ -312,4 +300,4 @@ def _s(args: dict[str, Any], key: str, default: str | None = None) -> str:
     return value
 
 
-__all__ += ["COMMAND_OPS", "PermissionDenied"]
+__all__ += ["PermissionDenied"]

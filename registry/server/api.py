@@ -18,8 +18,8 @@ from typing import Any
 from registry.errors import BadRequest, InvalidArgument, Timeout, UnknownOp
 from registry.fsm import model
 from registry.fsm.commands import validate_command
+from registry.fsm.ops import WRITE_OPS
 from registry.fsm.state import RegistryState
-from registry.protocol import WRITE_OPS
 from registry.raft.node import RaftNode, StateHolder
 from registry.server.backup import encode_backup
 from registry.server.proposer import Proposer, outcome_result
@@ -178,7 +178,7 @@ class RegistryAPI:
             self._handlers[op] = self._writer(op)
         #: Ops whose args the handler checks field by field by exact type (``validate_command``)
         #: before anything else reads them: the server skips the frame's data-model walk for
-        #: those args (``protocol.WRITE_OPS``).  An op given another handler leaves the set.
+        #: those args (``registry.fsm.ops.WRITE_OPS``).  An op given another handler leaves the set.
         self.field_checked_ops: frozenset[str] = WRITE_OPS
         #: Task-free forms of the built-in handlers above (see ``starter``).
         self._starters: dict[str, Starter] = {op: self._write_starter(op) for op in WRITE_OPS}

@@ -13,6 +13,7 @@ import uvloop
 
 from registry.config import NodeConfig
 from registry.errors import RegistryError
+from registry.fsm.ops import REQUEST_OPS
 from registry.fsm.watch import WatchHub
 from registry.raft.incarnation import IncarnationGuard, load_or_create
 from registry.raft.membership import MEMBER_KEY_PREFIX, IncarnationRecorder, MembershipService
@@ -159,8 +160,10 @@ class Node:
         self._server.add_inline("lease_keepalive_batch", self.leases.keepalive_batch_now)
         self._server.add_stream("watch", self.watches.watch)
         self._server.add_stream("snapshot_save", self.api.snapshot_save)
-        self._server.known_ops.update(self.api.ops)
-        self._server.known_ops.update({"watch", "snapshot_save"})
+        served = self.api.ops | set(self._server.streams)
+        # Every op a client may send is in the op table and has exactly one handler here.
+        assert served == REQUEST_OPS, f"ops without a handler or outside the op table: {sorted(served ^ REQUEST_OPS)}"
+        self._server.known_ops.update(REQUEST_OPS)
         self._http = HTTPServer(self.metrics, self._refresh_metrics, self._readiness, self.api.handle,
                                 acl=self.acl if config.acl else None)
         await self._server.start(config.api_host, config.api_port)

@@ -108,7 +108,7 @@ TokenCheck = Callable[[str | None], Any]
 
 def _rid(args: dict[str, Any]) -> str | None:
     """A request's client request id for a log line: a write's args reach the handler unwalked
-    (``protocol.WRITE_OPS``), so a failing one may carry anything there, even deeply nested."""
+    (``registry.fsm.ops.WRITE_OPS``), so a failing one may carry anything there, even deeply nested."""
     rid = args.get("rid")
     return rid[:RID_CHARS_MAX] if isinstance(rid, str) else None
 

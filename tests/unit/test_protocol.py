@@ -23,6 +23,7 @@ from registry.errors import (
     Timeout,
     VersionMismatch,
 )
+from registry.fsm.ops import WRITE_OPS
 from registry.protocol import (
     CLIENT_NAME_CHARS_MAX,
     CLOSED,
@@ -34,7 +35,6 @@ from registry.protocol import (
     REQUEST_ID_MAX,
     STREAMS_PER_CONNECTION_MAX,
     TOKEN_CHARS_MAX,
-    WRITE_OPS,
     BadMessage,
     Bye,
     Cancel,
