@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -11,8 +12,10 @@ import pytest
 # The folder name has a dash, so it cannot be imported as a package: put it on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jepsen-lite"))
 
+from jepsenlite.disks import NodeDisks
 from jepsenlite.lazyfs import LazyFSError, cleared_count, config_toml, mounted_paths, unavailable_reason
 from jepsenlite.nemesis import ALL_KINDS, KINDS, plan, power_victims
+from jepsenlite.runner import Topology, local_topology
 
 BIN = Path("/opt/lazyfs/lazyfs")
 
@@ -127,3 +130,19 @@ def test_all_nemeses_leave_power_out() -> None:
     # "all" keeps meaning what it meant (old seeds replay the same schedules); power needs LazyFS and asks for it.
     assert "power" in KINDS and "power" not in ALL_KINDS
     assert set(ALL_KINDS) | {"power"} == set(KINDS)
+
+
+def test_disks_hold_the_data_and_the_logs_stay_off_them(tmp_path: Path) -> None:
+    topology = local_topology(tmp_path / "cluster", 3, spares=1)
+    disks = NodeDisks(tmp_path / "cluster" / "disks", ["n1", "n2", "n3", "n4"], BIN)
+    on_disks = disks.attach(topology)
+    for before, after in zip([*topology.nodes, *topology.spares], [*on_disks.nodes, *on_disks.spares], strict=True):
+        base = tmp_path.resolve() / "cluster" / "disks" / before.node_id
+        assert after.data_dir == str(base / "mnt" / "data")
+        assert after.log_file == str(Path(before.data_dir) / "node.log")
+        assert (after.disk_fifo, after.disk_log) == (str(base / "faults.fifo"), str(base / "lazyfs.log"))
+        assert (after.api, after.raft, after.http) == (before.api, before.raft, before.http)
+    # The session on the netns target reads its topology from JSON: the disks go with it.
+    assert Topology.from_json(json.loads(json.dumps(on_disks.to_json()))) == on_disks
+    with pytest.raises(ValueError, match="no disk for node n4"):
+        NodeDisks(tmp_path / "d", ["n1", "n2", "n3"], BIN).attach(topology)
