@@ -24,7 +24,7 @@ import msgpack
 from registry.errors import FrameTooLarge
 from registry.protocol.messages import REQUEST_ID_MAX
 
-__all__ = ["stream_event_head", "shared_frame_prefix"]
+__all__ = ["stream_event_head", "shared_frame_prefix", "frame_shared_bodies"]
 
 _PREFIX: Final = struct.Struct(">I")
 #: fixmap(3), "t": "ev", "id": ... in the order ``StreamEvent.to_wire`` uses.
@@ -46,3 +46,27 @@ def shared_frame_prefix(head: bytes, body_bytes: int, frame_bytes_max: int) -> b
     if length > frame_bytes_max:
         raise FrameTooLarge(f"frame of {length} bytes exceeds the {frame_bytes_max}-byte limit")
     return _PREFIX.pack(length) + head
+
+
+def frame_shared_bodies(head: bytes, bodies: list[bytes], frame_bytes_max: int) -> tuple[list[bytes], int] | None:
+    """The frames of one stream's items: [prefix + ``head``, body, ...] and their total bytes.
+
+    None if any body would not fit a frame (the caller then sends through the
+    path that fails the stream with FRAME_TOO_LARGE).  Runs once per watcher
+    per published batch, so it is kept to a few operations on purpose.
+    """
+    head_len = len(head)
+    limit = frame_bytes_max - head_len
+    for body in bodies:
+        if len(body) > limit:
+            return None
+    parts: list[bytes] = []
+    append = parts.append
+    pack = _PREFIX.pack
+    size = 0
+    for body in bodies:
+        body_len = len(body)
+        append(pack(head_len + body_len) + head)
+        append(body)
+        size += 4 + head_len + body_len
+    return parts, size

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -39,7 +38,7 @@ from registry.protocol import (
     StreamEnd,
     StreamEvent,
 )
-from registry.protocol.shared import shared_frame_prefix, stream_event_head
+from registry.protocol.shared import frame_shared_bodies, shared_frame_prefix, stream_event_head
 from registry.server.api import CURRENT_AUTH, CURRENT_PEER, Deferred, RegistryAPI, Started
 from registry.server.metrics import NodeMetrics
 
@@ -56,8 +55,6 @@ SLOW_REQUEST_S = 1.0
 #: Bytes buffered for a client before we stop reading its requests and make
 #: its streams wait: a slow reader must not grow our memory without bound.
 WRITE_BUFFER_HIGH_BYTES = 4 << 20
-#: The length prefix of a frame (protocol.frames); stream frames with shared bodies are framed here.
-_FRAME_PREFIX = struct.Struct(">I")
 
 
 class StreamSink:
@@ -402,21 +399,14 @@ class _ClientProtocol(asyncio.Protocol):
     def try_write_stream_frames(self, head: bytes, bodies: list[bytes]) -> bool:
         if self.closed or self._paused or self._stream_out_bytes >= WRITE_BUFFER_HIGH_BYTES:
             return False
-        # Runs once per watcher per published batch: kept to a few operations on purpose.
-        head_len = len(head)
-        limit = self._server.frame_bytes_max - head_len
-        for body in bodies:
-            if len(body) > limit:
-                return False  # the stream's task sends it, and fails the stream with FRAME_TOO_LARGE
+        framed = frame_shared_bodies(head, bodies, self._server.frame_bytes_max)
+        if framed is None:
+            return False  # the stream's task sends it, and fails the stream with FRAME_TOO_LARGE
+        parts, size = framed
         out = self._stream_out
         if not out:
             asyncio.get_running_loop().call_soon(self._flush_streams)
-        size = 0
-        for body in bodies:
-            body_len = len(body)
-            out.append(_FRAME_PREFIX.pack(head_len + body_len) + head)
-            out.append(body)
-            size += 4 + head_len + body_len
+        out.extend(parts)
         self._stream_out_bytes += size
         return True
 

@@ -23,7 +23,7 @@ from registry.protocol import (
     StreamEvent,
 )
 from registry.protocol.messages import REQUEST_ID_MAX, parse_server_message
-from registry.protocol.shared import shared_frame_prefix, stream_event_head
+from registry.protocol.shared import frame_shared_bodies, shared_frame_prefix, stream_event_head
 
 Event = dict[str, Any]
 WEB = Selector("service", "web")
@@ -70,6 +70,26 @@ def test_shared_frames_respect_the_frame_limit_and_refuse_bad_ids() -> None:
     for bad in (-1, REQUEST_ID_MAX + 1, True):
         with pytest.raises(ValueError):
             stream_event_head(bad)
+
+
+def test_framing_several_shared_bodies_gives_that_streams_events_in_order() -> None:
+    bodies = [{"type": "events", "events": [ev(r)]} for r in (4, 5, 6)]
+    encoded = [msgpack.packb(b, use_bin_type=True) for b in bodies]
+    framed = frame_shared_bodies(stream_event_head(9), encoded, 1 << 20)
+    assert framed is not None
+    parts, size = framed
+    wire = b"".join(parts)
+    assert size == len(wire)
+    decoder = FrameDecoder()
+    decoder.feed(wire)
+    got = []
+    while (frame := decoder.next_frame()) is not None:
+        got.append(parse_server_message(frame))
+    assert got == [StreamEvent(9, b) for b in bodies]
+    # One body past the frame limit: nothing is framed (the stream's task fails it instead).
+    head = stream_event_head(9)
+    assert frame_shared_bodies(head, [encoded[0], b"x" * (100 - len(head) + 1)], 100) is None
+    assert frame_shared_bodies(head, [b"x" * (100 - len(head))], 100) is not None
 
 
 # -- chunks ----------------------------------------------------------------------------------------
