@@ -22,6 +22,7 @@ import click
 from registry.client import DEFAULT_ENDPOINTS, SyncClient, client_ssl_context
 from registry.config import NodeConfig, parse_hostport
 from registry.errors import InvalidArgument, RegistryError
+from registry.failpoints import FAILPOINTS_ENV, Failpoints
 from registry.server.dns.settings import DnsSettings, normalize_domain
 
 from .durations import Duration
@@ -119,16 +120,16 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
 @click.option("--dev", is_flag=True, help="Run without a cluster key (INSECURE: Raft traffic is unauthenticated).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
-@click.option("--compaction-entries", type=click.IntRange(min=2), default=None, hidden=True,
-              help="Snapshot the Raft log after this many entries (tests use a low value).")
+@click.option("--compaction-entries", type=click.IntRange(min=2), default=None,
+              help="Snapshot the state and compact the Raft log after this many entries [default: 10000].")
 @click.option("--commit-notify-delay-ms", type=click.FloatRange(min=0, max=50, max_open=True), default=None,
               help="How long the leader may hold back a round that only tells followers the new commit index, "
                    "so the next write's round carries it [default: 2; 0 = send at once]. Followers apply "
                    "that much later when writes pause; serial writes send half the Raft messages.")
-@click.option("--watch-history-events", type=click.IntRange(min=1), default=None, hidden=True,
-              help="Events kept in the watch history for resumes (tests use a low value).")
-@click.option("--watch-queue-events", type=click.IntRange(min=1), default=None, hidden=True,
-              help="Events queued per watcher before it is resynced (tests use a low value).")
+@click.option("--watch-history-events", type=click.IntRange(min=1), default=None,
+              help="Events kept in the watch history for resumes from the past [default: 100000].")
+@click.option("--watch-queue-events", type=click.IntRange(min=1), default=None,
+              help="Events queued for one watcher before it is resynced [default: 10000].")
 @click.option("--acl", "acl_enabled", is_flag=True,
               help="Enforce ACLs: every request needs a token (bootstrap with `regctl acl bootstrap`).")
 @click.option("--tls-cert", "tls_cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -179,6 +180,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
             api_host=api_host, api_port=api_port, http_host=http_host, http_port=http_port,
             peer_apis=tuple(pairs), cluster_key=key, dev=dev, log_format=log_format, log_level=log_level.upper(),
             acl=acl_enabled, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
+            failpoints=Failpoints.parse(os.environ.get(FAILPOINTS_ENV, "")),
         )
         timing = config.raft
         if compaction_entries is not None:

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry.errors import InvalidArgument
+from registry.failpoints import Failpoints
 from registry.server.dns.settings import DnsSettings
 
-__all__ = ["NodeConfig", "HubLimits", "RaftTiming", "parse_hostport", "format_hostport", "UNSAFE_LOCAL_READS_ENV"]
+__all__ = ["NodeConfig", "HubLimits", "RaftTiming", "parse_hostport", "format_hostport"]
 
-#: Testing only: with ``--dev``, ``REGCTL_UNSAFE_LOCAL_READS=1`` makes a node serve linearizable reads
-#: from its local state without the read barrier (stale reads), so jepsen-lite can show its checkers fail.
-UNSAFE_LOCAL_READS_ENV = "REGCTL_UNSAFE_LOCAL_READS"
 
 
 def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
@@ -155,8 +153,8 @@ class NodeConfig:
     tls_client_ca: Path | None = None
     #: DNS for services (A, AAAA, SRV) on UDP and TCP; None: off.
     dns: DnsSettings | None = None
-    #: See UNSAFE_LOCAL_READS_ENV; ignored unless ``dev``.
-    unsafe_local_reads: bool = field(default_factory=lambda: os.environ.get(UNSAFE_LOCAL_READS_ENV) == "1")
+    #: Faults for tests (registry.failpoints); a node with any on refuses to start without ``dev``.
+    failpoints: Failpoints = field(default_factory=Failpoints)
 
     def validate(self) -> None:
         self.raft.validate()
@@ -178,6 +176,8 @@ class NodeConfig:
                 "a cluster key is required (--cluster-key-file or REGCTL_CLUSTER_KEY); "
                 "only --dev runs without one, and then anyone who can reach the Raft port can run code"
             )
+        if self.failpoints.active and not self.dev:
+            raise InvalidArgument(f"failpoints {', '.join(self.failpoints.active)} are for tests and need --dev")
         if self.cluster_key is not None and len(self.cluster_key) < 16:
             raise InvalidArgument("cluster key must be at least 16 characters")
         if self.request_timeout_s <= self.raft.election_timeout_max_s:

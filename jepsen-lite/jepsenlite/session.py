@@ -206,8 +206,8 @@ async def run_session(spec: SessionSpec) -> dict[str, Any]:
     recorder = Recorder()
     cluster = make_cluster(spec.topology, faketime_lib=spec.faketime_lib)
     if spec.unsafe == "local-reads":
-        # registry.config.UNSAFE_LOCAL_READS_ENV, honoured only by a node started with --dev.
-        cluster.node_env["REGCTL_UNSAFE_LOCAL_READS"] = "1"
+        # registry.failpoints: a node refuses any failpoint unless started with --dev.
+        cluster.node_env["REGCTL_FAILPOINTS"] = "unsafe-local-reads"
         cluster.node_args.append("--dev")
     elif spec.unsafe == "no-fsync":
         # Everything is written, nothing is fsynced: a power cut (--nemesis power) loses acknowledged writes.

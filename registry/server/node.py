@@ -126,9 +126,9 @@ class Node:
             api_by_raft=dict(config.peer_apis),
         )
         self.api = RegistryAPI(info, self.holder, raft, self._proposer, waiters, config.request_timeout_s)
-        if config.dev and config.unsafe_local_reads:
-            log.warning("UNSAFE: linearizable reads are served locally without the read barrier (dev mode and "
-                        "REGCTL_UNSAFE_LOCAL_READS=1); only for jepsen-lite's self-test")
+        if config.failpoints.unsafe_local_reads:
+            log.warning("UNSAFE: linearizable reads are served locally without the read barrier (failpoint "
+                        "unsafe-local-reads, dev mode); only for jepsen-lite's self-test")
             self.api.unsafe_local_reads = True
         # A cut-off leader answers keepalives until it steps down (leader
         # fallback) plus a heartbeat; a new leader's countdowns start that late.

@@ -1,0 +1,43 @@
+"""Failpoints are parsed at the edge, refuse unknown names, and need --dev."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from registry.config import NodeConfig
+from registry.errors import InvalidArgument
+from registry.failpoints import Failpoints
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("", Failpoints()),
+        (" , ", Failpoints()),
+        ("unsafe-local-reads", Failpoints(unsafe_local_reads=True)),
+        ("unsafe-local-reads,unsafe-local-reads", Failpoints(unsafe_local_reads=True)),
+    ],
+)
+def test_parse(text: str, want: Failpoints) -> None:
+    assert Failpoints.parse(text) == want
+
+
+@pytest.mark.parametrize("text", ["unsafe_local_reads", "no-such-fault", "unsafe-local-reads,typo"])
+def test_unknown_names_are_refused_not_ignored(text: str) -> None:
+    with pytest.raises(InvalidArgument, match="unknown failpoint"):
+        Failpoints.parse(text)
+
+
+def _config(**kw: object) -> NodeConfig:
+    return NodeConfig(node_id="n1", data_dir=Path("/tmp/x"), raft_addr="127.0.0.1:7101", peers=(),
+                      **kw)  # type: ignore[arg-type]
+
+
+def test_a_failpoint_needs_dev() -> None:
+    on = Failpoints(unsafe_local_reads=True)
+    with pytest.raises(InvalidArgument, match="need --dev"):
+        _config(cluster_key="k" * 32, failpoints=on).validate()
+    _config(dev=True, failpoints=on).validate()
+    _config(cluster_key="k" * 32).validate()
