@@ -66,17 +66,21 @@ class NodeProc:
     data_dir: Path
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
+    #: DNS HOST:PORT (base+400+i), served only by clusters made with ``dns=True``.
+    dns: str = ""
 
 
 class Cluster:
     def __init__(self, root: Path, size: int = 3, *, key: str | None = "test-cluster-key-0123456789",
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), dns: bool = False) -> None:
         self.root = root
         self.key = key
         self.extra_args = extra_args
+        self.dns = dns
+        offsets = (0, 100, 200, 400) if dns else (0, 100, 200)
         for _ in range(100):
-            base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 300, 10)
-            ports = [base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]
+            base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 500, 10)
+            ports = [base + off + i for i in range(1, size + 1) for off in offsets]
             if ports_free(ports):
                 break
         else:
@@ -84,7 +88,7 @@ class Cluster:
         self.base = base
         self.nodes = [
             NodeProc(f"n{i}", f"127.0.0.1:{base + i}", f"127.0.0.1:{base + 100 + i}",
-                     f"127.0.0.1:{base + 200 + i}", root / f"n{i}")
+                     f"127.0.0.1:{base + 200 + i}", root / f"n{i}", dns=f"127.0.0.1:{base + 400 + i}")
             for i in range(1, size + 1)
         ]
         #: Nodes taken out of the cluster at run time (``retire``): still killed by ``close``.
@@ -106,6 +110,8 @@ class Cluster:
         cmd = [regctl_executable(), "server", "--id", node.node_id, "--data-dir", str(node.data_dir),
                "--raft", node.raft, "--peers", ",".join(n.raft for n in self.nodes if n is not node),
                "--api", node.api, "--http", node.http, *self.extra_args]
+        if self.dns:
+            cmd += ["--dns", node.dns]
         for n in self.nodes:
             if n is not node:
                 cmd += ["--peer-api", f"{n.raft}={n.api}"]
@@ -133,11 +139,11 @@ class Cluster:
         index = 1 + max(int(n.node_id[1:]) for n in (*self.nodes, *self.retired))
         if index > 9:
             raise RuntimeError("a test cluster has room for nine nodes (ports base+1..base+9)")
-        ports = [self.base + off + index for off in (0, 100, 200)]
-        if not ports_free(ports):
+        ports = [self.base + off + index for off in (0, 100, 200, 400)]
+        if not ports_free(ports if self.dns else ports[:3]):
             raise RuntimeError(f"ports {ports} for node n{index} are in use")
         node = NodeProc(f"n{index}", f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}",
-                        f"127.0.0.1:{ports[2]}", self.root / f"n{index}")
+                        f"127.0.0.1:{ports[2]}", self.root / f"n{index}", dns=f"127.0.0.1:{ports[3]}")
         self.nodes.append(node)
         self.start_node(node)
         if wait:
