@@ -9,7 +9,7 @@ discovering it under load.
 from __future__ import annotations
 
 import dataclasses
-import os
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,16 @@ def parse_hostport(text: str, *, what: str = "address") -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1); any other name may resolve anywhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -121,6 +131,9 @@ class NodeConfig:
     api_port: int = 7001
     http_host: str = "127.0.0.1"
     http_port: int = 7201
+    #: Consul's HTTP API (registry.server.consul, docs/consul.md) on this host; None: off.
+    consul_http_host: str | None = None
+    consul_http_port: int = 8500
     #: Shared secret for Raft traffic. pysyncobj unpickles what peers send, so
     #: an unauthenticated Raft port is remote code execution: required unless dev.
     cluster_key: str | None = None
@@ -155,16 +168,24 @@ class NodeConfig:
     dns: DnsSettings | None = None
     #: Faults for tests (registry.failpoints); a node with any on refuses to start without ``dev``.
     failpoints: Failpoints = field(default_factory=Failpoints)
+    #: ``--unsafe-no-fsync``: the Raft log is written but never fsynced, so a power loss can lose
+    #: acknowledged writes (registry/raft/log.py).  For tests and benchmarks only; every default is durable.
+    unsafe_no_fsync: bool = False
 
     def validate(self) -> None:
         self.raft.validate()
         self.watch_limits.validate()
         if not self.node_id or len(self.node_id) > 64:
             raise InvalidArgument("node id must be 1..64 characters")
-        parse_hostport(self.raft_addr, what="raft address")
+        raft_host, _ = parse_hostport(self.raft_addr, what="raft address")
         if len(self.raft_addr.encode()) > RAFT_ADDRESS_BYTES_MAX:
             # It travels in the header of every Raft message (RaftCipher), which has one byte for its length.
             raise InvalidArgument(f"raft address longer than {RAFT_ADDRESS_BYTES_MAX} bytes")
+        if self.dev and not is_loopback_host(raft_host):
+            # --dev's cluster key is public and pysyncobj unpickles what peers send: off loopback
+            # that is remote code execution for anyone who can reach the port.
+            raise InvalidArgument(f"--dev runs only with a loopback raft address (127.0.0.1, ::1, localhost), "
+                                  f"got {self.raft_addr!r}: give a cluster key to listen on a network")
         for peer in self.peers:
             parse_hostport(peer, what="peer address")
         if self.raft_addr in self.peers:
@@ -200,6 +221,17 @@ class NodeConfig:
             if dns_addr in (self.api_addr, self.http_addr):
                 # The DNS TCP listener would take the port the API or HTTP server needs.
                 raise InvalidArgument(f"--dns {dns_addr} must differ from --api and --http")
+        if self.consul_http_host is not None:
+            if not 0 < self.consul_http_port < 65536:
+                raise InvalidArgument("--consul-http port must be 1..65535")
+            if self.consul_http_addr in (self.api_addr, self.http_addr):
+                raise InvalidArgument(f"--consul-http {self.consul_http_addr} must differ from --api and --http")
+
+    @property
+    def consul_http_addr(self) -> str | None:
+        if self.consul_http_host is None:
+            return None
+        return format_hostport(self.consul_http_host, self.consul_http_port)
 
     @property
     def api_addr(self) -> str:

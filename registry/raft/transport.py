@@ -1,15 +1,21 @@
-"""pysyncobj's TCP transport with Raft messages sent as stored zlib streams."""
+"""pysyncobj's TCP transport: Raft messages sent as stored zlib streams, over guarded sockets (``tcp.py``)."""
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import struct
 import zlib
 from typing import Any
 
 from pysyncobj import pickle as raft_pickle
+from pysyncobj.dns_resolver import globalDnsResolver
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
+
+from registry.config import parse_hostport
+from registry.raft.tcp import GuardedTcpConnection, GuardedTcpServer, RaftWireLimits, WireCounters
 
 __all__ = ["RaftTransport", "zlib_stored"]
 
@@ -53,7 +59,59 @@ class RaftTransport(TCPTransport):  # type: ignore[misc]
     The same framing as ``TcpConnection.send`` (random key, pickle, zlib,
     encryptor, 4-byte length) without the compression; the connection
     handshake still goes through pysyncobj's own ``send``.
+
+    Receiving and accepting go through ``tcp.py``'s guarded listener and
+    connections, and the listener binds exactly the host of this node's Raft
+    address (pysyncobj bound 0.0.0.0 for any address; ``SyncObjConf.bindAddress``,
+    if set, is bound instead).
     """
+
+    def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
+        # Set before TCPTransport.__init__, which creates the listener and the outgoing connections.
+        # The defaults: no flag sets them yet (pysyncobj builds the transport, so they would come via the node).
+        self.wire_limits = RaftWireLimits()
+        self.wire_counters = WireCounters()
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    def _guarded_connection(self, **kwargs: Any) -> GuardedTcpConnection:
+        return GuardedTcpConnection(limits=self.wire_limits, counters=self.wire_counters, **kwargs)
+
+    def _createServer(self) -> None:
+        conf = self._syncObj.conf
+        host, port = parse_hostport(conf.bindAddress or self._selfNode.address, what="raft bind address")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            resolved = globalDnsResolver().resolve(host)
+            if resolved is None:
+                raise RuntimeError(f"cannot resolve the raft bind host {host!r}") from None
+            host = resolved
+        self._server = GuardedTcpServer(
+            self._syncObj._poller, host, port, self._onNewIncomingConnection,
+            limits=self.wire_limits, counters=self.wire_counters, connection_factory=self._guarded_connection,
+            sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
+            connectionTimeout=conf.connectionTimeout)
+
+    def addNode(self, node: Any) -> None:
+        super().addNode(node)
+        conn = self._connections.get(node)
+        if conn is None or isinstance(conn, GuardedTcpConnection):
+            return
+        # pysyncobj just made a plain connection to dial this node (not yet connected, so not polled).
+        conf = self._syncObj.conf
+        guarded = self._guarded_connection(poller=self._syncObj._poller, timeout=conf.connectionTimeout,
+                                           sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
+                                           keepalive=conf.tcp_keepalive)
+        guarded.encryptor = conn.encryptor
+        guarded.setOnConnectedCallback(functools.partial(self._onOutgoingConnected, guarded))
+        guarded.setOnMessageReceivedCallback(functools.partial(self._onMessageReceived, node))
+        guarded.setOnDisconnectedCallback(functools.partial(self._onDisconnected, guarded))
+        self._connections[node] = guarded
+
+    def _onTick(self) -> None:
+        super()._onTick()
+        if isinstance(self._server, GuardedTcpServer):
+            self._server.sweep()
 
     def send(self, node: Any, message: Any) -> bool:
         conn = self._connections.get(node)
