@@ -1,6 +1,6 @@
 """Benchmark the agent's sidecar proxy against a direct connection.
 
-    python bench/agent_proxy.py [--quick] [--duration S] [--concurrency N] [--access-log] [--out FILE]
+    python -m bench.agent_proxy [--quick] [--duration S] [--concurrency N] [--access-log] [--out FILE]
 
 Starts a three-node cluster (``localcluster.BenchCluster``), one echo
 backend (``python -m registry.agent.echo``) registered in it, and one real
@@ -48,12 +48,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.localcluster import BenchCluster, cpu_seconds, machine_busy_seconds, regctl_command
+from registry.client import SyncClient
+
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))
-
-from localcluster import BenchCluster, cpu_seconds, machine_busy_seconds, regctl_command  # noqa: E402
-
-from registry.client import SyncClient  # noqa: E402
 from registry.server.ports import free_ports  # noqa: E402
 
 PING = b"ping\n"

@@ -1,8 +1,7 @@
 """raft-registry and etcd side by side: the same load driver, the same machine, the same run.
 
-    python bench/compare.py [--quick] [--out DIR] [--duration S] [--repeats N] [--workloads register:256,watch:1000]
-    python bench/run.py --compare-etcd [...]      # the same (run.py hands over)
-    python bench/compare.py --scale [--quick]     # the scale runs (scale.py)
+    python -m bench.compare [--quick] [--out DIR] [--duration S] [--repeats N] [--workloads register:256,watch:1000]
+    python -m bench.compare --scale [--quick]     # the scale runs (scale.py)
 
 Starts a three-node cluster of ours (``localcluster``), a three-node etcd cluster with its data on
 tmpfs (fsync costs nothing there, as with our never-fsynced journal: like with like) and, for the
@@ -31,18 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import etcdload, run, scale, watch
+from bench.etcdcluster import EtcdCluster, etcd_version
+from bench.loadgen import READ_SERVICE
+from bench.localcluster import BenchCluster, LoadTarget
+from registry.client import SyncClient
+from registry.raft import PYSYNCOBJ_VERSION
+
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))  # the repository: `registry` even when not installed
-sys.path.insert(0, str(BENCH_DIR))
-
-import etcdload  # noqa: E402
-import run  # noqa: E402
-import watch  # noqa: E402
-from etcdcluster import EtcdCluster, etcd_version  # noqa: E402
-from loadgen import READ_SERVICE  # noqa: E402
-from localcluster import BenchCluster, LoadTarget  # noqa: E402
-
-from registry.client import SyncClient  # noqa: E402
 
 SYSTEMS = ("ours", "etcd", "etcd_disk")
 LABELS = {"ours": "raft-registry", "etcd": "etcd (tmpfs)", "etcd_disk": "etcd (disk, fsync)"}
@@ -351,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true", help="run the scale benchmark instead (scale.py)")
     args, rest = parser.parse_known_args(argv)
     if args.scale:
-        import scale
-
         return scale.main([*(["--quick"] if args.quick else []), *(["--out", str(args.out)] if args.out else []),
                            *rest])
     if rest:
@@ -367,8 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out or BENCH_DIR / "results" / started.strftime("compare-%Y%m%d-%H%M%S")
     plan: list[tuple[str, int]] = args.workloads
     with_disk = not args.no_etcd_disk and any(w in DISK_WORKLOADS for w, _ in plan)
-
-    import pysyncobj.version
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -389,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_reads(clusters["ours"], [c for n, c in clusters.items() if n != "ours"])
         meta: dict[str, Any] = {
             "started": started.isoformat(timespec="seconds"), "machine": machine_info(),
-            "pysyncobj": pysyncobj.version.VERSION, "etcd_version": etcd_version(clusters["etcd"].binary),
+            "pysyncobj": PYSYNCOBJ_VERSION, "etcd_version": etcd_version(clusters["etcd"].binary),
             "duration_s": duration_s, "warmup_s": args.warmup, "repeats": repeats, "leases": leases,
             "drivers": args.drivers, "watch_drivers": args.watch_drivers, "watch_writers": WATCH_WRITERS,
             "watch_drain_s": args.drain,

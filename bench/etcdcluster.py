@@ -27,8 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from localcluster import NodeProcess, ProcessCluster
-
+from bench.localcluster import NodeProcess, ProcessCluster
 from registry.server.ports import ports_free
 
 __all__ = ["EtcdCluster", "EtcdNode", "ensure_etcd", "etcd_version"]

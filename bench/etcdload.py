@@ -23,7 +23,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from httpclient import HttpConnection
+from bench.httpclient import HttpConnection
 
 __all__ = ["EtcdError", "check_reply", "connect", "etcd_op", "lease_grant", "prefix_end", "put_json",
            "watch_timestamps"]

@@ -17,9 +17,9 @@ then, from one uvloop driver process talking to the leader only:
 Prints a Markdown table and writes ``DIR/leases.json`` (default ``bench/results/leases-<timestamp>``).
 Nothing is sent anywhere but 127.0.0.1.
 
-    python bench/leases.py              # 100k leases, 10 s of keepalives, 100 ids per request
-    python bench/leases.py --batch 1    # one lease per request (the lease_keepalive op)
-    python bench/leases.py --quick      # 10k leases, 3 s
+    python -m bench.leases              # 100k leases, 10 s of keepalives, 100 ids per request
+    python -m bench.leases --batch 1    # one lease per request (the lease_keepalive op)
+    python -m bench.leases --quick      # 10k leases, 3 s
 """
 
 from __future__ import annotations
@@ -38,10 +38,7 @@ from typing import Any
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from localcluster import BenchCluster, cpu_seconds, machine_busy_seconds
-
+from bench.localcluster import BenchCluster, cpu_seconds, machine_busy_seconds
 from registry.client import Client
 from registry.errors import RegistryError
 from registry.fsm.leases import LeaseKeeper

@@ -1,6 +1,6 @@
 """One benchmark driver process: N in-flight requests over a few client connections.
 
-Run by ``run.py`` as ``python bench/loadgen.py SPEC_JSON``.  Protocol on
+Run by ``run.py`` as ``python -m bench.loadgen SPEC_JSON``.  Protocol on
 stdio: the driver connects its clients and prints ``READY``; the parent
 writes one line holding the ``time.monotonic()`` instant the load starts
 (the clock is system-wide on Linux, so parent and drivers agree).  The
@@ -23,11 +23,8 @@ from typing import Any, NotRequired, TypedDict, TypeVar
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # etcdload, httpclient: run as a script or imported
-
-import etcdload
-from httpclient import HttpError
-
+from bench import etcdload
+from bench.httpclient import HttpError
 from registry.client import Client
 from registry.errors import RegistryError
 

@@ -1,6 +1,6 @@
 """Summarize a py-spy ``--format raw`` profile (collapsed stacks): where the samples go.
 
-    python bench/profile_summary.py PROFILE.txt [--top 25] [--match SUBSTRING]
+    python -m bench.profile_summary PROFILE.txt [--top 25] [--match SUBSTRING]
 
 Idle samples (a leaf blocked in poll/epoll) are dropped unless ``--all``; what is
 left approximates CPU time.  Prints, as a share of the remaining samples: each thread's share, the top functions by

@@ -1,12 +1,12 @@
 """Benchmark a fresh local three-node raft-registry cluster.
 
-    python bench/run.py [--quick] [--out DIR] [--duration S] [--repeats N] [--drivers N]
+    python -m bench.run [--quick] [--out DIR] [--duration S] [--repeats N] [--drivers N]
                         [--workloads register:256,get_linearizable:256] [--profile]
-    python bench/run.py --compare-etcd [--quick] [--out DIR] ...   # side by side with etcd: compare.py
+    python -m bench.compare [--quick] ...   # side by side with etcd
 
 Starts three real ``regctl server`` processes (cluster key, temp data dir,
 free loopback ports), then for each workload runs driver processes
-(``loadgen.py``, uvloop, ``min(concurrency, 8)`` client connections spread
+(``bench.loadgen``, uvloop, ``min(concurrency, 8)`` client connections spread
 over the nodes) for the same duration, N times, and reports medians:
 throughput, p50/p99/p99.9 latency, and server CPU per op (the three server
 processes' utime+stime deltas from /proc over the measurement window,
@@ -33,13 +33,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.loadgen import READ_SERVICE, WORKLOADS, DriverSpec
+from bench.localcluster import BenchCluster, LoadTarget, cpu_seconds, machine_busy_seconds
+from registry.client import SyncClient
+from registry.raft import PYSYNCOBJ_VERSION
+
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR.parent))  # the repository: `registry` even when not installed
-
-from loadgen import READ_SERVICE, WORKLOADS, DriverSpec  # noqa: E402
-from localcluster import BenchCluster, LoadTarget, cpu_seconds, machine_busy_seconds  # noqa: E402
-
-from registry.client import SyncClient  # noqa: E402
 
 DURABILITY = (
     "pysyncobj journal: an mmap'd file, never fsynced. Acknowledged writes survive kill -9 of all "
@@ -117,7 +116,7 @@ def _spawn_drivers(cluster: LoadTarget, workload: str, concurrency: int, duratio
             spec.update(extra)  # type: ignore[typeddict-item]
             if "leases_file" in extra:  # one lease set per driver
                 spec["leases_file"] = f"{extra['leases_file']}.{d}"
-        proc = subprocess.Popen([sys.executable, str(BENCH_DIR / "loadgen.py"), json.dumps(spec)],
+        proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen", json.dumps(spec)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=BENCH_DIR.parent)
         _live.append(proc)
         procs.append((proc, Path(spec["result_path"])))
@@ -296,15 +295,7 @@ def parse_plan(text: str, names: Collection[str] = WORKLOADS, what: str = "CONCU
 
 
 def main() -> int:
-    if "--compare-etcd" in sys.argv[1:]:
-        # The side-by-side run lives in compare.py (its own options); this flag only hands over.
-        import compare
-
-        return compare.main([a for a in sys.argv[1:] if a != "--compare-etcd"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare-etcd", action="store_true",
-                        help="side by side with etcd instead: hands every other option to bench/compare.py "
-                             "(see `python bench/compare.py --help`)")
     parser.add_argument("--quick", action="store_true", help="2 s per workload, 1 repeat")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default bench/results/<timestamp>)")
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per run (default 5)")
@@ -328,11 +319,9 @@ def main() -> int:
     started = datetime.datetime.now()
     out_dir: Path = args.out or BENCH_DIR / "results" / started.strftime("%Y%m%d-%H%M%S")
 
-    import pysyncobj.version
-
     meta: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-        "python": platform.python_version(), "pysyncobj": pysyncobj.version.VERSION,
+        "python": platform.python_version(), "pysyncobj": PYSYNCOBJ_VERSION,
         "duration_s": duration_s, "warmup_s": WARMUP_S, "repeats": repeats, "drivers": args.drivers,
         "durability": DURABILITY, "cluster_key": True,
     }

@@ -1,7 +1,7 @@
 """Scale runs, raft-registry and etcd side by side: many instances with leases, many watchers.
 
-    python bench/scale.py [--quick] [--out DIR] [--instances N] [--watchers W] [--systems ours,etcd]
-    python bench/compare.py --scale [...]        # the same
+    python -m bench.scale [--quick] [--out DIR] [--instances N] [--watchers W] [--systems ours,etcd]
+    python -m bench.compare --scale [...]        # the same
 
 For each system, on a fresh three-node cluster (etcd: data on tmpfs, as in compare.py):
 
@@ -42,13 +42,12 @@ from typing import Any
 
 import uvloop
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
+from bench import etcdload
+from bench.etcdcluster import EtcdCluster
+from bench.leases import loadavg, log, proc_memory
+from bench.localcluster import BenchCluster, LoadTarget
 
-import etcdload  # noqa: E402
-from etcdcluster import EtcdCluster  # noqa: E402
-from leases import loadavg, log, proc_memory  # noqa: E402
-from localcluster import BenchCluster, LoadTarget  # noqa: E402
+BENCH_DIR = Path(__file__).resolve().parent
 
 from registry.client import Client  # noqa: E402
 

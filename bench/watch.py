@@ -17,8 +17,8 @@ the window; events never delivered are not in it, so check *delivered by end of 
 follower node CPU cores, all-nodes CPU cores, watcher-driver and writer CPU cores, and
 /proc/loadavg before each round.  Only 127.0.0.1 is contacted.
 
-    python bench/watch.py --quick            # 3 s per W
-    python bench/watch.py --duration 10 --watchers 1,100,1000 --drivers 2
+    python -m bench.watch --quick            # 3 s per W
+    python -m bench.watch --duration 10 --watchers 1,100,1000 --drivers 2
 """
 
 from __future__ import annotations
@@ -40,13 +40,10 @@ from typing import Any
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import etcdload
-from httpclient import HttpConnection
-from loadgen import closed_loop, etcd_error_code, registry_error_code
-from localcluster import BenchCluster, LoadTarget, cpu_seconds, machine_busy_seconds
-
+from bench import etcdload
+from bench.httpclient import HttpConnection
+from bench.loadgen import closed_loop, etcd_error_code, registry_error_code
+from bench.localcluster import BenchCluster, LoadTarget, cpu_seconds, machine_busy_seconds
 from registry.client import Client
 
 #: Latency histogram: bins of 0.1 ms up to 60 s (the last bin holds everything above).

@@ -6,7 +6,7 @@ young objects that survive a collection to the oldest generation, and once
 those are a quarter of it, it scans the whole heap: tens to hundreds of
 milliseconds with a large registry, in whichever thread happens to allocate
 (often the Raft thread, which then misses heartbeats), every few seconds
-under write load.  Measured with ``bench/run.py`` (register at 256 in
+under write load.  Measured with ``python -m bench.run`` (register at 256 in
 flight, medians of 2 x 3 s on 2 cores): defaults 4.2k writes/s, p99 305 ms;
 these settings 5.0k/s, p99 97 ms; the collector switched off 5.2k/s, p99
 93 ms.

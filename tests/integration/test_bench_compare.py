@@ -1,10 +1,13 @@
-"""The README's side-by-side benchmark command, end to end in a tiny mode (numbers are not checked: speed is
-the machine's business, not a test's).  Needs etcd: installed by the bench itself when we are root, else skipped."""
+"""The README's benchmark commands, end to end in a tiny mode (numbers are not checked: speed is the machine's
+business, not a test's).  Each command is taken from the README, plus options that make it tiny (argparse: the last
+value given wins).  The etcd comparisons are slow (and need etcd: installed by the bench itself when we are root,
+else skipped); our cluster alone runs in the default suite."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +15,8 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))
-
-from etcdcluster import ensure_etcd  # noqa: E402
+from bench.etcdcluster import ensure_etcd
+from tests.support.readme import REPO, find_command
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +33,20 @@ def _running_with(marker: str) -> list[int]:
     return pids
 
 
+def readme_bench(prefix: str, *tiny: str) -> list[str]:
+    """The README's command starting with ``prefix``, run by this interpreter, then the ``tiny`` options."""
+    argv = shlex.split(find_command(REPO / "README.md", prefix).text)
+    assert argv[:2] == ["python", "-m"], argv
+    return [sys.executable, *argv[1:], *tiny]
+
+
 def _compare(out: Path, workloads: str) -> subprocess.CompletedProcess[str]:
     try:
         ensure_etcd()
     except RuntimeError as err:
         pytest.skip(f"etcd is not available and cannot be installed here: {err}")
-    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--compare-etcd", "--quick", "--duration", "0.5",
-           "--workloads", workloads, "--leases", "20", "--warmup", "0.2", "--drain", "0.5", "--out", str(out)]
+    cmd = readme_bench("python -m bench.compare --quick", "--duration", "0.5", "--workloads", workloads,
+                       "--leases", "20", "--warmup", "0.2", "--drain", "0.5", "--out", str(out))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
     return done
@@ -77,10 +85,24 @@ def _check(out: Path, done: subprocess.CompletedProcess[str], expected: set[tupl
     return rows
 
 
+def test_run_tiny(tmp_path: Path) -> None:
+    """The README's `python -m bench.run --quick` on one small workload: our cluster alone, no external tool."""
+    out = tmp_path / "run"
+    cmd = readme_bench("python -m bench.run --quick", "--workloads", "register:4", "--duration", "0.5",
+                       "--out", str(out))
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
+    result = json.loads((out / "results.json").read_text())
+    assert result["meta"]["pysyncobj"]  # recorded through registry.raft, the only pysyncobj importer
+    [row] = result["workloads"]
+    assert row["workload"] == "register" and row["concurrency"] == 4
+    assert row["ops_per_s"] > 0 and row["errors"] == 0, row
+    assert "| register | 4 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
 def test_compare_tiny(tmp_path: Path) -> None:
     """The write path and the watch path, on all three clusters (~20 s on an idle 2-core machine)."""
-    readme = (REPO / "README.md").read_text()
-    assert "python bench/compare.py --quick" in readme and "python bench/run.py --compare-etcd --quick" in readme
     out = tmp_path / "out"
     done = _compare(out, "register:4,watch:10")
     _check(out, done, {("register", 4), ("watch", 10)})
@@ -93,16 +115,15 @@ def test_compare_every_workload(tmp_path: Path) -> None:
     _check(out, done, {("register", 4), ("get_linearizable", 4), ("lease_keepalive", 4), ("watch", 10)})
 
 
+@pytest.mark.slow
 def test_scale_tiny(tmp_path: Path) -> None:
-    """The README's scale command (`bench/compare.py --scale`) end to end on a few hundred instances."""
-    assert "python bench/compare.py --scale" in (REPO / "README.md").read_text()
+    """The README's scale command (`python -m bench.compare --scale`) end to end on a few hundred instances."""
     try:
         ensure_etcd()
     except RuntimeError as err:
         pytest.skip(f"etcd is not available and cannot be installed here: {err}")
     out = tmp_path / "scale"
-    cmd = [sys.executable, str(REPO / "bench" / "compare.py"), "--scale", "--instances", "300", "--watchers", "20",
-           "--out", str(out)]
+    cmd = readme_bench("python -m bench.compare --scale", "--instances", "300", "--watchers", "20", "--out", str(out))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
     result = json.loads((out / "scale.json").read_text())

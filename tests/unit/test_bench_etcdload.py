@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from etcdload import EtcdError, check_reply, prefix_end
+from bench.etcdload import EtcdError, check_reply, prefix_end
 
 
 @pytest.mark.parametrize(("prefix", "end"), [(b"/bench/", b"/bench0"), (b"a", b"b"), (b"/x/y-", b"/x/y.")])
