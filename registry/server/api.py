@@ -88,6 +88,24 @@ def _future_answer(future: asyncio.Future[Any]) -> Started:
     return answer
 
 
+def _handler(start: Starter) -> Handler:
+    """The async handler of a starter: the same steps, awaited in the caller's task.
+
+    Requests that need a task (ACL checks that await, per-request context)
+    run an op's one implementation through this; the rest run it task-free
+    (``APIServer``'s ``_advance``).
+    """
+
+    async def handle(args: dict[str, Any]) -> tuple[int, Any]:
+        started = start(args)
+        while isinstance(started, Deferred):
+            await started.future
+            started = started.finish(started.future)
+        return started
+
+    return handle
+
+
 #: A read: (state, args) -> body, run under the state lock.
 ReadFn = Callable[[RegistryState, dict[str, Any]], Any]
 
@@ -171,19 +189,18 @@ class RegistryAPI:
             # Every service with its instances, in one consistent read.
             "service_dump": (lambda s, a: [s.get_service(item["name"]) for item in s.list_services()], set()),
         }
-        self._handlers: dict[str, Handler] = {"status": self._status}
+        #: Task-free forms of the built-in handlers (see ``starter``); their async handlers are the
+        #: same starters driven by ``_handler``, so each op has one implementation.
+        self._starters: dict[str, Starter] = {op: self._write_starter(op) for op in WRITE_OPS}
         for op, (fn, allowed) in self._read_fns.items():
-            self._handlers[op] = self._reader(fn, allowed)
-        for op in WRITE_OPS:
-            self._handlers[op] = self._writer(op)
+            self._starters[op] = self._read_starter(fn, allowed)
+        self._handlers: dict[str, Handler] = {"status": self._status}
+        for op, start in self._starters.items():
+            self._handlers[op] = _handler(start)
         #: Ops whose args the handler checks field by field by exact type (``validate_command``)
         #: before anything else reads them: the server skips the frame's data-model walk for
         #: those args (``registry.fsm.ops.WRITE_OPS``).  An op given another handler leaves the set.
         self.field_checked_ops: frozenset[str] = WRITE_OPS
-        #: Task-free forms of the built-in handlers above (see ``starter``).
-        self._starters: dict[str, Starter] = {op: self._write_starter(op) for op in WRITE_OPS}
-        for op, (fn, allowed) in self._read_fns.items():
-            self._starters[op] = self._read_starter(fn, allowed)
 
     @property
     def ops(self) -> set[str]:
@@ -216,17 +233,10 @@ class RegistryAPI:
     # -- writes -------------------------------------------------------------
 
     def writer(self, op: str) -> Handler:
-        return self._writer(op)
+        return _handler(self._write_starter(op))
 
     def reader(self, fn: ReadFn, allowed: set[str]) -> Handler:
-        return self._reader(fn, allowed)
-
-    def _writer(self, op: str) -> Handler:
-        async def write(args: dict[str, Any]) -> tuple[int, Any]:
-            result = await self._proposer.write(_write_command(op, args), validated=True)
-            return int(result["revision"]), result
-
-        return write
+        return _handler(self._read_starter(fn, allowed))
 
     def _write_starter(self, op: str) -> Starter:
         def start(args: dict[str, Any]) -> Started:
@@ -236,29 +246,10 @@ class RegistryAPI:
 
     # -- reads --------------------------------------------------------------
 
-    def _reader(self, fn: ReadFn, allowed: set[str]) -> Handler:
-        allowed_all = allowed | _READ_COMMON
-
-        async def read(args: dict[str, Any]) -> tuple[int, Any]:
-            linearizable, min_revision = _read_args(args, allowed_all)
-            if linearizable and not self.unsafe_local_reads:
-                await self._proposer.barrier()
-            # Never below what this node already served (see StateHolder.high_water).
-            min_revision = max(min_revision, self._holder.high_water)
-            if min_revision:
-                await self._waiters.wait(
-                    min_revision, lambda: self._holder.state.revision, min(self._timeout_s, MIN_REVISION_WAIT_S_MAX)
-                )
-            with self._holder.lock:
-                state = self._holder.state
-                return state.revision, fn(state, args)
-
-        return read
-
     def _read_starter(self, fn: ReadFn, allowed: set[str]) -> Starter:
-        """``_reader`` without a task: the same steps, each continuing from the last one's future."""
+        """A read: its barrier (linearizable), a wait for ``min_revision`` if this node lags, then ``fn``."""
         allowed_all = allowed | _READ_COMMON
-        slow = self._reader(fn, allowed)
+        holder = self._holder
 
         def start(args: dict[str, Any]) -> Started:
             linearizable, min_revision = _read_args(args, allowed_all)
@@ -271,12 +262,18 @@ class RegistryAPI:
             return local(args, min_revision)
 
         def local(args: dict[str, Any], min_revision: int) -> Started:
-            holder = self._holder
-            # As in _reader: never below what this node already served.
-            if max(min_revision, holder.high_water) > holder.state.revision:
-                # Rare (a lagging node, read-your-writes): the waiting read in a task.
-                # Its own barrier was already passed, so skip a second one.
-                return Deferred(asyncio.ensure_future(slow({**args, "consistency": "stale"})), _future_answer)
+            # Never below what this node already served (see StateHolder.high_water).
+            wanted = max(min_revision, holder.high_water)
+            if wanted > holder.state.revision:
+                # Rare (a lagging node, read-your-writes): wait until applied that far.
+                waited = asyncio.ensure_future(self._waiters.wait(
+                    wanted, lambda: holder.state.revision, min(self._timeout_s, MIN_REVISION_WAIT_S_MAX)))
+                return Deferred(waited, lambda done: read_now(done, args))
+            return read_now(None, args)
+
+        def read_now(waited: asyncio.Future[Any] | None, args: dict[str, Any]) -> Started:
+            if waited is not None:
+                waited.result()
             with holder.lock:
                 state = holder.state
                 return state.revision, fn(state, args)
