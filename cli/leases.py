@@ -14,7 +14,7 @@ import click
 from registry.client import SyncClient
 from registry.errors import NotFound, RegistryError
 
-from .durations import Duration
+from .durations import LeaseTtl
 from .main import EXIT_REFUSED, Ctx, cli, fail, handles_errors
 from .output import emit, table
 
@@ -25,7 +25,7 @@ def lease() -> None:
 
 
 @lease.command("grant")
-@click.argument("ttl", type=Duration())
+@click.argument("ttl", type=LeaseTtl())
 @click.pass_obj
 @handles_errors
 def lease_grant(obj: Ctx, ttl: int) -> None:
@@ -197,7 +197,7 @@ def _hold_lock(obj: Ctx, name: str, ttl: int, holder: str, wait: bool,
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--ttl", type=Duration(), default="10s", show_default=True, help="Lease TTL of the lock.")
+@click.option("--ttl", type=LeaseTtl(), default="10s", show_default=True, help="Lease TTL of the lock.")
 @click.option("--no-wait", is_flag=True, help="Fail at once (exit 1) if the lock is held.")
 @click.pass_obj
 @handles_errors
@@ -232,7 +232,7 @@ def lock(obj: Ctx, name: str, command: tuple[str, ...], ttl: int, no_wait: bool)
 @cli.command()
 @click.argument("name")
 @click.option("--value", default="", help="What to announce as leader (e.g. this host's address).")
-@click.option("--ttl", type=Duration(), default="10s", show_default=True)
+@click.option("--ttl", type=LeaseTtl(), default="10s", show_default=True)
 @click.pass_obj
 @handles_errors
 def elect(obj: Ctx, name: str, value: str, ttl: int) -> None:

@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 
 import click
 
-from registry.client import DEFAULT_ENDPOINTS, SyncClient, client_ssl_context
+from registry.client import DEFAULT_ENDPOINTS, ConnectionFailed, SyncClient, client_ssl_context
 from registry.config import NodeConfig, parse_hostport
 from registry.errors import InvalidArgument, RegistryError
 from registry.failpoints import FAILPOINTS_ENV, Failpoints
 from registry.server.dns.settings import DnsSettings, normalize_domain
 
-from .durations import Duration
+from .durations import Duration, LeaseTtl
 from .output import emit, table
 
 EXIT_REFUSED = 1
@@ -58,6 +58,10 @@ class Ctx:
 
 
 def fail(err: RegistryError) -> None:
+    if isinstance(err, ConnectionFailed) and err.wrong_ports and not err.hint:
+        from .wrong_port import api_hint
+
+        err.hint = api_hint(err)
     click.echo(f"error: {err.code}: {err.message}" + (f" (hint: {err.hint})" if err.hint else ""), err=True)
     sys.exit(EXIT_UNAVAILABLE if err.retryable else EXIT_REFUSED)
 
@@ -300,6 +304,9 @@ def status(obj: Ctx, watch_live: bool, wait_ms: int | None, up_dir: Path) -> Non
 
 
 # -- service ---------------------------------------------------------------------
+    for n in data:
+        if not n.get("reachable") and n.get("error"):
+            click.echo(f"{n['api']}: {n['error']}", err=True)
 
 
 @cli.group()
@@ -324,7 +331,7 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--meta", multiple=True, help="KEY=VALUE metadata, repeatable.")
 @click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
 @click.option("--weight", type=int, default=1, show_default=True)
-@click.option("--ttl", type=Duration(), default=None,
+@click.option("--ttl", type=LeaseTtl(), default=None,
               help="Attach the instance to a new lease of this TTL (e.g. 10s): it goes when the lease does.")
 @click.option("--keepalive", is_flag=True,
               help="With --ttl: stay in the foreground renewing the lease; deregister on Ctrl-C.")

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 import msgpack
 
+from registry.client.wrong_port import SILENT, what_answered, wrong_port_message
 from registry.config import parse_hostport
 from registry.errors import ProtocolError, RegistryError, Timeout, Unavailable
 from registry.fsm.model import LEASE_KEEPALIVE_IDS_MAX
@@ -60,7 +61,7 @@ def client_ssl_context(ca: str | None, cert: str | None = None, key: str | None 
     return ctx
 
 
-__all__ = ["Client", "SyncClient", "ConnectionFailed", "DEFAULT_ENDPOINTS"]
+__all__ = ["Client", "SyncClient", "ConnectionFailed", "WrongPort", "DEFAULT_ENDPOINTS", "REFUSED_GRACE_S"]
 
 #: What ``regctl up`` starts with its defaults, so a newcomer needs no flags.
 DEFAULT_ENDPOINTS = ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
@@ -73,6 +74,13 @@ _WRITES = frozenset(
     }
 )
 _READ_BUFFER_BYTES = 1 << 16
+#: How many of a peer's first bytes are kept to recognise another protocol (see wrong_port).
+_HEAD_BYTES = 8
+#: How long a call keeps trying while every endpoint refuses the connection: an election never
+#: does that (the nodes still listen and answer NOT_LEADER or UNAVAILABLE, which are retried until
+#: the deadline); a cluster that is down, or addresses that are wrong, do.  Long enough for a few
+#: retries across a momentary refusal, well under a second.
+REFUSED_GRACE_S = 0.3
 #: How often a connection looks for silent streams (see ``_Connection._end_silent_streams``).
 _SILENCE_CHECK_S = 0.25
 
@@ -81,6 +89,30 @@ class ConnectionFailed(Unavailable):
     """No endpoint could be reached (a client-side error, never on the wire)."""
 
     code = "UNAVAILABLE"
+    #: Every endpoint refused the connection or is not a registry API port: nothing to wait for.
+    nothing_listens = False
+    #: The endpoints that answered in another protocol (for a caller that wants to say more about them).
+    wrong_ports: tuple[WrongPort, ...] = ()
+
+
+class WrongPort(ConnectionFailed):
+    """The endpoint answered, but not in the registry protocol (an HTTP or Raft port, say)."""
+
+    def __init__(self, endpoint: str, answered: str) -> None:
+        super().__init__(wrong_port_message(endpoint, answered))
+        self.endpoint = endpoint
+        self.answered = answered
+
+
+def _for_caller(op: str, err: RegistryError) -> RegistryError:
+    """The error a call ends with: a read that timed out says so, without the write's "outcome unknown".
+
+    A node's TIMEOUT can say "outcome unknown" (a read barrier goes through
+    the Raft log as a proposal does); for a read there is no outcome to know.
+    """
+    if op in _WRITES or not isinstance(err, Timeout) or "outcome unknown" not in err.message:
+        return err
+    return Timeout(f"{op} timed out: the node could not confirm it is up to date in time; retry", hint=err.hint)
 
 
 class _Stream:
@@ -187,13 +219,27 @@ class _Connection:
         return conn
 
     async def _read_hello(self) -> HelloOk:
+        # The first bytes the peer sent: they tell another protocol (HTTP, TLS) from ours (see wrong_port).
+        head = b""
         while True:
-            event = self._codec.next_event()
+            try:
+                event = self._codec.next_event()
+            except ProtocolError as err:
+                # What a node never sends in answer to a hello (a frame too large is "HTTP" read as a length).
+                raise WrongPort(self.endpoint, what_answered(head) or f"bytes that are not a hello ({err.code})",
+                                ) from None
             if isinstance(event, NeedData):
                 data = await self._reader.read(_READ_BUFFER_BYTES)
-                self._codec.receive_data(data)
                 if not data:
+                    if not head:
+                        raise WrongPort(self.endpoint, SILENT)
                     raise ConnectionFailed(f"{self.endpoint} closed the connection during hello")
+                if len(head) < _HEAD_BYTES:
+                    head += data[: _HEAD_BYTES - len(head)]
+                    answered = what_answered(head)
+                    if answered is not None:
+                        raise WrongPort(self.endpoint, answered)
+                self._codec.receive_data(data)
                 continue
             if isinstance(event, HelloOk):
                 return event
@@ -420,6 +466,7 @@ class Client:
         shuffle: bool = False,
         probe_after_s: float = 1.0,
         ssl_context: ssl.SSLContext | None = None,
+        refused_grace_s: float = REFUSED_GRACE_S,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one endpoint is required")
@@ -438,6 +485,8 @@ class Client:
         #: A request that waits this long on a node that sends nothing makes the
         #: client check that the node is alive (see ``_request``).
         self.probe_after_s = probe_after_s
+        #: A call gives up once every endpoint has refused (or was not an API port) for this long.
+        self.refused_grace_s = refused_grace_s
         #: Highest revision any response has carried: reads never go below it.
         self.revision_seen = 0
         self._conn: _Connection | None = None
@@ -462,6 +511,8 @@ class Client:
             if self._conn is not None and not self._conn.closed:
                 return self._conn
             errors: list[str] = []
+            wrong: list[WrongPort] = []
+            refused: list[str] = []
             for _ in range(len(self.endpoints)):
                 endpoint = self.endpoints[self._next % len(self.endpoints)]
                 self._next += 1
@@ -471,9 +522,23 @@ class Client:
                         self.ssl_context, self.probe_after_s,
                     )
                     return self._conn
+                except WrongPort as err:
+                    wrong.append(err)
+                except ConnectionRefusedError:
+                    refused.append(endpoint)
                 except (OSError, TimeoutError, ConnectionFailed) as err:
                     errors.append(f"{endpoint}: {err or type(err).__name__}")
-            raise ConnectionFailed("no endpoint reachable: " + "; ".join(errors))
+            if errors:
+                failed = ConnectionFailed("no endpoint reachable: " + "; ".join(
+                    [*(w.message for w in wrong), *(f"{e}: connection refused" for e in refused), *errors]))
+            else:
+                # Nothing listens, or only the wrong protocol does: an election never looks like this.
+                failed = ConnectionFailed("; ".join(
+                    [*(w.message for w in wrong), *([f"connection refused by {', '.join(refused)}: no node listens "
+                                                     "there"] if refused else [])]))
+                failed.nothing_listens = True
+            failed.wrong_ports = tuple(wrong)
+            raise failed
 
     def _drop(self, conn: _Connection) -> None:
         if self._conn is conn:
@@ -491,10 +556,12 @@ class Client:
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
         backoff_s = 0.02
         last: RegistryError | None = None
+        #: Since when every endpoint has refused the connection (or is not an API port), or None.
+        nothing_listens_since: float | None = None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise last or Timeout(f"{op} timed out")
+                raise _for_caller(op, last or Timeout(f"{op} timed out"))
             conn: _Connection | None = None
             try:
                 live = self._conn
@@ -507,7 +574,14 @@ class Client:
                         conn = await self._connection()
                 response = await self._request(conn, op, args, deadline)
             except TimeoutError:
-                last = Timeout(f"{op}: no answer within the client timeout; outcome unknown")
+                # Only a write that was sent has an unknown outcome; a read that got no answer, or a
+                # request still waiting for a connection, simply timed out.
+                if conn is None:
+                    last = Timeout(f"{op} timed out: no node answered the connection within the client timeout")
+                elif op in _WRITES:
+                    last = Timeout(f"{op}: no answer within the client timeout; outcome unknown")
+                else:
+                    last = Timeout(f"{op} timed out: no answer within the client timeout")
                 if conn is not None:
                     self._drop(conn)
                 if not retry:
@@ -519,6 +593,13 @@ class Client:
                     self._drop(conn)
                 if not retry:
                     raise last from None
+                if isinstance(err, ConnectionFailed) and err.nothing_listens:
+                    now = time.monotonic()
+                    nothing_listens_since = nothing_listens_since or now
+                    if now - nothing_listens_since >= self.refused_grace_s:
+                        raise last from None
+                else:
+                    nothing_listens_since = None
                 await asyncio.sleep(min(backoff_s, max(0.0, deadline - time.monotonic())))
                 backoff_s = min(backoff_s * 2, 0.5)
                 continue
@@ -541,7 +622,7 @@ class Client:
                 await asyncio.sleep(min(backoff_s, max(0.0, deadline - time.monotonic())))
                 backoff_s = min(backoff_s * 2, 0.5)
                 continue
-            raise refused
+            raise _for_caller(op, refused)
 
     async def _request(self, conn: _Connection, op: str, args: dict[str, Any], deadline: float) -> Response:
         """``conn.request`` until ``deadline``, giving up early on a node that stopped answering.

@@ -117,11 +117,21 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 @_run
+async def test_an_unanswered_write_has_an_unknown_outcome_a_read_timed_out() -> None:
+    async with scripted(lambda req: None, timeout_s=5.0, probe_after_s=0.2) as (_, client):
+        # A write that was sent may have applied; a read has no outcome to be unknown.
+        with pytest.raises(Timeout, match=r"^register: no answer within the client timeout; outcome unknown$"):
+            await client.call("register", {"name": "web"}, timeout_s=0.3, retry=False)
+        with pytest.raises(Timeout, match=r"^service_get timed out: no answer within the client timeout$"):
+            await client.call("service_get", {"name": "web"}, timeout_s=0.3, retry=False)
+
+
+@_run
 async def test_an_unanswered_request_ends_at_its_deadline() -> None:
     async with scripted(lambda req: None, timeout_s=5.0, probe_after_s=0.2) as (node, client):
         began = time.monotonic()
-        with pytest.raises(Timeout, match="outcome unknown"):
-            await client.call("get_service", {"name": "web"}, timeout_s=0.5, retry=False)
+        with pytest.raises(Timeout, match="timed out"):
+            await client.call("service_get", {"name": "web"}, timeout_s=0.5, retry=False)
         waited = time.monotonic() - began
         # Not before the deadline; the upper bound only says it did not wait for the 5 s default.
         assert 0.5 <= waited < 4.0
