@@ -131,9 +131,12 @@ META_KEYS_MAX: Final = 64
 #: Meta value length: same reason as META_KEYS_MAX.
 META_VALUE_CHARS_MAX: Final = 1024
 
-#: Tags per record and tag length: same reason as META_KEYS_MAX.
-TAGS_MAX: Final = 32
-TAG_CHARS_MAX: Final = 128
+#: Tags per record and tag length.  Tools keep whole routing rules in tags (Traefik:
+#: ``traefik.http.routers.x.rule=Host(`a.test`) && PathPrefix(`/b`)``), so a tag may hold
+#: spaces and be long; 64 x 512 chars still bounds a record's tags to 32 KiB (times 4 for
+#: non-ASCII UTF-8), far inside one Raft entry and one watch message.
+TAGS_MAX: Final = 64
+TAG_CHARS_MAX: Final = 512
 
 #: Health statuses, from best to worst.
 STATUSES: Final = ("passing", "warning", "critical")
@@ -280,13 +283,18 @@ def check_meta(field: str, value: dict[str, str]) -> dict[str, str]:
 
 
 def check_tags(field: str, value: list[str]) -> list[str]:
-    """Returns a new list with duplicates removed (first occurrence kept)."""
+    """Returns a new list with duplicates removed (first occurrence kept).
+
+    A tag is any printable text: spaces are allowed (routing rules live in tags), control
+    characters, other whitespace (tab, newline) and lone surrogates are not (``str.isprintable``).
+    """
     if len(value) > TAGS_MAX:
         raise InvalidArgument(f"field {field!r}: {len(value)} tags, at most {TAGS_MAX} allowed")
     for tag in value:
-        if not 0 < len(tag) <= TAG_CHARS_MAX or not _is_token(tag):
+        if not 0 < len(tag) <= TAG_CHARS_MAX or not tag.isprintable():
             raise InvalidArgument(
-                f"field {field!r}: tag {_q(tag)} must be 1..{TAG_CHARS_MAX} printable chars, no whitespace"
+                f"field {field!r}: tag {_q(tag)} must be 1..{TAG_CHARS_MAX} printable chars "
+                "(spaces allowed, no control characters, tabs or newlines)"
             )
     # dict.fromkeys: order-preserving de-duplication.
     return list(dict.fromkeys(value))

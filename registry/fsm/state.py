@@ -863,6 +863,14 @@ class RegistryState:
         _, rec = self._find_instance(_arg_str("service", service), _arg_str("id", id))
         return _copy_record(rec)
 
+    def services_with_instance(self, id: str) -> list[str]:
+        """The services (sorted) that have an instance with this id: one dict lookup per service.
+
+        Consul's agent endpoints name an instance by id alone (``service:<id>``).
+        """
+        id = _arg_str("id", id)
+        return sorted(name for name, insts in self._instances.items() if id in insts)
+
     def get_lease(self, lease_id: int) -> dict[str, Any]:
         lease_id = _arg_lease(lease_id)
         if lease_id not in self._leases:

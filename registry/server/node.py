@@ -21,6 +21,9 @@ from registry.raft.node import RaftNode, StateHolder
 from registry.server.acl_service import AclService
 from registry.server.api import NodeInfo, RegistryAPI, RevisionWaiters
 from registry.server.backup import load_seed
+from registry.server.consul.catalog import Site
+from registry.server.consul.http import ConsulHTTP
+from registry.server.consul.tracking import ChangeTracker
 from registry.server.dns.server import DnsServer, start_dns
 from registry.server.dns.stats import DnsStats
 from registry.server.gc_tuning import GcSettings, GcTuner
@@ -48,6 +51,9 @@ class Node:
         self._server: APIServer | None = None
         self._http: HTTPServer | None = None
         self._dns: DnsServer | None = None
+        #: Consul's HTTP API, when configured; its change tracker sees every applied batch from the start.
+        self.consul: ConsulHTTP | None = None
+        self._consul_tracker: ChangeTracker | None = None
         self.dns_stats = DnsStats()
         self.metrics.registry.register(self.dns_stats)
         self._proposer: Proposer | None = None
@@ -109,6 +115,8 @@ class Node:
             # Read after the listener is in place: every later batch reaches the hub.
             start_revision = self.holder.state.revision
         self.watches = WatchService(WatchHub(start_revision, config.watch_limits), self.holder, self.metrics)
+        if config.consul_http_host is not None:
+            self._consul_tracker = ChangeTracker(start_revision)
         self._proposer = Proposer(
             raft,
             loop,
@@ -169,6 +177,17 @@ class Node:
         await self._server.start(config.api_host, config.api_port)
         await self._http.start(config.http_host, config.http_port)
         self._dns = await start_dns(config.dns, self.holder, self.dns_stats, acl=config.acl)
+        if config.consul_http_host is not None and self._consul_tracker is not None:
+            raft_ = raft
+
+            def leader() -> str | None:
+                return raft_.raft_status().leader
+
+            self.consul = ConsulHTTP(self.api, self.holder, self.watches.hub, self._consul_tracker,
+                                     Site(node_address=config.consul_http_host), leader=leader,
+                                     leader_api=self._leader_api, acl=self.acl if config.acl else None)
+            await self.consul.start(config.consul_http_host, config.consul_http_port)
+            log.info("node %s serving Consul's HTTP API on %s", config.node_id, config.consul_http_addr)
         log.info(
             "node %s serving: api %s, raft %s, http %s, data %s",
             config.node_id, config.api_addr, config.raft_addr, config.http_addr, config.data_dir,
@@ -177,12 +196,19 @@ class Node:
     def _on_applied(self, revision: int, events: list[dict[str, Any]], entry_bytes: int) -> None:
         if self._waiters is not None:
             self._waiters.applied(revision)
+        if self._consul_tracker is not None:
+            # Before the hub: a blocking query woken by these events must find them tracked.
+            self._consul_tracker.observe(revision, events)
         if self.watches is not None:
             self.watches.publish(revision, events, entry_bytes)
         if events and self.leases is not None:
             self.leases.on_events(events)
 
     def _on_restore(self) -> None:
+        if self._consul_tracker is not None:
+            with self.holder.lock:
+                restored_revision = self.holder.state.revision
+            self._consul_tracker.restored(restored_revision)
         if self.watches is not None:
             self.watches.restored()
         if self.leases is not None:
@@ -255,6 +281,8 @@ class Node:
             await self._http.stop()
         if self._dns is not None:
             await self._dns.stop()
+        if self.consul is not None:
+            await self.consul.stop()
         if self._proposer is not None:
             self._proposer.close()
         if self.raft is not None:

@@ -480,8 +480,12 @@ LIMIT_CASES: list[tuple[str, Any, Any, Any, type[BadRequest]]] = [
         model.TAGS_MAX + 1,
         InvalidArgument,
     ),
-    ("tag length", lambda v: reg(tags=[v]), "t" * 128, "t" * 129, InvalidArgument),
-    ("tag whitespace", lambda v: reg(tags=[v]), "a:b", "a b", InvalidArgument),
+    ("tag length", lambda v: reg(tags=[v]), "t" * 512, "t" * 513, InvalidArgument),
+    # Spaces and any printable character: Traefik keeps routing rules in tags.
+    ("tag tab", lambda v: reg(tags=[v]), "rule=Host(`a.test`) && PathPrefix(`/b`)", "a\tb", InvalidArgument),
+    ("tag newline", lambda v: reg(tags=[v]), "a b", "a\nb", InvalidArgument),
+    ("tag control char", lambda v: reg(tags=[v]), "\u00e9 \u2603", "a\x07b", InvalidArgument),
+    ("tag surrogate", lambda v: reg(tags=[v]), "\U0001f600", "\ud800", InvalidArgument),
     ("tag empty", lambda v: reg(tags=[v]), "t", "", InvalidArgument),
     ("ttl low", lambda v: {"op": "lease_grant", "ttl_ms": v, "now_ms": 0}, 1000, 999, InvalidArgument),
     (
@@ -602,7 +606,7 @@ def test_capacity_limit_constants() -> None:
     assert model.NAME_CHARS_MAX == 128
     assert model.META_KEYS_MAX == 64
     assert model.META_VALUE_CHARS_MAX == 1024
-    assert model.TAGS_MAX == 32
+    assert (model.TAGS_MAX, model.TAG_CHARS_MAX) == (64, 512)
     assert (model.LEASE_TTL_MS_MIN, model.LEASE_TTL_MS_MAX) == (1000, 86_400_000)
     assert model.INSTANCES_PER_SERVICE_MAX == 100_000
     assert model.SERVICES_MAX == 100_000

@@ -1,0 +1,216 @@
+"""Consul's HTTP API on real nodes, spoken to by Consul's own Python client (py-consul) and raw HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import consul
+import pytest
+
+from registry.server.ports import ports_free
+from tests.conftest import _print_logs_if_failed
+from tests.support.cluster import Cluster, NodeProc, wait_until
+
+
+class ConsulCluster(Cluster):
+    """A cluster whose node i also serves Consul's HTTP API on base + 300 + i (as ``regctl up`` does)."""
+
+    def __init__(self, root: Path, size: int = 3, **kwargs: Any) -> None:
+        for _ in range(20):
+            super().__init__(root, size, **kwargs)
+            if ports_free([self.consul_port(n) for n in self.nodes]):
+                return
+        raise RuntimeError("no free ports for the Consul listeners")
+
+    def consul_port(self, node: NodeProc) -> int:
+        return self.base + 300 + int(node.node_id[1:])
+
+    def command(self, node: NodeProc) -> list[str]:
+        return [*super().command(node), "--consul-http", f"127.0.0.1:{self.consul_port(node)}"]
+
+    def consul(self, node: NodeProc, **kwargs: Any) -> consul.Consul:
+        return consul.Consul(host="127.0.0.1", port=self.consul_port(node), **kwargs)
+
+    def url(self, node: NodeProc, path: str) -> str:
+        return f"http://127.0.0.1:{self.consul_port(node)}{path}"
+
+
+def _started(root: Path, request: pytest.FixtureRequest, extra_args: tuple[str, ...] = ()) -> Iterator[ConsulCluster]:
+    c = ConsulCluster(root, 3, extra_args=extra_args)
+    try:
+        c.start()
+        c.wait_leader()
+        yield c
+    finally:
+        _print_logs_if_failed(request, c.logs)
+        c.close()
+
+
+@pytest.fixture
+def ccluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ConsulCluster]:
+    yield from _started(tmp_path / "cluster", request)
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def test_register_ttl_pass_and_deregister_with_py_consul(ccluster: ConsulCluster) -> None:
+    n1, n2 = ccluster.nodes[0], ccluster.nodes[1]
+    c = ccluster.consul(n1)
+    assert c.agent.service.register("web", service_id="web-1", address="10.0.0.7", port=8080,
+                                    tags=["traefik.http.routers.w.rule=Host(`e.test`) && PathPrefix(`/b`)"],
+                                    meta={"version": "1"}, check=consul.Check.ttl("30s"))
+    _, entries = c.health.service("web")
+    (entry,) = entries
+    assert entry["Service"]["ID"] == "web-1" and entry["Service"]["Port"] == 8080
+    assert entry["Service"]["Tags"] == ["traefik.http.routers.w.rule=Host(`e.test`) && PathPrefix(`/b`)"]
+    (check,) = entry["Checks"]
+    assert check["CheckID"] == "service:web-1" and check["Status"] == "critical"  # Consul's default for TTL checks
+    assert c.health.service("web", passing=True)[1] == []
+    # A TTL pass through a follower renews the lease at the leader and sets the status.
+    other = ccluster.consul(n2)
+    assert other.agent.check.ttl_pass("service:web-1", notes="all good")
+    _, passing = c.health.service("web", passing=True)
+    assert [e["Service"]["ID"] for e in passing] == ["web-1"]
+    assert passing[0]["Checks"][0]["Output"] == "all good"
+    _, services = c.catalog.services()
+    assert services == {"web": ["traefik.http.routers.w.rule=Host(`e.test`) && PathPrefix(`/b`)"]}
+    _, catalog_entries = c.catalog.service("web")
+    assert catalog_entries[0]["ServiceAddress"] == "10.0.0.7" and catalog_entries[0]["ServiceMeta"] == {"version": "1"}
+    assert c.agent.check.ttl_warn("service:web-1", notes="slow")
+    assert c.health.service("web")[1][0]["Checks"][0]["Status"] == "warning"
+    assert c.agent.service.deregister("web-1")
+    assert c.health.service("web")[1] == []
+    # An unknown service answers 200 [] with an index, as Consul does.
+    index, none = c.health.service("nothing-here")
+    assert none == [] and int(index) >= 1
+
+
+def test_blocking_query_waits_for_its_own_answer(ccluster: ConsulCluster) -> None:
+    n1 = ccluster.nodes[0]
+    c = ccluster.consul(n1)
+    c.agent.service.register("api", service_id="api-1", address="10.0.0.1", port=80)
+    index, _ = c.health.service("api")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(c.health.service, "api", index=index, wait="60s")
+        # A change elsewhere: applied on this node (its own read shows it), and the query still waits.
+        c.agent.service.register("other", service_id="other-1", address="10.0.0.2", port=81)
+        wait_until(lambda: "other" in c.catalog.services(consistency="stale")[1], 10, "the change applied")
+        assert not blocked.done()
+        assert c.health.service("api")[0] == index  # the index did not move either
+        # A change to its answer wakes it, with a higher index.
+        c.agent.service.register("api", service_id="api-2", address="10.0.0.3", port=80)
+        new_index, entries = blocked.result(timeout=30)
+    assert int(new_index) > int(index)
+    assert sorted(e["Service"]["ID"] for e in entries) == ["api-1", "api-2"]
+    # A delete moves the index too (no record left in the answer says so).
+    c.agent.service.deregister("api-2")
+    after_delete, _ = c.health.service("api")
+    assert int(after_delete) > int(new_index)
+    # A wait that runs out returns the same index.
+    timed_out, _ = c.health.service("api", index=after_delete, wait="1s")
+    assert timed_out == after_delete
+    # An index ahead of the answer's answers at once.
+    ahead, _ = c.health.service("api", index=str(int(after_delete) + 1000), wait="60s")
+    assert ahead == after_delete
+
+
+def test_kv_get_put_cas_recurse(ccluster: ConsulCluster) -> None:
+    c = ccluster.consul(ccluster.nodes[0])
+    assert c.kv.put("app/config/a", "1")
+    assert c.kv.put("app/config/b", "two")
+    index, item = c.kv.get("app/config/a")
+    assert item["Value"] == b"1"
+    # cas: a stale ModifyIndex loses, the current one wins, 0 means "only if absent".
+    assert not c.kv.put("app/config/a", "x", cas=item["ModifyIndex"] - 1)
+    assert c.kv.put("app/config/a", "x", cas=item["ModifyIndex"])
+    assert not c.kv.put("app/config/a", "y", cas=0)
+    assert c.kv.put("app/config/c", "new", cas=0)
+    _, items = c.kv.get("app/", recurse=True)
+    assert [(i["Key"], i["Value"]) for i in items] == [("app/config/a", b"x"), ("app/config/b", b"two"),
+                                                      ("app/config/c", b"new")]
+    _, keys = c.kv.get("app/", keys=True, separator="/")
+    assert keys == ["app/config/"]
+    assert c.kv.get("missing")[1] is None
+    assert c.kv.delete("app/config/c")
+    _, items = c.kv.get("app/", recurse=True)
+    assert [i["Key"] for i in items] == ["app/config/a", "app/config/b"]
+    # A blocking KV read wakes on a put under its prefix.
+    index, _ = c.kv.get("app/", recurse=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(c.kv.get, "app/", recurse=True, index=index, wait="60s")
+        c.kv.put("app/config/d", "4")
+        new_index, items = blocked.result(timeout=30)
+    assert int(new_index) > int(index) and len(items) == 3
+    status, _, body = http("GET", ccluster.url(ccluster.nodes[0], "/v1/kv/app/config/b?raw"))
+    assert (status, body) == (200, b"two")
+
+
+#: (method, path, body, expected status, a piece of the message): each refused, none changing anything.
+BAD_INPUT: list[tuple[str, str, bytes | None, int, bytes]] = [
+    ("PUT", "/v1/agent/service/register", b"{not json", 400, b"not valid JSON"),
+    ("PUT", "/v1/agent/service/register", b'{"Name": 5, "Port": 1}', 400, b"Name must be a string"),
+    ("PUT", "/v1/agent/service/register", b'{"Name": "a", "Port": "80"}', 400, b"Port must be an integer"),
+    ("PUT", "/v1/agent/service/register", b'{"Name": "a b", "Port": 80}', 400, b"not a valid name"),
+    ("PUT", "/v1/agent/service/register", b'{"Name": "a", "Port": 80, "Tags": ["x\\u0007"]}', 400, b"tag"),
+    ("PUT", "/v1/agent/service/register", b" " * ((1 << 20) + 1), 413, b"size"),
+    ("PUT", "/v1/kv/k", b"x" * ((1 << 20) + 1), 413, b"size"),
+    ("GET", "/v1/no/such/path", None, 404, b"Not Found"),
+    ("GET", "/v1/health/service/web?wait=5", None, 400, b"duration"),
+    ("GET", "/v1/health/service/web?wait=forever", None, 400, b"duration"),
+    ("GET", "/v1/health/service/web?index=-1", None, 400, b"index"),
+    ("GET", "/v1/health/service/web?index=abc", None, 400, b"index"),
+    ("GET", "/v1/health/service/web?filter=Service.Port%3D%3D1", None, 400, b"filter"),
+    ("GET", "/v1/catalog/services?near=_agent", None, 400, b"near"),
+    ("GET", "/v1/catalog/service/web?node-meta=a:b", None, 400, b"node-meta"),
+    ("GET", "/v1/catalog/service/web?peer=p", None, 400, b"peer"),
+    ("GET", "/v1/catalog/service/web?ns=team", None, 400, b"ns"),
+    ("GET", "/v1/health/state/sideways", None, 400, b"unknown check state"),
+    ("PUT", "/v1/agent/check/pass/serfHealth", None, 404, b"service:<instance id>"),
+    ("PUT", "/v1/agent/check/pass/service:nobody", None, 404, b"no instance"),
+    ("PUT", "/v1/kv/with%20space", b"x", 400, b"not a valid key"),
+    ("PUT", "/v1/kv/k?flags=3", b"x", 400, b"flags"),
+    ("PUT", "/v1/kv/k", b"\xff\xfe", 400, b"UTF-8"),
+    ("DELETE", "/v1/kv/app?recurse", None, 400, b"atomic"),
+]
+
+
+def test_bad_input_gets_4xx_and_the_node_keeps_serving(ccluster: ConsulCluster) -> None:
+    node = ccluster.nodes[0]
+    for method, path, body, status, message in BAD_INPUT:
+        got, _, text = http(method, ccluster.url(node, path), body)
+        assert got == status, (method, path, text)
+        assert message.lower() in text.lower(), (method, path, text)
+        ok, headers, services = http("GET", ccluster.url(node, "/v1/catalog/services"))
+        assert ok == 200 and json.loads(services) == {} and int(headers["X-Consul-Index"]) >= 1
+        assert headers["X-Consul-KnownLeader"] == "true"
+    assert http("GET", ccluster.url(node, "/v1/kv/?recurse"))[0] == 404  # nothing was written
+
+
+def test_acl_token_in_header_query_or_bearer(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    for c in _started(tmp_path / "acl", request, ("--acl",)):
+        node = c.nodes[0]
+        url = c.url(node, "/v1/catalog/services")
+        assert http("GET", url)[0] == 403
+        assert http("PUT", c.url(node, "/v1/kv/k"), b"v")[0] == 403
+        secret = c.client().call("acl_bootstrap")[1]["secret"]
+        assert http("GET", url, headers={"X-Consul-Token": secret})[0] == 200
+        assert http("GET", url, headers={"Authorization": f"Bearer {secret}"})[0] == 200
+        assert http("GET", url + "?token=" + secret)[0] == 200
+        assert http("GET", url, headers={"X-Consul-Token": "wrong"})[0] == 403
+        admin = c.consul(node, token=secret)
+        assert admin.agent.service.register("web", service_id="w1", address="10.0.0.1", port=80)
+        assert [e["Service"]["ID"] for e in admin.health.service("web")[1]] == ["w1"]
