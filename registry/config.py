@@ -134,9 +134,6 @@ class NodeConfig:
     #: Consul's HTTP API (registry.server.consul, docs/consul.md) on this host; None: off.
     consul_http_host: str | None = None
     consul_http_port: int = 8500
-    #: Consul's HTTP API (registry.server.consul, docs/consul.md) on this host; None: off.
-    consul_http_host: str | None = None
-    consul_http_port: int = 8500
     #: Shared secret for Raft traffic. pysyncobj unpickles what peers send, so
     #: an unauthenticated Raft port is remote code execution: required unless dev.
     cluster_key: str | None = None
@@ -224,17 +221,6 @@ class NodeConfig:
             if dns_addr in (self.api_addr, self.http_addr):
                 # The DNS TCP listener would take the port the API or HTTP server needs.
                 raise InvalidArgument(f"--dns {dns_addr} must differ from --api and --http")
-        if self.consul_http_host is not None:
-            if not 0 < self.consul_http_port < 65536:
-                raise InvalidArgument("--consul-http port must be 1..65535")
-            if self.consul_http_addr in (self.api_addr, self.http_addr):
-                raise InvalidArgument(f"--consul-http {self.consul_http_addr} must differ from --api and --http")
-
-    @property
-    def consul_http_addr(self) -> str | None:
-        if self.consul_http_host is None:
-            return None
-        return format_hostport(self.consul_http_host, self.consul_http_port)
         if self.consul_http_host is not None:
             if not 0 < self.consul_http_port < 65536:
                 raise InvalidArgument("--consul-http port must be 1..65535")
