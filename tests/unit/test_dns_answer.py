@@ -249,6 +249,34 @@ def test_udp_truncates_and_tcp_returns_all(rdtype: str, tcp: bool, edns: int | N
         assert msg.edns == 0 and msg.payload == 1232
 
 
+def test_srv_on_one_shared_address_truncates_too() -> None:
+    # Every SRV record names one target, so its address record is sent once: more records fit,
+    # and the reply must still say when some were left out.
+    cat = catalog_of(*(reg("one", f"o{i:03d}", "10.3.0.1", 7000 + i) for i in range(100)))
+    reply, msg = ask("one.service.consul.", "SRV", catalog=cat)
+    assert reply.data is not None and msg.flags & dns.flags.TC
+    assert len(reply.data) + 40 > 512 and 0 < len(msg.answer[0]) < 100
+    assert records(msg, "additional") == ["0a030001.addr.consul. A 10.3.0.1"]
+    _, whole = ask("one.service.consul.", "SRV", catalog=cat, tcp=True)
+    assert len(whole.answer[0]) == 100 and not whole.flags & dns.flags.TC
+
+
+def test_a_query_asked_again_is_answered_from_the_parse_cache_with_its_own_id() -> None:
+    ans = answerer()
+    cat = catalog_of(*WORLD)
+    query = dns.message.make_query("_web._v2.service.consul.", "SRV")
+    for ident in (1, 2, 65535):
+        query.id = ident
+        data = ans.answer(query.to_wire(), cat, tcp=False).data
+        assert data is not None
+        msg = dns.message.from_wire(data)
+        assert msg.id == ident and sorted(rd.port for rd in msg.answer[0]) == [8002, 8004]
+    # A different question in otherwise equal bytes (RD flag cleared) is parsed afresh.
+    query.flags &= ~dns.flags.RD
+    data = ans.answer(query.to_wire(), cat, tcp=False).data
+    assert data is not None and not dns.message.from_wire(data).flags & dns.flags.RD
+
+
 # --------------------------------------------------------------------------- bad input
 
 def header(ident: int = 0x1234, flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
