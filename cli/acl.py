@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from registry.client import SyncClient
 from registry.errors import RegistryError
 
 from .durations import Duration
@@ -38,7 +39,7 @@ def acl() -> None:
 def acl_bootstrap(obj: Ctx) -> None:
     """Issue the first management token (once per cluster)."""
     with obj.client() as client:
-        _, body = client.call("acl_bootstrap", {})
+        _, body = client.acl_bootstrap()
     emit(obj.output, body,
          f"management token id: {body['id']}\nsecret: {body['secret']}\n"
          "This is the only time this management token is shown; store it now.")
@@ -57,11 +58,8 @@ def token() -> None:
 @handles_errors
 def token_create(obj: Ctx, roles: tuple[str, ...], description: str, ttl: int | None) -> None:
     """Create a token bound to roles; prints its secret once."""
-    args: dict[str, object] = {"roles": list(roles), "description": description}
-    if ttl is not None:
-        args["ttl_ms"] = ttl
     with obj.client() as client:
-        _, body = client.call("acl_token_create", args)
+        _, body = client.acl_token_create(roles, description=description, ttl_ms=ttl)
     emit(obj.output, body, f"token id: {body['id']}\nsecret: {body['secret']}\n"
                            "This is the only time this token's secret is shown; store it now.")
 
@@ -71,7 +69,7 @@ def token_create(obj: Ctx, roles: tuple[str, ...], description: str, ttl: int | 
 @handles_errors
 def token_list(obj: Ctx) -> None:
     """List tokens (never their secrets)."""
-    _listing(obj, "acl_token_list", ("ID", "ROLES", "EXPIRES_MS", "DESCRIPTION"),
+    _listing(obj, SyncClient.acl_token_list, ("ID", "ROLES", "EXPIRES_MS", "DESCRIPTION"),
              lambda t: (t["id"], ",".join(t["roles"]), t["expires_ms"] or "never", t["description"]))
 
 
@@ -81,20 +79,21 @@ def token_list(obj: Ctx) -> None:
 @handles_errors
 def token_revoke(obj: Ctx, token_id: str) -> None:
     """Revoke a token: its next request on any node fails and its watch streams end."""
-    _change(obj, "acl_token_delete", {"token_id": token_id}, {"id": token_id}, f"revoked token {token_id}")
+    _change(obj, lambda c: c.acl_token_delete(token_id), {"id": token_id}, f"revoked token {token_id}")
 
 
-def _change(obj: Ctx, op: str, args: dict[str, Any], shown: dict[str, Any], done: str) -> None:
+def _change(obj: Ctx, op: Callable[[SyncClient], tuple[int, Any]], shown: dict[str, Any], done: str) -> None:
     """Run a mutating op; print ``done`` with the revision it took (JSON: ``shown`` plus ``revision``)."""
     with obj.client() as client:
-        revision, _ = client.call(op, args)
+        revision, _ = op(client)
     emit(obj.output, {**shown, "revision": revision}, f"{done} at revision {revision}")
 
 
-def _listing(obj: Ctx, op: str, headers: tuple[str, ...], row: Callable[[dict[str, Any]], tuple[Any, ...]]) -> None:
+def _listing(obj: Ctx, op: Callable[[SyncClient], tuple[int, Any]], headers: tuple[str, ...],
+             row: Callable[[dict[str, Any]], tuple[Any, ...]]) -> None:
     """Run a list op; a table of one ``row`` per item (JSON: the items as the node sent them)."""
     with obj.client() as client:
-        _, body = client.call(op, {})
+        _, body = op(client)
     emit(obj.output, body, table([row(item) for item in body], headers))
 
 
@@ -112,7 +111,7 @@ def role() -> None:
 @handles_errors
 def role_create(obj: Ctx, name: str, rules: tuple[str, ...]) -> None:
     """Create or replace role NAME."""
-    _change(obj, "acl_role_put", {"name": name, "rules": list(rules)}, {"name": name}, f"role {name} saved")
+    _change(obj, lambda c: c.acl_role_put(name, rules), {"name": name}, f"role {name} saved")
 
 
 @role.command("list")
@@ -120,7 +119,7 @@ def role_create(obj: Ctx, name: str, rules: tuple[str, ...]) -> None:
 @handles_errors
 def role_list(obj: Ctx) -> None:
     """List roles and their rules."""
-    _listing(obj, "acl_role_list", ("NAME", "RULES"),
+    _listing(obj, SyncClient.acl_role_list, ("NAME", "RULES"),
              lambda r: (r["name"], " ".join(f"{x['resource']}={','.join(x['verbs'])}" for x in r["rules"])))
 
 
@@ -130,7 +129,7 @@ def role_list(obj: Ctx) -> None:
 @handles_errors
 def role_delete(obj: Ctx, name: str) -> None:
     """Delete role NAME (tokens bound to it lose its rules)."""
-    _change(obj, "acl_role_delete", {"name": name}, {"name": name}, f"role {name} deleted")
+    _change(obj, lambda c: c.acl_role_delete(name), {"name": name}, f"role {name} deleted")
 
 
 @acl.group("user")
@@ -147,7 +146,7 @@ def user() -> None:
 def user_create(obj: Ctx, name: str, roles: tuple[str, ...], password_stdin: bool) -> None:
     """Create or replace user NAME (the node stores a salted scrypt hash of the password)."""
     password = _read_password("password", password_stdin)
-    _change(obj, "acl_user_put", {"name": name, "password": password, "roles": list(roles)}, {"name": name},
+    _change(obj, lambda c: c.acl_user_put(name, password, roles), {"name": name},
             f"user {name} saved")
 
 
@@ -156,7 +155,7 @@ def user_create(obj: Ctx, name: str, roles: tuple[str, ...], password_stdin: boo
 @handles_errors
 def user_list(obj: Ctx) -> None:
     """List users and their roles."""
-    _listing(obj, "acl_user_list", ("NAME", "ROLES"), lambda u: (u["name"], ",".join(u["roles"])))
+    _listing(obj, SyncClient.acl_user_list, ("NAME", "ROLES"), lambda u: (u["name"], ",".join(u["roles"])))
 
 
 @user.command("delete")
@@ -165,7 +164,7 @@ def user_list(obj: Ctx) -> None:
 @handles_errors
 def user_delete(obj: Ctx, name: str) -> None:
     """Delete user NAME."""
-    _change(obj, "acl_user_delete", {"name": name}, {"name": name}, f"user {name} deleted")
+    _change(obj, lambda c: c.acl_user_delete(name), {"name": name}, f"user {name} deleted")
 
 
 @cli.command()
@@ -177,7 +176,7 @@ def login(obj: Ctx, name: str, password_stdin: bool) -> None:
     password = _read_password("password", password_stdin)
     try:
         with obj.client() as client:
-            _, body = client.call("login", {"name": name, "password": password})
+            _, body = client.login(name, password)
     except RegistryError as err:
         fail(err)
         return
@@ -192,8 +191,7 @@ def intention() -> None:
 
 def _put_intention(obj: Ctx, source: str, destination: str, action: str) -> None:
     with obj.client() as client:
-        revision, _ = client.call("intention_put", {"source": source, "destination": destination,
-                                                    "action": action})
+        revision, _ = client.intention_put(source, destination, action)
     emit(obj.output, {"source": source, "destination": destination, "action": action, "revision": revision},
          f"{action} {source} -> {destination} at revision {revision}")
 
@@ -226,7 +224,7 @@ def intention_deny(obj: Ctx, source: str, destination: str) -> None:
 def intention_check(obj: Ctx, source: str, destination: str) -> None:
     """Say whether SOURCE may connect to DESTINATION (exit 1 if denied)."""
     with obj.client() as client:
-        _, body = client.call("intention_check", {"source": source, "destination": destination})
+        _, body = client.intention_check(source, destination)
     why = f"intention {body['matched']}" if body["matched"] else "the default"
     emit(obj.output, body, f"{body['action']}: {source} -> {destination} ({why})")
     if body["action"] != "allow":
@@ -239,7 +237,7 @@ def intention_check(obj: Ctx, source: str, destination: str) -> None:
 def intention_list(obj: Ctx) -> None:
     """List intentions and the default action."""
     with obj.client() as client:
-        _, body = client.call("intention_list", {})
+        _, body = client.intention_list()
     rows = [(i["source"], i["destination"], i["action"]) for i in body["intentions"]]
     emit(obj.output, body, table(rows, ("SOURCE", "DESTINATION", "ACTION")) + f"\ndefault: {body['default']}")
 
@@ -252,7 +250,7 @@ def intention_list(obj: Ctx) -> None:
 def intention_delete(obj: Ctx, source: str, destination: str) -> None:
     """Delete the intention SOURCE -> DESTINATION (the default applies again)."""
     with obj.client() as client:
-        revision, _ = client.call("intention_delete", {"source": source, "destination": destination})
+        revision, _ = client.intention_delete(source, destination)
     emit(obj.output, {"source": source, "destination": destination, "revision": revision},
          f"deleted {source} -> {destination} at revision {revision}")
 
@@ -264,5 +262,5 @@ def intention_delete(obj: Ctx, source: str, destination: str) -> None:
 def intention_default(obj: Ctx, action: str) -> None:
     """Set the action for pairs without an intention."""
     with obj.client() as client:
-        revision, _ = client.call("intention_default_set", {"action": action})
+        revision, _ = client.intention_default_set(action)
     emit(obj.output, {"default": action, "revision": revision}, f"default {action} at revision {revision}")

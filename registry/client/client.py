@@ -34,6 +34,7 @@ from typing import Any, cast
 import msgpack
 
 from registry.client.wrong_port import SILENT, what_answered, wrong_port_message
+from registry.client.calls import AsyncCalls, SyncCalls
 from registry.config import parse_hostport
 from registry.errors import ProtocolError, RegistryError, Timeout, Unavailable
 from registry.fsm.model import LEASE_KEEPALIVE_IDS_MAX
@@ -453,7 +454,7 @@ class _Connection:
         self._fail_all(ConnectionFailed("client closed"))
 
 
-class Client:
+class Client(AsyncCalls):
     def __init__(
         self,
         endpoints: Sequence[str] = DEFAULT_ENDPOINTS,
@@ -914,8 +915,10 @@ def _merge_snapshot(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class SyncClient:
+class SyncClient(SyncCalls):
     """Blocking wrapper for scripts and the CLI: one private event loop."""
+
+    client: Client
 
     def __init__(self, endpoints: Sequence[str] = DEFAULT_ENDPOINTS, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
