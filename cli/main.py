@@ -150,16 +150,16 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
 @click.option("--dns-token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --acl: file holding the token whose read rights DNS answers with (or env REGCTL_DNS_TOKEN; "
                    "without one DNS is off).")
-@click.option("--consul-http", "consul_http_addr", default=None,
+@click.option("--consul-http", "consul_http_addrs", multiple=True,
               help="Serve Consul's HTTP API (catalog, health, agent, KV, blocking queries) on this HOST:PORT, "
-                   "for Prometheus, Traefik and Consul clients (docs/consul.md).")
+                   "for Prometheus, Traefik and Consul clients (docs/consul.md); repeat for more listeners.")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
            log_level: str, compaction_entries: int | None, commit_notify_delay_ms: float | None,
            watch_history_events: int | None,
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None, dns_addr: str | None, dns_domain: str, dns_ttl_s: int,
-           dns_token_file: Path | None, consul_http_addr: str | None) -> None:
+           dns_token_file: Path | None, consul_http_addrs: tuple[str, ...]) -> None:
     """Run one registry node in the foreground."""
     from registry.raft.incarnation import load_or_create
     from registry.server.node import run_node, server_ssl_context
@@ -201,9 +201,9 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         if watch_queue_events is not None:
             limits = dataclasses.replace(limits, queue_events_max=watch_queue_events)
         config = config.replace(watch_limits=limits, dns=_dns_settings(dns_addr, dns_domain, dns_ttl_s, dns_token_file))
-        if consul_http_addr is not None:
-            consul_host, consul_port = parse_hostport(consul_http_addr, what="--consul-http")
-            config = config.replace(consul_http_host=consul_host, consul_http_port=consul_port)
+        if consul_http_addrs:
+            config = config.replace(consul_http=tuple(parse_hostport(a, what="--consul-http")
+                                                      for a in consul_http_addrs))
         config.validate()
     except RegistryError as err:
         raise click.UsageError(err.message) from None

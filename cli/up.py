@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
@@ -36,15 +37,22 @@ class LocalNode:
     data_dir: Path
     #: DNS (UDP and TCP); empty: none.
     dns: str = ""
+    #: Consul's HTTP API listeners (base+300+i; node 1 also 127.0.0.1:8500 when free).
+    consul: tuple[str, ...] = ()
 
 
 def plan(nodes: int, data_dir: Path, base_port: int, host: str = "127.0.0.1") -> list[LocalNode]:
-    """Node i (1-based): API base+i, Raft base+100+i, HTTP base+200+i, DNS base+400+i."""
+    """Node i (1-based): API base+i, Raft base+100+i, HTTP base+200+i, Consul HTTP base+300+i, DNS base+400+i."""
     return [
         LocalNode(f"n{i}", f"{host}:{base_port + i}", f"{host}:{base_port + 100 + i}",
-                  f"{host}:{base_port + 200 + i}", data_dir / f"n{i}", f"{host}:{base_port + 400 + i}")
+                  f"{host}:{base_port + 200 + i}", data_dir / f"n{i}", f"{host}:{base_port + 400 + i}",
+                  (f"{host}:{base_port + 300 + i}",))
         for i in range(1, nodes + 1)
     ]
+
+
+#: Where Consul's tools look by default; node 1 serves Consul's HTTP API there too when it is free.
+CONSUL_DEFAULT_ADDR = "127.0.0.1:8500"
 
 
 def ensure_cluster_key(data_dir: Path) -> Path:
@@ -75,6 +83,8 @@ def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None,
             cmd += ["--peer-api", f"{p.raft}={p.api}"]
     if node.dns:
         cmd += ["--dns", node.dns]
+    for addr in node.consul:
+        cmd += ["--consul-http", addr]
     if key_file is not None:
         cmd += ["--cluster-key-file", str(key_file)]
     else:
@@ -102,7 +112,9 @@ def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, d
     """
     data_dir = data_dir.resolve()
     members = plan(nodes, data_dir, base_port)
-    busy = [a for m in members for a in (m.api, m.raft, m.http, m.dns) if not _port_free(a)]
+    busy = [a for m in members for a in (m.api, m.raft, m.http, m.dns, *m.consul) if not _port_free(a)]
+    if _port_free(CONSUL_DEFAULT_ADDR):
+        members[0] = dataclasses.replace(members[0], consul=(*members[0].consul, CONSUL_DEFAULT_ADDR))
     if busy:
         raise click.UsageError(f"address(es) already in use: {', '.join(busy)} (another cluster running? "
                                f"use --base-port)")
@@ -118,7 +130,7 @@ def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, d
         click.echo(f"raft-registry: {nodes} node(s), data in {data_dir}")
         for m in members:
             click.echo(f"  {m.node_id}  api {m.api}  raft {m.raft}  http http://{m.http}  dns {m.dns}  "
-                       f"log {m.data_dir / 'node.log'}")
+                       f"consul {' '.join('http://' + a for a in m.consul)}  log {m.data_dir / 'node.log'}")
         endpoints = [m.api for m in members]
         leader = _wait_ready(endpoints, supervisor)
         if leader:

@@ -131,9 +131,9 @@ class NodeConfig:
     api_port: int = 7001
     http_host: str = "127.0.0.1"
     http_port: int = 7201
-    #: Consul's HTTP API (registry.server.consul, docs/consul.md) on this host; None: off.
-    consul_http_host: str | None = None
-    consul_http_port: int = 8500
+    #: Consul's HTTP API (registry.server.consul, docs/consul.md) on each of these (host, port); none: off.
+    #: ``regctl up`` gives node 1 a second one on 127.0.0.1:8500, where the tools look by default.
+    consul_http: tuple[tuple[str, int], ...] = ()
     #: Shared secret for Raft traffic. pysyncobj unpickles what peers send, so
     #: an unauthenticated Raft port is remote code execution: required unless dev.
     cluster_key: str | None = None
@@ -221,17 +221,18 @@ class NodeConfig:
             if dns_addr in (self.api_addr, self.http_addr):
                 # The DNS TCP listener would take the port the API or HTTP server needs.
                 raise InvalidArgument(f"--dns {dns_addr} must differ from --api and --http")
-        if self.consul_http_host is not None:
-            if not 0 < self.consul_http_port < 65536:
-                raise InvalidArgument("--consul-http port must be 1..65535")
-            if self.consul_http_addr in (self.api_addr, self.http_addr):
-                raise InvalidArgument(f"--consul-http {self.consul_http_addr} must differ from --api and --http")
+        consul_addrs = self.consul_http_addrs
+        if len(set(consul_addrs)) != len(consul_addrs):
+            raise InvalidArgument("--consul-http addresses contain a duplicate")
+        for (_, port), addr in zip(self.consul_http, consul_addrs, strict=True):
+            if not 0 < port < 65536:
+                raise InvalidArgument(f"--consul-http {addr}: port must be 1..65535")
+            if addr in (self.api_addr, self.http_addr):
+                raise InvalidArgument(f"--consul-http {addr} must differ from --api and --http")
 
     @property
-    def consul_http_addr(self) -> str | None:
-        if self.consul_http_host is None:
-            return None
-        return format_hostport(self.consul_http_host, self.consul_http_port)
+    def consul_http_addrs(self) -> list[str]:
+        return [format_hostport(host, port) for host, port in self.consul_http]
 
     @property
     def api_addr(self) -> str:

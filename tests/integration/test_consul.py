@@ -16,6 +16,7 @@ import pytest
 from registry.server.ports import ports_free
 from tests.conftest import _print_logs_if_failed
 from tests.support.cluster import Cluster, NodeProc, wait_until
+from tests.support.up import UpRun, free_up_base_port
 
 
 class ConsulCluster(Cluster):
@@ -214,3 +215,19 @@ def test_acl_token_in_header_query_or_bearer(tmp_path: Path, request: pytest.Fix
         admin = c.consul(node, token=secret)
         assert admin.agent.service.register("web", service_id="w1", address="10.0.0.1", port=80)
         assert [e["Service"]["ID"] for e in admin.health.service("web")[1]] == ["w1"]
+
+
+def test_regctl_up_serves_consul_http_on_base_plus_300(tmp_path: Path) -> None:
+    for _ in range(100):
+        base = free_up_base_port()
+        if ports_free(base + 300 + i for i in range(1, 4)):
+            break
+    run = UpRun(tmp_path / "up-data", base, tmp_path / "up.log")
+    try:
+        clients = [consul.Consul(host="127.0.0.1", port=base + 300 + i) for i in range(1, 4)]
+        wait_until(lambda: clients[0].status.leader(), 40, "a leader named on node 1's Consul port")
+        assert clients[1].agent.service.register("web", service_id="w1", address="10.0.0.1", port=80)
+        assert [e["Service"]["ID"] for e in clients[2].health.service("web")[1]] == ["w1"]
+        assert f"http://127.0.0.1:{base + 301}" in run.output()
+    finally:
+        run.cleanup()

@@ -22,7 +22,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -146,10 +146,12 @@ class ConsulHTTP:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
+        """Listen on each (host, port), bound to exactly that host."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        for host, port in addresses:
+            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
 
     async def stop(self) -> None:
         if self._runner is not None:
