@@ -83,7 +83,7 @@ from typing import Any, overload
 import msgpack
 
 __all__ = [
-    "RaftLog", "LogImage", "LogCorrupted", "LogWriteFailed", "Record", "SegmentScan",
+    "RaftLog", "LogImage", "LogRefused", "LogCorrupted", "LogWriteFailed", "Record", "SegmentScan",
     "scan_segment", "encode_record", "segment_name",
     "ENTRY", "TRUNCATE", "FIRST", "RESET", "COMMIT", "SEGMENT_HEADER", "SEGMENT_BYTES_MAX",
     "RECORD_BYTES_MAX", "TERM_FILE", "COMMIT_INDEX_DEFAULT",
@@ -118,8 +118,12 @@ _PAYLOAD_HEAD = struct.Struct("<BQQ")  # kind, index, term
 _SEGMENT_NAME = re.compile(r"^(\d{16})\.seg$")
 
 
-class LogCorrupted(Exception):
-    """The log on disk is damaged beyond a torn tail; the node must not start on it.
+class LogRefused(Exception):
+    """The node must not start on this data directory; the message is one line saying why."""
+
+
+class LogCorrupted(LogRefused):
+    """The log on disk is damaged beyond a torn tail.
 
     The message is one line naming the file and the byte offset.
     """
@@ -321,7 +325,8 @@ class RaftLog:
         self._dir = Path(directory)
         self._fsync = fsync
         self._segment_bytes_max = segment_bytes_max
-        self._on_sync = on_sync
+        #: Called after each fdatasync (Raft thread); may be set after opening (metrics).
+        self.on_sync = on_sync
         #: Counters (read by metrics and tests).
         self.fsyncs = 0
         self.fsync_seconds_total = 0.0
@@ -451,8 +456,18 @@ class RaftLog:
 
     @property
     def dirty(self) -> bool:
-        """True if something appended (or a new commit index) is not yet durable."""
-        return bool(self._buffer) or self._unsynced_written or self._commit_index != self._commit_written
+        """True if something appended (or a new commit index) is not yet durable (always, once failed)."""
+        return self.entries_dirty or self._commit_index != self._commit_written
+
+    @property
+    def entries_dirty(self) -> bool:
+        """True if a record (an entry, a truncation ...) is not yet durable: messages that rely on it must wait.
+
+        A commit index alone does not count: no message relies on it being
+        durable (a node that forgets it only waits for the leader to repeat it).
+        Always true once the log has failed, so nothing waiting on it is ever sent.
+        """
+        return bool(self._buffer) or self._unsynced_written or self._failure is not None
 
     @property
     def failed(self) -> LogWriteFailed | None:
@@ -490,8 +505,8 @@ class RaftLog:
             self.fsyncs += 1
             self.fsync_seconds_total += elapsed
             self.records_synced += records
-            if self._on_sync is not None:
-                self._on_sync(elapsed, records)
+            if self.on_sync is not None:
+                self.on_sync(elapsed, records)
         self._drop_dead_segments()
 
     # -- test and status hooks ---------------------------------------------------------

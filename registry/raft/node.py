@@ -37,9 +37,25 @@ Fernet costs 50-750 us per message in Python (a fresh cipher object, HMAC
 and base64 each time, and the HMAC is checked twice per receive), which was
 the largest single CPU cost per Raft entry; one AES-GCM call costs 2-15 us.
 
-Durability.  pysyncobj's journal is an mmap'd file that is never fsynced:
-acknowledged writes survive ``kill -9`` of any or all nodes (the page cache
-outlives the process) but not a power loss or kernel crash of a majority.
+Durability.  pysyncobj keeps its log, term and vote in our ``RaftLog``
+(``log.py``: append-only segments, a CRC per record, replacing its mmap'd
+journal, which was never fsynced), handed over through its journal factory
+(``pysyncobj_patch.py``).  Raft is safe only if a node persists before it
+speaks, so every message goes through ``SendGate`` (``send_gate.py``): while
+the log holds records that are not yet fsynced, messages queue, and around
+each poll of the sockets (``_DeadlinePoller.poll``) the gate syncs the log
+once and then sends the queue.  One fdatasync thus covers everything a tick
+appended, and a follower's AppendEntries success, the leader's
+AppendEntries and a vote grant all leave after what they rely on is on
+disk.  Term and vote are written synchronously (``RaftLog.setCurrentTerm``).
+The leader counts itself toward a commit as soon as it appends, but commits
+only what a majority acknowledged, and followers only receive entries the
+leader has already synced; the one case where a leader commits alone, a
+single-node cluster's no-op on election, syncs right there
+(``_SyncObj__onBecomeLeader``).  ``--unsafe-no-fsync`` keeps the ordering
+and the writes but no fdatasync.  If a write or sync fails (ENOSPC, EIO),
+the log fails for good, nothing queued is sent, and the node exits
+(``on_log_failure``); see docs/durability.md.
 """
 
 from __future__ import annotations
@@ -68,12 +84,22 @@ from registry.fsm.state import RegistryState
 from registry.raft.cipher import DEV_MODE_KEY, RaftCipher
 from registry.raft.commit_hold import CommitHold
 from registry.raft.incarnation import IncarnationGuard
+from registry.raft.log import LogRefused, LogWriteFailed, RaftLog, SyncObserver
+from registry.raft.pysyncobj_patch import install as install_journal_factory
+from registry.raft.send_gate import GatedTransport, SendGate
 from registry.raft.snapshot import SNAPSHOT_FORMAT, SNAPSHOT_MAGIC, read_snapshot_file
-from registry.raft.transport import RaftTransport
 
 __all__ = ["StateHolder", "RaftNode", "BatchOutcome", "Listener", "RaftStatus", "submit_error"]
 
 log = logging.getLogger("registry.raft.node")
+
+install_journal_factory()
+
+#: Exit status of a node whose Raft log could not be written (EX_IOERR in sysexits.h).
+EXIT_LOG_FAILED = 74
+#: The log's directory in the data dir, and the pysyncobj journal of earlier versions.
+RAFT_LOG_DIR = "raft-log"
+LEGACY_JOURNAL = "raft.journal"
 
 #: One outcome per command in a batch: (True, result dict) or (False, code, message).
 BatchOutcome = list[tuple[Any, ...]]
@@ -131,6 +157,14 @@ def submit_error(reason: int) -> RegistryError:
     return Timeout(f"proposal outcome unknown (pysyncobj reason {reason})")
 
 
+def _exit_on_log_failure(exc: LogWriteFailed) -> None:
+    """Stop the process: it must acknowledge nothing more (docs/durability.md says why exit, not recover)."""
+    log.critical("%s: exiting so that this node acknowledges nothing it could not persist; "
+                 "restart it once the disk is writable (the log replays and a torn tail is cut)", exc)
+    logging.shutdown()
+    os._exit(EXIT_LOG_FAILED)
+
+
 class _DeadlinePoller:
     """pysyncobj's poller, with each wait cut short at the node's held-back commit round (if any)."""
 
@@ -139,10 +173,15 @@ class _DeadlinePoller:
         self._node = node
 
     def poll(self, timeout: float) -> None:
+        gate = self._node.send_gate
+        # Persist before you speak: what the tick appended is synced before its messages leave,
+        # and what the poll appended (entries from the leader) before the replies to it.
+        gate.flush()
         due = self._node._commit_hold.due
         if due is not None:
             timeout = max(0.0, min(timeout, due - raft_clock()))
         self._inner.poll(timeout)
+        gate.flush()
 
     def subscribe(self, descr: Any, callback: Any, event_mask: int) -> None:
         self._inner.subscribe(descr, callback, event_mask)
@@ -155,9 +194,15 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     """pysyncobj node whose whole replicated surface is ``apply_batch``."""
 
     def __init__(self, config: NodeConfig, holder: StateHolder, incarnation: str,
-                 guard: IncarnationGuard | None = None, *, auto_tick: bool = True) -> None:
+                 guard: IncarnationGuard | None = None, *, auto_tick: bool = True,
+                 on_fsync: SyncObserver | None = None,
+                 on_log_failure: Callable[[LogWriteFailed], None] | None = None) -> None:
         """``auto_tick=False``: no Raft thread; the caller ticks (``_onTick``), as tests do to
-        control exactly when each node runs."""
+        control exactly when each node runs.  ``on_fsync``: called in the Raft thread after each
+        fdatasync (seconds, records).
+        ``on_log_failure``: called once the log cannot be written; the default exits the process.
+
+        Raises ``LogRefused`` (one line) if the log on disk is corrupted or from an older version."""
         self._holder = holder
         #: The child writing a snapshot (see _save_snapshot), and an outcome to report without one.
         self._snapshot_child: int | None = None
@@ -176,6 +221,21 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._commit_hold = CommitHold(config.raft.commit_notify_delay_s)
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        if (data_dir / LEGACY_JOURNAL).exists() and not (data_dir / RAFT_LOG_DIR).exists():
+            raise LogRefused(
+                f"{data_dir / LEGACY_JOURNAL} is a pysyncobj journal from a version without the fsynced "
+                f"raft log, which this version does not read: start this node from an empty data dir "
+                f"(it catches up from its peers) or restore a snapshot backup into one")
+        fsync = not config.unsafe_no_fsync
+        if not fsync:
+            log.warning("UNSAFE: --unsafe-no-fsync: the raft log is never fsynced, so a power loss or kernel "
+                        "crash can lose acknowledged writes and break Raft's safety; for tests and benchmarks only")
+        self._on_log_failure = on_log_failure or _exit_on_log_failure
+        self._log_failed = False
+        #: The Raft log (built before SyncObj.__init__, which asks the journal factory for it).
+        self.wal = RaftLog(data_dir / RAFT_LOG_DIR, fsync=fsync, on_sync=on_fsync)
+        #: Every Raft message leaves through this (GatedTransport.send): see the module docstring.
+        self.send_gate = SendGate(self.wal)
         timing = config.raft
         conf = SyncObjConf(
             # pysyncobj builds its Fernet from this, but every connection takes
@@ -195,7 +255,8 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             connectionRetryTime=timing.reconnect_period_s,
             logCompactionMinEntries=timing.compaction_entries,
             logCompactionMinTime=timing.compaction_period_s,
-            journalFile=str(data_dir / "raft.journal"),
+            # Our RaftLog, used as it is by the patched journal factory (pysyncobj_patch.py).
+            journalFile=self.wal,
             fullDumpFile=str(data_dir / "raft.snapshot"),
             serializer=self._save_snapshot,
             deserializer=self._load_snapshot,
@@ -213,7 +274,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             dnsFailCacheTime=1.0,
             autoTick=auto_tick,
         )
-        super().__init__(config.raft_addr, list(config.peers), conf, transportClass=RaftTransport)
+        super().__init__(config.raft_addr, list(config.peers), conf, transportClass=GatedTransport)
 
     # -- one AppendEntries round per tick ------------------------------------------
     #
@@ -228,13 +289,28 @@ class RaftNode(SyncObj):  # type: ignore[misc]
     # latest commit index.
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self._log_failed:
+            # Never tick again: pysyncobj's thread would keep queuing messages the gate never sends.
+            time.sleep(timeToWait)
+            return
         self._defer_sends = True
         try:
-            self._read_before_electing()
-            super()._onTick(timeToWait)
-        finally:
-            # Ticks that return early (transport not ready) never reach _checkCommandsToApply.
-            self._flush_sends()
+            try:
+                self._read_before_electing()
+                super()._onTick(timeToWait)
+            finally:
+                # Ticks that return early (transport not ready) never reach _checkCommandsToApply.
+                self._flush_sends()
+        except LogWriteFailed as exc:
+            self._defer_sends = False
+            self._log_failed = True
+            self._on_log_failure(exc)
+
+    def _SyncObj__onBecomeLeader(self) -> None:
+        super()._SyncObj__onBecomeLeader()
+        # pysyncobj counts the leader's own copy toward a commit at once: in a one-node
+        # cluster the no-op (and every older entry with it) commits later in this very tick.
+        self.send_gate.flush()
 
     def _read_before_electing(self) -> None:
         """Read what the peers sent before pysyncobj decides that the leader is gone.

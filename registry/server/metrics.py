@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["NodeMetrics", "RequestStats"]
+__all__ = ["NodeMetrics", "RequestStats", "WalStats"]
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -78,6 +78,61 @@ class RequestStats(Collector):
         yield latency
 
 
+#: etcd's buckets for its wal_fsync_duration_seconds (1 ms doubling to 8 s), with finer ones below
+#: 1 ms: an fdatasync of a small append takes ~0.07 ms on a local SSD.
+_FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, *(0.001 * 2 ** i for i in range(14)))
+_FSYNC_RECORDS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class WalStats(Collector):
+    """The Raft log's fsyncs: ``regctl_wal_fsync_duration_seconds`` (etcd's name), records per fsync
+    (``regctl_wal_fsync_records``) and ``regctl_wal_torn_tails_truncated`` at start.
+
+    ``observe`` runs in the Raft thread after every fdatasync, so it is two
+    bucket searches and some adds on plain lists (see ``RequestStats``); a
+    scrape copies them.
+    """
+
+    def __init__(self) -> None:
+        self._seconds_bounds = _FSYNC_BUCKETS_S
+        self._records_bounds = _FSYNC_RECORDS_BUCKETS
+        self._seconds = [0] * (len(self._seconds_bounds) + 1)
+        self._records = [0] * (len(self._records_bounds) + 1)
+        self._seconds_sum = 0.0
+        self._records_sum = 0
+        #: Torn tails the log cut when this node started.
+        self.torn_tails_truncated = 0
+
+    def observe(self, seconds: float, records: int) -> None:
+        self._seconds[bisect_left(self._seconds_bounds, seconds)] += 1
+        self._seconds_sum += seconds
+        self._records[bisect_left(self._records_bounds, records)] += 1
+        self._records_sum += records
+
+    @staticmethod
+    def _histogram(name: str, doc: str, bounds: tuple[float, ...], counts: list[int],
+                   total: float) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        family.add_metric([], buckets, total)
+        return family
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        yield self._histogram("regctl_wal_fsync_duration_seconds", "fdatasync of the Raft log, in seconds",
+                              self._seconds_bounds, list(self._seconds), self._seconds_sum)
+        yield self._histogram("regctl_wal_fsync_records", "Raft log records made durable by one fdatasync",
+                              tuple(float(b) for b in self._records_bounds), list(self._records),
+                              float(self._records_sum))
+        torn = CounterMetricFamily("regctl_wal_torn_tails_truncated",
+                                   "torn records cut from the end of the Raft log when this node started")
+        torn.add_metric([], self.torn_tails_truncated)
+        yield torn
+
+
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -109,6 +164,8 @@ class NodeMetrics:
         )
         self.requests = RequestStats(_LATENCY_BUCKETS_S)
         r.register(self.requests)
+        self.wal = WalStats()
+        r.register(self.wal)
         self.connections = Gauge("regctl_client_connections", "open client connections", registry=r)
         self.bad_frames = Counter(
             "regctl_bad_frames", "connections closed for a broken byte stream", registry=r

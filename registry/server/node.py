@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from registry.errors import RegistryError
 from registry.fsm.ops import REQUEST_OPS
 from registry.fsm.watch import WatchHub
 from registry.raft.incarnation import IncarnationGuard, load_or_create
+from registry.raft.log import LogRefused
 from registry.raft.membership import MEMBER_KEY_PREFIX, IncarnationRecorder, MembershipService
 from registry.raft.node import RaftNode, StateHolder
 from registry.server.acl_service import AclService
@@ -95,7 +97,8 @@ class Node:
             lambda addr: holder.state.identity(addr),
             on_refused=lambda addr: self.metrics.raft_peers_refused.inc(),
         )
-        self.raft = raft = RaftNode(config, self.holder, incarnation, guard)
+        self.raft = raft = RaftNode(config, self.holder, incarnation, guard, on_fsync=self.metrics.wal.observe)
+        self.metrics.wal.torn_tails_truncated = raft.wal.torn_tails_truncated
         if seed is not None:
             # Make our own snapshot (which includes the seed) soon, so nodes
             # that join later receive the seeded state, not an empty log.
@@ -115,7 +118,7 @@ class Node:
             # Read after the listener is in place: every later batch reaches the hub.
             start_revision = self.holder.state.revision
         self.watches = WatchService(WatchHub(start_revision, config.watch_limits), self.holder, self.metrics)
-        if config.consul_http:
+        if config.consul_http_host is not None:
             self._consul_tracker = ChangeTracker(start_revision)
         self._proposer = Proposer(
             raft,
@@ -177,17 +180,17 @@ class Node:
         await self._server.start(config.api_host, config.api_port)
         await self._http.start(config.http_host, config.http_port)
         self._dns = await start_dns(config.dns, self.holder, self.dns_stats, acl=config.acl)
-        if config.consul_http and self._consul_tracker is not None:
+        if config.consul_http_host is not None and self._consul_tracker is not None:
             raft_ = raft
 
             def leader() -> str | None:
                 return raft_.raft_status().leader
 
             self.consul = ConsulHTTP(self.api, self.holder, self.watches.hub, self._consul_tracker,
-                                     Site(node_address=config.consul_http[0][0]), leader=leader,
+                                     Site(node_address=config.consul_http_host), leader=leader,
                                      leader_api=self._leader_api, acl=self.acl if config.acl else None)
-            await self.consul.start(config.consul_http)
-            log.info("node %s serving Consul's HTTP API on %s", config.node_id, ", ".join(config.consul_http_addrs))
+            await self.consul.start(config.consul_http_host, config.consul_http_port)
+            log.info("node %s serving Consul's HTTP API on %s", config.node_id, config.consul_http_addr)
         log.info(
             "node %s serving: api %s, raft %s, http %s, data %s",
             config.node_id, config.api_addr, config.raft_addr, config.http_addr, config.data_dir,
@@ -324,4 +327,9 @@ def run_node(config: NodeConfig) -> None:
 
     configure_logging(config.node_id, config.log_format, config.log_level, lambda: node.holder.state.revision, term)
     uvloop.install()
-    asyncio.run(_serve(node))
+    try:
+        asyncio.run(_serve(node))
+    except LogRefused as exc:
+        # A corrupted or foreign Raft log: one line that names the file and offset, not a traceback.
+        print(f"regctl server: refusing to start: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
