@@ -234,10 +234,11 @@ def _remove_superseded(previous: str) -> None:
 
 @pytest.fixture
 def project(image: Image, request: pytest.FixtureRequest) -> Iterator[Project]:
-    ports = _free_ports(9)
+    ports = _free_ports(12)
     api = dict(zip(NODES, ports[:3], strict=True))
     http = dict(zip(NODES, ports[3:6], strict=True))
-    dns = dict(zip(NODES, ports[6:], strict=True))
+    dns = dict(zip(NODES, ports[6:9], strict=True))
+    consul = dict(zip(NODES, ports[9:], strict=True))
     name = f"regctltest{os.getpid()}"
     env = {
         **os.environ,
@@ -254,6 +255,7 @@ def project(image: Image, request: pytest.FixtureRequest) -> Iterator[Project]:
         env[f"REGCTL_API_PORT{i}"] = str(api[node])
         env[f"REGCTL_HTTP_PORT{i}"] = str(http[node])
         env[f"REGCTL_DNS_PORT{i}"] = str(dns[node])
+        env[f"REGCTL_CONSUL_PORT{i}"] = str(consul[node])
     proj = Project(name, env, api)
     try:
         proj.compose("up", "-d", timeout_s=600)
