@@ -118,7 +118,7 @@ class Node:
             # Read after the listener is in place: every later batch reaches the hub.
             start_revision = self.holder.state.revision
         self.watches = WatchService(WatchHub(start_revision, config.watch_limits), self.holder, self.metrics)
-        if config.consul_http_host is not None:
+        if config.consul_http:
             self._consul_tracker = ChangeTracker(start_revision)
         self._proposer = Proposer(
             raft,
@@ -180,17 +180,17 @@ class Node:
         await self._server.start(config.api_host, config.api_port)
         await self._http.start(config.http_host, config.http_port)
         self._dns = await start_dns(config.dns, self.holder, self.dns_stats, acl=config.acl)
-        if config.consul_http_host is not None and self._consul_tracker is not None:
+        if config.consul_http and self._consul_tracker is not None:
             raft_ = raft
 
             def leader() -> str | None:
                 return raft_.raft_status().leader
 
             self.consul = ConsulHTTP(self.api, self.holder, self.watches.hub, self._consul_tracker,
-                                     Site(node_address=config.consul_http_host), leader=leader,
+                                     Site(node_address=config.consul_http[0][0]), leader=leader,
                                      leader_api=self._leader_api, acl=self.acl if config.acl else None)
-            await self.consul.start(config.consul_http_host, config.consul_http_port)
-            log.info("node %s serving Consul's HTTP API on %s", config.node_id, config.consul_http_addr)
+            await self.consul.start(config.consul_http)
+            log.info("node %s serving Consul's HTTP API on %s", config.node_id, ", ".join(config.consul_http_addrs))
         log.info(
             "node %s serving: api %s, raft %s, http %s, data %s",
             config.node_id, config.api_addr, config.raft_addr, config.http_addr, config.data_dir,
