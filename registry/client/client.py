@@ -1012,6 +1012,8 @@ class SyncClient(SyncCalls):
         return self.client.revision_seen
 
     def close(self) -> None:
+        if self._loop.is_closed():
+            return  # closed already (a with block and its owner both close it)
         try:
             self._run(self.client.close())
         finally:
