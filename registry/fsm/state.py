@@ -64,7 +64,11 @@ that carries it) is dropped whole.
 
 De-duplication: a command with a ``rid`` (except ``barrier``, which is a pure
 read barrier and always re-executes) has its outcome -- result or error class
-and message -- stored in a bounded FIFO table keyed by rid.  A later command
+and message -- stored in a bounded FIFO table keyed by (caller, rid), the
+caller being the token hash the node stamped in ``auth`` ("" without ACLs):
+one caller's rid never answers another's command.  A command refused by
+authorization is not remembered at all, so callers without permission cannot
+push other callers' records out of the table.  A later command
 with the same rid returns that stored outcome (no events, original revision)
 without re-applying, making client retries after a timeout exactly-once.  The
 table is part of the snapshot, and eviction is FIFO by insertion, so it is
@@ -272,7 +276,8 @@ class RegistryState:
         self._locks: dict[str, Record] = {}
         # OrderedDict, not dict: popitem(last=False) is O(1), whereas evicting
         # the first key of a plain dict degrades to O(n) between resizes.
-        self._dedup: OrderedDict[str, _Outcome] = OrderedDict()
+        #: (caller's token hash or "", rid) -> outcome, oldest first.
+        self._dedup: OrderedDict[tuple[str, str], _Outcome] = OrderedDict()
         # ACL tables (see registry.fsm.acl).  _acl_token_by_hash is a derived index, not in the snapshot.
         self._acl_bootstrapped = False
         self._acl_tokens: dict[str, Record] = {}
@@ -320,36 +325,38 @@ class RegistryState:
         rid: str | None = cmd["rid"]
         if op in _UNRECORDED_OPS:
             rid = None
-        if rid is not None:
-            seen = self._dedup.get(rid)
+        auth: str | None = cmd["auth"]
+        dedup_key = (auth or "", rid) if rid is not None else None
+        if dedup_key is not None:
+            seen = self._dedup.get(dedup_key)
             if seen is not None:
                 if seen.error is not None:
                     raise seen.error(seen.message)
                 assert seen.result is not None
                 return Applied(_copy_result(seen.result), [])
         before = self._revision
+        if auth is not None:
+            # Stamped by the receiving node with ACLs on: authorize against the state as of this
+            # log position, so a token revoked before the command commits fails on every replica.
+            # A refusal here is not remembered (module docstring: de-duplication).
+            need = acl.op_permission(op, cmd)
+            if need is not None:
+                self.acl_authorize(auth, need[0], need[1], cmd["now_ms"])
         try:
-            auth: str | None = cmd["auth"]
-            if auth is not None:
-                # Stamped by the receiving node with ACLs on: authorize against the state as of this
-                # log position, so a token revoked before the command commits fails on every replica.
-                need = acl.op_permission(op, cmd)
-                if need is not None:
-                    self.acl_authorize(auth, need[0], need[1], cmd["now_ms"])
             result, events = _HANDLERS[op](self, cmd)
         except RegistryError as err:
             assert self._revision == before, "a failing command changed the revision"
-            if rid is not None:
-                self._remember(rid, _Outcome(None, type(err), err.message))
+            if dedup_key is not None:
+                self._remember(dedup_key, _Outcome(None, type(err), err.message))
             raise
         assert self._revision - before in (0, 1), "a command bumped the revision more than once"
         assert result["revision"] == self._revision
-        if rid is not None:
-            self._remember(rid, _Outcome(_copy_result(result), None, ""))
+        if dedup_key is not None:
+            self._remember(dedup_key, _Outcome(_copy_result(result), None, ""))
         return Applied(result, events)
 
-    def _remember(self, rid: str, outcome: _Outcome) -> None:
-        self._dedup[rid] = outcome
+    def _remember(self, key: tuple[str, str], outcome: _Outcome) -> None:
+        self._dedup[key] = outcome
         if len(self._dedup) > self._limits.dedup_entries_max:
             self._dedup.popitem(last=False)
 
@@ -855,6 +862,8 @@ class RegistryState:
                     "meta": dict(svc["meta"]),
                     "instances": len(insts),
                     "passing": sum(1 for i in insts.values() if i["status"] == "passing"),
+                    # What `regctl service list` shows as TAGS: instances carry the tags, services rarely do.
+                    "instance_tags": sorted({t for i in insts.values() for t in i["tags"]}),
                 }
             )
         return out
@@ -938,11 +947,14 @@ class RegistryState:
             insts = self._instances[name]
             instances.extend(insts[i] for i in sorted(insts))
         dedup: list[list[Any]] = []
-        for rid, outcome in self._dedup.items():
+        for (owner, rid), outcome in self._dedup.items():
             if outcome.error is None:
-                dedup.append([rid, {"result": outcome.result}])
+                entry: list[Any] = [rid, {"result": outcome.result}]
             else:
-                dedup.append([rid, {"error": outcome.error.code, "message": outcome.message}])
+                entry = [rid, {"error": outcome.error.code, "message": outcome.message}]
+            if owner:
+                entry.append(owner)  # [rid, outcome] as before for callers without a token
+            dedup.append(entry)
         obj = {
             "format": SNAPSHOT_FORMAT,
             "revision": self._revision,
@@ -1063,10 +1075,11 @@ class RegistryState:
         if len(dedup) > st._limits.dedup_entries_max:
             raise BadRequest(f"dedup table has {len(dedup)} entries, at most {st._limits.dedup_entries_max}")
         for entry in dedup:
-            rid, outcome = cls._parse_dedup_entry(entry, revision)
-            if rid in st._dedup:
+            key, outcome = cls._parse_dedup_entry(entry, revision)
+            rid = key[1]
+            if key in st._dedup:
                 raise BadRequest(f"duplicate request id {rid!r}")
-            st._dedup[rid] = outcome
+            st._dedup[key] = outcome
         if "acl" in obj:
             st._restore_acl(obj["acl"], revision)
         if "identities" in obj:
@@ -1151,11 +1164,22 @@ class RegistryState:
                                      "action": cmd["action"]}
 
     @staticmethod
-    def _parse_dedup_entry(entry: Any, revision: int) -> tuple[str, _Outcome]:
-        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str):
+    def _parse_dedup_entry(entry: Any, revision: int) -> tuple[tuple[str, str], _Outcome]:
+        """``[rid, outcome]`` or ``[rid, outcome, caller]`` (the caller's token hash, never empty)."""
+        if not isinstance(entry, list) or len(entry) not in (2, 3) or not isinstance(entry[0], str):
             raise BadRequest("malformed dedup entry")
         rid = model.check_rid("rid", entry[0])
         assert rid is not None
+        owner = ""
+        if len(entry) == 3:
+            owner = entry[2]
+            if not isinstance(owner, str) or not owner:
+                raise BadRequest(f"dedup entry {rid!r}: malformed caller")
+            try:
+                acl.check_hash("caller", owner)
+            except RegistryError as err:
+                raise BadRequest(f"dedup entry {rid!r}: {err.message}") from None
+        key = (owner, rid)
         out = entry[1]
         if isinstance(out, dict) and set(out) == {"result"}:
             result = out["result"]
@@ -1165,12 +1189,12 @@ class RegistryState:
                 or not 0 <= result["revision"] <= revision
             ):
                 raise BadRequest(f"dedup entry {rid!r}: malformed result")
-            return rid, _Outcome(result, None, "")
+            return key, _Outcome(result, None, "")
         if isinstance(out, dict) and set(out) == {"error", "message"}:
             err_cls = CODES.get(out["error"]) if isinstance(out["error"], str) else None
             if err_cls is None or not isinstance(out["message"], str):
                 raise BadRequest(f"dedup entry {rid!r}: malformed error")
-            return rid, _Outcome(None, err_cls, out["message"])
+            return key, _Outcome(None, err_cls, out["message"])
         raise BadRequest(f"dedup entry {rid!r}: malformed outcome")
 
     # ------------------------------------------------------------------ invariants

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
-from registry.errors import BadRequest, LimitExceeded, PermissionDenied, RegistryError, Unauthenticated
+from registry.errors import BadRequest, Conflict, LimitExceeded, PermissionDenied, RegistryError, Unauthenticated
 from registry.fsm import acl
 from registry.fsm.commands import validate_command
 from registry.fsm.ops import AUDITED_OPS, CLIENT_COMMAND_OPS, NO_BARRIER_OPS, SELF_CHECKED_OPS
@@ -158,13 +158,32 @@ class AclService:
         if not principal:
             raise Unauthenticated("a token is required (--token or REGCTL_TOKEN)")
         if op in CLIENT_COMMAND_OPS:
-            return  # authorized by the state machine at apply time
+            # Authorized by the state machine at apply time; but a token that does not exist or
+            # has expired is refused here, so a stranger's string costs no Raft entry, no
+            # replicated refusal and no request-id record.
+            await self._authenticate(principal)
+            return
         # Self-checked ops are authorized at apply time too; the local check only spares an
         # unprivileged caller's scrypt work and secret generation.
         if op not in NO_BARRIER_OPS and op not in SELF_CHECKED_OPS and args.get("consistency") != "stale":
             await self._proposer.barrier()
         with self._holder.lock:
             self._holder.state.acl_authorize(principal, need[0], need[1], _now_ms())
+
+    async def _authenticate(self, principal: str) -> None:
+        """Raise Unauthenticated unless the token exists and has not expired (no permission check).
+
+        A token unknown here may have been created on another node moments ago and not yet
+        applied on this one: only after a read barrier is it refused.  Concurrent unknown
+        tokens share the barrier of one batch, so a flood of them costs at most one barrier
+        entry per batch in flight, and nothing is stored.
+        """
+        with self._holder.lock:
+            known = self._holder.state.acl_token_by_hash(principal) is not None
+        if not known:
+            await self._proposer.barrier()
+        with self._holder.lock:
+            self._holder.state.acl_authorize(principal, "read", None, _now_ms())
 
     def filter_result(self, op: str, body: Any, principal: str) -> Any:
         """Drop the items of a list result the token may not read."""
@@ -219,6 +238,12 @@ class AclService:
 
     async def bootstrap(self, args: dict[str, Any]) -> tuple[int, Any]:
         _only(args, set())
+        with self._holder.lock:
+            done = self._holder.state.acl_bootstrapped
+        if done:
+            # Known here already: refuse without a Raft entry.  A replica that has not applied the
+            # first bootstrap yet proposes, and the state machine refuses that one.
+            raise Conflict("ACLs are already bootstrapped: the management token was issued once")
         secret = secrets.token_urlsafe(32)
         token_id = uuid.uuid4().hex[:16]
         # Allowed without a token: the state machine refuses it once bootstrapped (CONFLICT).

@@ -1,0 +1,88 @@
+"""With ``--acl``, a write's token is checked where it arrives, before anything is proposed (issue #20, finding 2).
+
+Before: any string passed as a token for state-machine writes; the command was
+replicated and refused only at apply, its refusal was stored under its request
+id in the shared table, and a stranger reusing someone's request id got that
+caller's remembered answer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from registry.errors import Conflict, Unauthenticated
+from tests.conftest import started_cluster
+from tests.support.cluster import Cluster, NodeProc, regctl_executable
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def acl_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    yield from started_cluster(tmp_path, request, extra_args=("--acl",))
+
+
+def bootstrap(cluster: Cluster) -> str:
+    proc = subprocess.run([regctl_executable(), "--endpoints", ",".join(cluster.endpoints), "-o", "json", "acl",
+                           "bootstrap"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    secret: str = json.loads(proc.stdout)["secret"]
+    return secret
+
+
+def metric(node: NodeProc, name: str) -> float:
+    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def commands_proposed(node: NodeProc) -> float:
+    return metric(node, "regctl_batch_commands_sum")
+
+
+def proposals(node: NodeProc) -> float:
+    return metric(node, "regctl_proposals_total")
+
+
+def test_a_stranger_token_proposes_nothing_and_reads_no_one_elses_request_id(acl_cluster: Cluster) -> None:
+    c = acl_cluster
+    admin = c.client(token=bootstrap(c))
+    revision, _ = admin.call("key_put", {"key": "cfg/a", "value": "1", "rid": "owner-rid-1"})
+    node = c.nodes[0]
+    stranger = c.client([node.api], token="not-a-real-token")
+    before = commands_proposed(node)
+    # Reusing the owner's request id: before, the stranger got the owner's remembered success.
+    with pytest.raises(Unauthenticated):
+        stranger.call("key_put", {"key": "cfg/a", "value": "evil", "rid": "owner-rid-1"})
+    # Fresh request ids, big values: before, each one was replicated and its refusal remembered.
+    for i in range(50):
+        with pytest.raises(Unauthenticated):
+            stranger.call("key_put", {"key": f"junk/{i}", "value": "x" * 60_000, "rid": f"junk-{i}"})
+    assert commands_proposed(node) == before, "a stranger's writes reached the Raft log"
+    # The owner's retry is still answered from the table: same revision, the value unchanged.
+    again, _ = admin.call("key_put", {"key": "cfg/a", "value": "1", "rid": "owner-rid-1"})
+    assert again == revision
+    _, body = admin.call("key_get", {"key": "cfg/a"})
+    assert body["value"] == "1"
+
+
+def test_bootstrap_after_the_first_costs_no_raft_entry(acl_cluster: Cluster) -> None:
+    c = acl_cluster
+    admin = c.client(token=bootstrap(c))
+    admin.call("key_put", {"key": "sync", "value": "1"})  # the leader has applied the bootstrap by now
+    leader = c.wait_leader()
+    anon = c.client([leader.api])
+    before = proposals(leader)
+    for _ in range(20):
+        with pytest.raises(Conflict):
+            anon.call("acl_bootstrap", {})
+    assert proposals(leader) == before
