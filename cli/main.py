@@ -122,6 +122,9 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
 @click.option("--cluster-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File holding the Raft cluster key (or env REGCTL_CLUSTER_KEY).")
 @click.option("--dev", is_flag=True, help="Run without a cluster key (INSECURE: Raft traffic is unauthenticated).")
+@click.option("--unsafe-no-fsync", is_flag=True,
+              help="Never fsync the Raft log (UNSAFE: a power loss or kernel crash can lose acknowledged writes "
+                   "and break Raft's safety; docs/durability.md). For tests and benchmarks only.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--compaction-entries", type=click.IntRange(min=2), default=None,
@@ -159,7 +162,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            watch_history_events: int | None,
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None, dns_addr: str | None, dns_domain: str, dns_ttl_s: int,
-           dns_token_file: Path | None, consul_http_addrs: tuple[str, ...]) -> None:
+           dns_token_file: Path | None, consul_http_addrs: tuple[str, ...], unsafe_no_fsync: bool) -> None:
     """Run one registry node in the foreground."""
     from registry.raft.incarnation import load_or_create
     from registry.server.node import run_node, server_ssl_context
@@ -187,7 +190,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
             api_host=api_host, api_port=api_port, http_host=http_host, http_port=http_port,
             peer_apis=tuple(pairs), cluster_key=key, dev=dev, log_format=log_format, log_level=log_level.upper(),
             acl=acl_enabled, tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
-            failpoints=Failpoints.parse(os.environ.get(FAILPOINTS_ENV, "")),
+            failpoints=Failpoints.parse(os.environ.get(FAILPOINTS_ENV, "")), unsafe_no_fsync=unsafe_no_fsync,
         )
         timing = config.raft
         if compaction_entries is not None:

@@ -71,7 +71,8 @@ def _port_free(addr: str) -> bool:
     return ports_free([int(port)], host)
 
 
-def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None, log_format: str) -> list[str]:
+def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None, log_format: str,
+                 unsafe_no_fsync: bool = False) -> list[str]:
     # Started as the `regctl` console script, so that `ps` shows each node as `regctl server`.
     cmd = [
         *regctl_argv(), "server", "--id", node.node_id, "--data-dir", str(node.data_dir),
@@ -89,6 +90,8 @@ def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None,
         cmd += ["--cluster-key-file", str(key_file)]
     else:
         cmd += ["--dev"]
+    if unsafe_no_fsync:
+        cmd += ["--unsafe-no-fsync"]
     return cmd
 
 
@@ -103,7 +106,11 @@ def node_command(node: LocalNode, peers: list[LocalNode], key_file: Path | None,
               default=RestartPolicy().deaths_per_window_max,
               show_default=True,
               help="A node that dies more often than this within a minute is left down (0: never restart).")
-def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, deaths_max: int) -> None:
+@click.option("--unsafe-no-fsync", is_flag=True,
+              help="Never fsync the Raft log (UNSAFE: a power loss can lose acknowledged writes). "
+                   "For tests and benchmarks only.")
+def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, deaths_max: int,
+       unsafe_no_fsync: bool) -> None:
     """Start a local cluster in the foreground; Ctrl-C stops it. Data persists in --data-dir.
 
     A node that dies is restarted after 1s, 2s, 4s, ... (at most 30s) while
@@ -119,7 +126,7 @@ def up(nodes: int, data_dir: Path, base_port: int, dev: bool, log_format: str, d
         raise click.UsageError(f"address(es) already in use: {', '.join(busy)} (another cluster running? "
                                f"use --base-port)")
     key_file = None if dev else ensure_cluster_key(data_dir)
-    specs = [NodeSpec(m.node_id, m.api, tuple(node_command(m, members, key_file, log_format)),
+    specs = [NodeSpec(m.node_id, m.api, tuple(node_command(m, members, key_file, log_format, unsafe_no_fsync)),
                       m.data_dir / "node.log") for m in members]
     supervisor = Supervisor(specs, data_dir, RestartPolicy(deaths_per_window_max=deaths_max),
                             lambda line: click.echo(line, err=True))

@@ -121,6 +121,21 @@ def test_corruption_in_the_middle_of_a_segment_refuses_to_start(cluster: Cluster
     assert segment.read_bytes() == bytes(data)
 
 
+def test_unsafe_no_fsync_writes_the_log_without_fsyncs_and_says_so(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path / "c", 1, key=None, extra_args=("--unsafe-no-fsync",))
+    try:
+        cluster.start()
+        node = cluster.nodes[0]
+        client = cluster.client()
+        for i in range(20):
+            client.register("u", f"u{i}", "10.0.0.1", 1000 + i)
+        assert last_segment(node).stat().st_size > 1000  # written all the same
+        assert metric(node, "regctl_wal_fsync_duration_seconds_count") == 0
+        assert "UNSAFE: --unsafe-no-fsync" in node.log_path.read_text(errors="replace")
+    finally:
+        cluster.close()
+
+
 def test_a_data_dir_with_a_pysyncobj_journal_refuses_to_start(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "c", 1, key=None)
     node = cluster.nodes[0]
