@@ -4,68 +4,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import consul
 import pytest
 
 from registry.server.ports import ports_free
-from tests.conftest import _print_logs_if_failed
-from tests.support.cluster import Cluster, NodeProc, wait_until
+from tests.support.cluster import wait_until
+from tests.support.consul import ConsulCluster, http, started_consul_cluster
 from tests.support.up import UpRun, free_up_base_port
-
-
-class ConsulCluster(Cluster):
-    """A cluster whose node i also serves Consul's HTTP API on base + 300 + i (as ``regctl up`` does)."""
-
-    def __init__(self, root: Path, size: int = 3, **kwargs: Any) -> None:
-        for _ in range(20):
-            super().__init__(root, size, **kwargs)
-            if ports_free([self.consul_port(n) for n in self.nodes]):
-                return
-        raise RuntimeError("no free ports for the Consul listeners")
-
-    def consul_port(self, node: NodeProc) -> int:
-        return self.base + 300 + int(node.node_id[1:])
-
-    def command(self, node: NodeProc) -> list[str]:
-        return [*super().command(node), "--consul-http", f"127.0.0.1:{self.consul_port(node)}"]
-
-    def consul(self, node: NodeProc, **kwargs: Any) -> consul.Consul:
-        return consul.Consul(host="127.0.0.1", port=self.consul_port(node), **kwargs)
-
-    def url(self, node: NodeProc, path: str) -> str:
-        return f"http://127.0.0.1:{self.consul_port(node)}{path}"
-
-
-def _started(root: Path, request: pytest.FixtureRequest, extra_args: tuple[str, ...] = ()) -> Iterator[ConsulCluster]:
-    c = ConsulCluster(root, 3, extra_args=extra_args)
-    try:
-        c.start()
-        c.wait_leader()
-        yield c
-    finally:
-        _print_logs_if_failed(request, c.logs)
-        c.close()
 
 
 @pytest.fixture
 def ccluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ConsulCluster]:
-    yield from _started(tmp_path / "cluster", request)
-
-
-def http(method: str, url: str, body: bytes | None = None,
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
+    yield from started_consul_cluster(tmp_path / "cluster", request)
 
 
 def test_register_ttl_pass_and_deregister_with_py_consul(ccluster: ConsulCluster) -> None:
@@ -202,7 +155,7 @@ def test_bad_input_gets_4xx_and_the_node_keeps_serving(ccluster: ConsulCluster) 
 
 
 def test_acl_token_in_header_query_or_bearer(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    for c in _started(tmp_path / "acl", request, ("--acl",)):
+    for c in started_consul_cluster(tmp_path / "acl", request, ("--acl",)):
         node = c.nodes[0]
         url = c.url(node, "/v1/catalog/services")
         assert http("GET", url)[0] == 403
