@@ -69,7 +69,9 @@ class _Procs:
 def _base_port() -> int:
     for _ in range(100):
         base = random.randrange(PORT_RANGE[0], PORT_RANGE[1], 10)
-        offsets = [o + i for o in (0, 100, 200, 300, 400) for i in range(1, 8)]
+        # The nodes take 0-400 (regctl up's plan: API, Raft, HTTP, Consul HTTP, DNS); the echo
+        # instances 500, the agents 600.
+        offsets = [o + i for o in (0, 100, 200, 300, 400, 500, 600) for i in range(8)]
         if ports_free(base + o for o in offsets):
             return base
     raise click.ClickException("no free loopback port range for the demo")
@@ -184,7 +186,7 @@ def _run(root: Path, procs: _Procs, phase_s: float) -> None:
     _wait(leader, "a leader")
     python = sys.executable
     regctl = [python, "-m", "cli", "--endpoints", endpoints]
-    echo_ports = {f"echo-{i}": base + 300 + i for i in range(1, INSTANCES + 1)}
+    echo_ports = {f"echo-{i}": base + 500 + i for i in range(1, INSTANCES + 1)}
 
     def start_backend(name: str) -> None:
         procs.backends[name] = _spawn([python, "-m", "registry.agent.echo", "--name", name, "--port",
@@ -195,7 +197,7 @@ def _run(root: Path, procs: _Procs, phase_s: float) -> None:
         procs.agents.append(_spawn([*regctl, "agent", "--service", "echo", "--id", name, "--address",
                                     f"127.0.0.1:{port}", "--ttl", "3s", "--check", f"tcp:127.0.0.1:{port}",
                                     "--check-interval", "300ms", "--check-timeout", "200ms", "--rise", "2",
-                                    "--fall", "2", "--http", f"127.0.0.1:{base + 400 + i}"],
+                                    "--fall", "2", "--http", f"127.0.0.1:{base + 600 + i}"],
                                    root / f"agent-{name}.log"))
     def registered() -> bool:
         with SyncClient([m.api for m in members], timeout_s=1.0, connect_timeout_s=0.3) as client:
@@ -203,7 +205,7 @@ def _run(root: Path, procs: _Procs, phase_s: float) -> None:
 
     # The client agent refuses an upstream the registry has never heard of.
     _wait(registered, "the echo service to be registered")
-    proxy_port, client_http = base + 400, f"127.0.0.1:{base + 407}"
+    proxy_port, client_http = base + 600, f"127.0.0.1:{base + 607}"
     procs.agents.append(_spawn([*regctl, "agent", "--name", "demo-client", "--upstream",
                                 f"echo={proxy_port}:round_robin", "--http", client_http, "--access-log",
                                 str(root / "access.log")], root / "agent-client.log"))
