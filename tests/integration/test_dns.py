@@ -322,6 +322,7 @@ backend web
         went_critical = time.monotonic()
         wait_until(lambda: set(answers(12)) == {"b1", "b3"}, 10.0, "HAProxy to drop b2")
         dropped_s = time.monotonic() - went_critical
+        print(f"HAProxy dropped the critical instance after {dropped_s:.2f} s")
         # It stays dropped (not a lucky streak of round robin), and the others keep serving.
         assert set(answers(30)) == {"b1", "b3"}, dropped_s
         client.set_status("web", "b2", "passing")
