@@ -144,6 +144,9 @@ class NodeConfig:
     #: Group commit: at most this many commands in one Raft entry, and at most
     #: this many entries in flight; the next batch forms while these commit.
     batch_commands_max: int = 2048
+    #: ... and at most this many bytes of them (msgpack), so one entry (and the Raft message
+    #: carrying it) stays bounded: 2048 commands of a 1 MiB frame would be 2 GiB.
+    batch_bytes_max: int = 16 << 20
     batch_inflight_max: int = 2
     #: Pending proposals above this are refused (LIMIT_EXCEEDED) instead of
     #: growing memory without bound while the cluster has no leader.
@@ -209,6 +212,10 @@ class NodeConfig:
             raise InvalidArgument("batch_inflight_max must be 1..64")
         if not 4096 <= self.frame_bytes_max <= 64 << 20:
             raise InvalidArgument("frame_bytes_max must be 4 KiB..64 MiB")
+        # Above frame_bytes_max so any one command fits; under 128 MiB so an entry stays well inside
+        # the largest Raft message a peer accepts (registry.raft.tcp.RaftWireLimits.message_bytes_max).
+        if not self.frame_bytes_max <= self.batch_bytes_max <= 128 << 20:
+            raise InvalidArgument("batch_bytes_max must be at least frame_bytes_max and at most 128 MiB")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgument("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

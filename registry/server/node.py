@@ -125,6 +125,7 @@ class Node:
             loop,
             self.metrics,
             batch_commands_max=config.batch_commands_max,
+            batch_bytes_max=config.batch_bytes_max,
             batch_inflight_max=config.batch_inflight_max,
             pending_max=config.proposals_pending_max,
             timeout_s=config.request_timeout_s,

@@ -67,12 +67,14 @@ def outcome_result(outcome: Any) -> dict[str, Any]:
 
 
 class _Waiter:
-    __slots__ = ("command", "deadline", "future")
+    __slots__ = ("command", "deadline", "encoded", "future")
 
     def __init__(self, command: dict[str, Any] | None, future: asyncio.Future[Any], deadline: float) -> None:
         self.command = command
         self.future = future
         self.deadline = deadline
+        #: The command's msgpack bytes, once a batch has encoded it (kept if it had to wait for the next one).
+        self.encoded: bytes | None = None
 
 
 class Proposer:
@@ -83,6 +85,7 @@ class Proposer:
         metrics: NodeMetrics,
         *,
         batch_commands_max: int,
+        batch_bytes_max: int,
         batch_inflight_max: int,
         pending_max: int,
         timeout_s: float,
@@ -91,6 +94,8 @@ class Proposer:
         self._loop = loop
         self._metrics = metrics
         self._batch_max = batch_commands_max
+        self._batch_bytes_max = batch_bytes_max
+        self._packer = msgpack.Packer(use_bin_type=True)
         self._inflight_max = batch_inflight_max
         self._pending_max = pending_max
         self._timeout_s = timeout_s
@@ -178,21 +183,41 @@ class Proposer:
             self._send_one()
 
     def _send_one(self) -> None:
+        """Seal one batch: at most ``batch_commands_max`` commands and ``batch_bytes_max`` bytes of them.
+
+        The byte cap bounds a Raft entry (and so the largest Raft message, ``RaftWireLimits``):
+        2,048 commands of a 1 MiB frame each would otherwise be one 2 GiB entry.  A command
+        alone is always sent, whatever its size (a frame is at most ``frame_bytes_max``, which
+        ``NodeConfig.validate`` keeps under the cap).
+        """
         waiters: list[_Waiter] = []
-        commands: list[dict[str, Any]] = []
-        while self._pending and len(commands) < self._batch_max:
-            waiter = self._pending.popleft()
+        encoded: list[bytes] = []
+        size = 0
+        pending = self._pending
+        while pending and len(encoded) < self._batch_max:
+            waiter = pending[0]
             if waiter.future.done():  # its caller gave up; do not propose it
+                pending.popleft()
                 continue
-            waiters.append(waiter)
             if waiter.command is not None:
-                commands.append(waiter.command)
+                data = waiter.encoded
+                if data is None:
+                    data = waiter.encoded = self._packer.pack(waiter.command)
+                if encoded and size + len(data) > self._batch_bytes_max:
+                    break  # it opens the next batch
+                encoded.append(data)
+                size += len(data)
+            pending.popleft()
+            waiters.append(waiter)
         if not waiters:
             return
-        batch = msgpack.packb(commands or [_BARRIER], use_bin_type=True)
+        if encoded:
+            batch = self._packer.pack_array_header(len(encoded)) + b"".join(encoded)
+        else:
+            batch = msgpack.packb([_BARRIER], use_bin_type=True)
         self._inflight += 1
         started = time.perf_counter()
-        self._metrics.batch_commands.observe(len(commands))
+        self._metrics.batch_commands.observe(len(encoded))
         self._metrics.proposals.inc()
 
         def done(outcomes: Any, reason: int) -> None:  # Raft thread
@@ -226,6 +251,7 @@ class Proposer:
                     waiter.future.set_result(outcome)
                 # Done waiters wait for the sweep to drop them; do not keep their commands alive.
                 waiter.command = None
+                waiter.encoded = None
         if self._pending:
             self._schedule_flush()
 

@@ -82,8 +82,8 @@ class _Node:
         metrics = NodeMetrics()
         waiters = RevisionWaiters(loop)
         self.raft._listeners.append(lambda revision, events, entry_bytes: waiters.applied(revision))
-        self.proposer = Proposer(self.raft, loop, metrics, batch_commands_max=64, batch_inflight_max=2,
-                                 pending_max=1000, timeout_s=5.0)
+        self.proposer = Proposer(self.raft, loop, metrics, batch_commands_max=64, batch_bytes_max=1 << 20,
+                                 batch_inflight_max=2, pending_max=1000, timeout_s=5.0)
         info = NodeInfo("n1", "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", {})
         self.api = RegistryAPI(info, self.holder, self.raft, self.proposer, waiters, 5.0)  # type: ignore[arg-type]
         self.server = APIServer(self.api, metrics, frame_bytes_max=1 << 20, connections_max=10)
