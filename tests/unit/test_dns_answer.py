@@ -396,3 +396,32 @@ def test_addr_name() -> None:
     import ipaddress
 
     assert addr_name(ipaddress.ip_address("10.0.0.1"), "consul.") == "0a000001.addr.consul."
+
+
+def test_node_config_refuses_dns_on_the_api_or_http_address(tmp_path: Any) -> None:
+    from registry.config import NodeConfig
+
+    base = NodeConfig(node_id="n1", data_dir=tmp_path, raft_addr="127.0.0.1:7101", peers=(), dev=True)
+    base.replace(dns=DnsSettings(host="127.0.0.1", port=7401)).validate()
+    for port in (base.api_port, base.http_port):
+        with pytest.raises(InvalidArgument, match="--dns"):
+            base.replace(dns=DnsSettings(host="127.0.0.1", port=port)).validate()
+    with pytest.raises(InvalidArgument):
+        base.replace(dns=DnsSettings(host="127.0.0.1", port=7401, domain="Bad_Domain.")).validate()
+
+
+def test_cli_dns_flags(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    common = ["server", "--id", "n1", "--data-dir", str(tmp_path), "--raft", "127.0.0.1:7101", "--dev"]
+    for extra, message in [
+        (["--dns-token-file", str(tmp_path / "t")], "--dns-token-file needs --dns"),
+        (["--dns", "127.0.0.1"], "--dns must be HOST:PORT"),
+        (["--dns", "127.0.0.1:7001"], "must differ from --api and --http"),
+        (["--dns", "127.0.0.1:7401", "--dns-domain", "a..b"], "--dns-domain must be a DNS name"),
+        (["--dns", "127.0.0.1:7401", "--dns-token-file", str(tmp_path / "missing")], "cannot read --dns-token-file"),
+    ]:
+        result = CliRunner().invoke(cli, [*common, *extra])
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
