@@ -225,9 +225,9 @@ class NodeConfig:
         if self.dns is not None:
             self.dns.validate()
             dns_addr = format_hostport(self.dns.host, self.dns.port)
-            if dns_addr in (self.api_addr, self.http_addr):
-                # The DNS TCP listener would take the port the API or HTTP server needs.
-                raise InvalidArgument(f"--dns {dns_addr} must differ from --api and --http")
+            if dns_addr in (self.api_addr, self.http_addr, *self.consul_http_addrs):
+                # The DNS TCP listener would take the port the API or an HTTP server needs.
+                raise InvalidArgument(f"--dns {dns_addr} must differ from --api, --http and --consul-http")
         consul_addrs = self.consul_http_addrs
         if len(set(consul_addrs)) != len(consul_addrs):
             raise InvalidArgument("--consul-http addresses contain a duplicate")

@@ -419,7 +419,8 @@ def test_cli_dns_flags(tmp_path: Any) -> None:
     for extra, message in [
         (["--dns-token-file", str(tmp_path / "t")], "--dns-token-file needs --dns"),
         (["--dns", "127.0.0.1"], "--dns must be HOST:PORT"),
-        (["--dns", "127.0.0.1:7001"], "must differ from --api and --http"),
+        (["--dns", "127.0.0.1:7001"], "must differ from --api, --http and --consul-http"),
+        (["--dns", "127.0.0.1:7301", "--consul-http", "127.0.0.1:7301"], "must differ from --api, --http and"),
         (["--dns", "127.0.0.1:7401", "--dns-domain", "a..b"], "--dns-domain must be a DNS name"),
         (["--dns", "127.0.0.1:7401", "--dns-token-file", str(tmp_path / "missing")], "cannot read --dns-token-file"),
     ]:
