@@ -25,6 +25,7 @@ from registry.server.api import NodeInfo, RegistryAPI, RevisionWaiters
 from registry.server.backup import load_seed
 from registry.server.consul.catalog import Site
 from registry.server.consul.http import ConsulHTTP
+from registry.server.consul.stats import ConsulStats
 from registry.server.consul.tracking import ChangeTracker
 from registry.server.dns.server import DnsServer, start_dns
 from registry.server.dns.stats import DnsStats
@@ -56,6 +57,8 @@ class Node:
         #: Consul's HTTP API, when configured; its change tracker sees every applied batch from the start.
         self.consul: ConsulHTTP | None = None
         self._consul_tracker: ChangeTracker | None = None
+        self.consul_stats = ConsulStats()
+        self.metrics.registry.register(self.consul_stats)
         self.dns_stats = DnsStats()
         self.metrics.registry.register(self.dns_stats)
         self._proposer: Proposer | None = None
@@ -189,7 +192,8 @@ class Node:
 
             self.consul = ConsulHTTP(self.api, self.holder, self.watches.hub, self._consul_tracker,
                                      Site(node_address=config.consul_http[0][0]), leader=leader,
-                                     leader_api=self._leader_api, acl=self.acl if config.acl else None)
+                                     leader_api=self._leader_api, acl=self.acl if config.acl else None,
+                                     stats=self.consul_stats)
             await self.consul.start(config.consul_http)
             log.info("node %s serving Consul's HTTP API on %s", config.node_id, ", ".join(config.consul_http_addrs))
         log.info(

@@ -184,3 +184,16 @@ def test_regctl_up_serves_consul_http_on_base_plus_300(tmp_path: Path) -> None:
         assert f"http://127.0.0.1:{base + 301}" in run.output()
     finally:
         run.cleanup()
+
+
+def test_a_stopping_node_answers_its_blocking_queries_and_exits(ccluster: ConsulCluster) -> None:
+    node = ccluster.nodes[0]
+    c = ccluster.consul(node)
+    index, _ = c.catalog.services()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(c.catalog.services, index=index, wait="10m")
+        wait_until(lambda: "regctl_consul_blocking_queries 1.0" in http("GET", f"http://{node.http}/metrics")[2].decode()
+                   or None, 10, "the blocking query waiting on the hub")
+        # Without releasing it, the listener's shutdown would wait for the ten-minute query.
+        assert ccluster.stop(node) == 0
+        assert blocked.result(timeout=5)[0] == index

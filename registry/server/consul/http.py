@@ -46,6 +46,7 @@ from registry.raft.node import StateHolder
 from registry.server.api import CURRENT_AUTH, RegistryAPI
 from registry.server.consul import catalog, kv, params, writes
 from registry.server.consul.params import Query
+from registry.server.consul.stats import ConsulStats
 from registry.server.consul.tracking import AnswerMemo, ChangeTracker, candidate_index
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ HTTP_STATUS_BY_CODE: Final = {
 
 #: A forwarded lease keepalive (a check update on a follower) waits this long for the leader.
 FORWARD_TIMEOUT_S: Final = 5.0
+#: On stop, requests still running after the blocking queries were released get this long.
+SHUTDOWN_S: Final = 2.0
 
 _READ: Final = params.COMMON_PARAMS | params.BLOCKING_PARAMS
 _SERVICE_READ: Final = _READ | {"tag", "passing"}
@@ -111,8 +114,10 @@ class ConsulHTTP:
         leader: Callable[[], str | None],
         leader_api: Callable[[], str | None],
         acl: AclService | None = None,
+        stats: ConsulStats | None = None,
     ) -> None:
         self._api = api
+        self.stats = stats if stats is not None else ConsulStats()
         self._holder = holder
         self._hub = hub
         self.tracker = tracker
@@ -121,8 +126,9 @@ class ConsulHTTP:
         self._leader_api = leader_api
         self._acl = acl
         self.memo = AnswerMemo()
-        #: Blocking queries waiting now (for tests and metrics).
-        self.waiting = 0
+        #: The wake-up events of the blocking queries waiting now: stop releases them all.
+        self._waiting: set[asyncio.Event] = set()
+        self._stopping = False
         self._runner: web.AppRunner | None = None
         self.app = web.Application(client_max_size=writes.BODY_BYTES_MAX)
         route = self.app.router
@@ -151,9 +157,18 @@ class ConsulHTTP:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         for host, port in addresses:
-            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+            await web.TCPSite(self._runner, host, port, reuse_address=True, shutdown_timeout=SHUTDOWN_S).start()
+
+    @property
+    def waiting(self) -> int:
+        """Blocking queries waiting now."""
+        return len(self._waiting)
 
     async def stop(self) -> None:
+        # A blocking query may wait ten minutes: answer each one now (its current answer), then close.
+        self._stopping = True
+        for woken in self._waiting:
+            woken.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -263,18 +278,21 @@ class ConsulHTTP:
         deadline = loop.time() + wait_s
         woken = asyncio.Event()
         watcher = self._hub.subscribe(read.selector, revision + 1, woken.set)
-        self.waiting += 1
+        self._waiting.add(woken)
+        self.stats.waiting = len(self._waiting)
         body: Any = None
         found = True
         try:
             while True:
                 remaining = deadline - loop.time()
-                if remaining > 0:
+                if remaining > 0 and not self._stopping:
                     try:
                         async with asyncio.timeout(remaining):
                             await woken.wait()
                     except TimeoutError:
                         pass
+                if woken.is_set():
+                    self.stats.wakeups += 1
                 woken.clear()
                 # The events themselves are not needed: the answer is recomputed from the state.
                 watcher.take_chunks(1 << 62)
@@ -286,10 +304,11 @@ class ConsulHTTP:
                                           {**read.acl_args, "consistency": "stale"})
                 _, body, candidate, found = self._computed(read, principal)
                 new_index = self._settle(read, body, candidate)
-                if new_index != index or loop.time() >= deadline:
+                if new_index != index or loop.time() >= deadline or self._stopping:
                     return body, new_index, found
         finally:
-            self.waiting -= 1
+            self._waiting.discard(woken)
+            self.stats.waiting = len(self._waiting)
             self._hub.unsubscribe(watcher)
 
     def _services_read(self, key: str, compute: Compute) -> _Read:
