@@ -40,10 +40,24 @@ from registry.raft import PYSYNCOBJ_VERSION
 
 BENCH_DIR = Path(__file__).resolve().parent
 
-DURABILITY = (
-    "pysyncobj journal: an mmap'd file, never fsynced. Acknowledged writes survive kill -9 of all "
-    "nodes (the page cache outlives the processes), not a power loss or kernel crash of a majority."
+#: What an acknowledged write survives in each mode (``--unsafe-no-fsync`` or not).
+DURABILITY_FSYNC = (
+    "Raft log fsynced (one grouped fdatasync per Raft tick) before any node sends a message that relies on "
+    "it: an acknowledged write is on the disk of a majority and survives a power loss of every node."
 )
+DURABILITY_NO_FSYNC = (
+    "--unsafe-no-fsync: the Raft log is written but never fsynced. Acknowledged writes survive kill -9 of "
+    "all nodes (the page cache outlives the processes), not a power loss or kernel crash of a majority."
+)
+
+
+def durability(fsync: bool) -> str:
+    return DURABILITY_FSYNC if fsync else DURABILITY_NO_FSYNC
+
+
+def server_args(fsync: bool) -> tuple[str, ...]:
+    """The ``regctl server`` options of a bench cluster in that mode."""
+    return () if fsync else ("--unsafe-no-fsync",)
 
 #: (workload, concurrency) in run order.
 DEFAULT_PLAN: list[tuple[str, int]] = [
@@ -256,7 +270,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- Cluster: 3 `regctl server` processes on 127.0.0.1, cluster key on (Raft traffic encrypted); "
         f"{meta['cpus']} CPU(s) shared by the cluster and the driver(s); Python {meta['python']}, "
         f"pysyncobj {meta['pysyncobj']}.",
-        f"- Durability: {DURABILITY}",
+        f"- Durability: {meta['durability']}",
         f"- Each workload: {meta['duration_s']:g} s measured after {WARMUP_S:g} s warm-up, "
         f"{meta['repeats']} repeat(s), medians shown; {meta['drivers']} driver process(es), "
         f"min(concurrency, {CLIENTS_MAX}) client connections spread over the nodes.",
@@ -307,6 +321,9 @@ def main() -> int:
                         help="after the measured runs, run each workload once more with py-spy on the leader "
                              "(collapsed stacks in DIR/profile-*.txt; not counted in the medians)")
     parser.add_argument("--keep-data", action="store_true", help="keep the cluster's temp data dir")
+    parser.add_argument("--unsafe-no-fsync", action="store_true",
+                        help="run the nodes with --unsafe-no-fsync (the Raft log is never fsynced), to compare "
+                             "with runs of systems whose data is on tmpfs; the default is the nodes' default, durable")
     parser.add_argument("--wait-quiet", type=float, default=None, metavar="CORES",
                         help="before each run, wait (up to --quiet-timeout s) until the machine is busy below "
                              "CORES (e.g. 0.2): for shared hosts")
@@ -323,12 +340,12 @@ def main() -> int:
         "started": started.isoformat(timespec="seconds"), "cpus": os.cpu_count(),
         "python": platform.python_version(), "pysyncobj": PYSYNCOBJ_VERSION,
         "duration_s": duration_s, "warmup_s": WARMUP_S, "repeats": repeats, "drivers": args.drivers,
-        "durability": DURABILITY, "cluster_key": True,
+        "durability": durability(not args.unsafe_no_fsync), "fsync": not args.unsafe_no_fsync, "cluster_key": True,
     }
     # Explicitly, also for SIGINT: a shell starting us in the background may have set it to "ignore".
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    cluster = BenchCluster(keep_data=args.keep_data)
+    cluster = BenchCluster(keep_data=args.keep_data, extra_args=server_args(not args.unsafe_no_fsync))
     try:
         leader = cluster.start()
         print(f"cluster up: leader {leader}, endpoints {','.join(cluster.endpoints)}, data {cluster.root}",

@@ -3,7 +3,8 @@
     python -m bench.scale [--quick] [--out DIR] [--instances N] [--watchers W] [--systems ours,etcd]
     python -m bench.compare --scale [...]        # the same
 
-For each system, on a fresh three-node cluster (etcd: data on tmpfs, as in compare.py):
+For each system, on a fresh three-node cluster (as in compare.py, like with like: etcd's data on tmpfs,
+ours with ``--unsafe-no-fsync``):
 
 1. registers ``--instances`` instances (default 100k), each with its own lease (TTL 600 s): ours
    ``lease_grant`` + ``register(lease=...)``, etcd ``lease/grant`` + ``kv/put`` with the lease, 256 in
@@ -46,6 +47,7 @@ from bench import etcdload
 from bench.etcdcluster import EtcdCluster
 from bench.leases import loadavg, log, proc_memory
 from bench.localcluster import BenchCluster, LoadTarget
+from bench.run import server_args
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     uvloop.install()
     for system in systems:
-        cluster: BenchCluster | EtcdCluster = BenchCluster() if system == "ours" else EtcdCluster(durable=False)
+        cluster: BenchCluster | EtcdCluster = (BenchCluster(extra_args=server_args(fsync=False)) if system == "ours"
+                                               else EtcdCluster(durable=False))
         workdir = Path(tempfile.mkdtemp(prefix="scalebench-"))
         try:
             cluster.start()

@@ -55,6 +55,7 @@ def _compare(out: Path, workloads: str) -> subprocess.CompletedProcess[str]:
 def _check(out: Path, done: subprocess.CompletedProcess[str], expected: set[tuple[str, int]]) -> dict[Any, Any]:
     result = json.loads((out / "results.json").read_text())
     assert set(result["meta"]["durability"]) == {"ours", "etcd", "etcd_disk"}
+    assert "--unsafe-no-fsync" in result["meta"]["durability"]["ours"]  # like with like: etcd on tmpfs
     storage = result["meta"]["etcd_storage"]
     assert storage["etcd"] == "tmpfs" and storage["etcd_disk"].startswith("disk"), storage
     rows = {(r["workload"], r.get("concurrency") or r.get("watchers")): r for r in result["workloads"]}
@@ -94,6 +95,7 @@ def test_run_tiny(tmp_path: Path) -> None:
     assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
     result = json.loads((out / "results.json").read_text())
     assert result["meta"]["pysyncobj"]  # recorded through registry.raft, the only pysyncobj importer
+    assert result["meta"]["fsync"] is True  # the nodes' default: durable
     [row] = result["workloads"]
     assert row["workload"] == "register" and row["concurrency"] == 4
     assert row["ops_per_s"] > 0 and row["errors"] == 0, row
