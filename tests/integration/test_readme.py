@@ -212,7 +212,7 @@ def test_walkthrough(up_cluster: tuple[dict[str, str], Path]) -> None:
 
 
 def test_operations(up_cluster: tuple[dict[str, str], Path]) -> None:
-    """docs/operations.md's backup and inspection commands (its membership ones are run by test_cli)."""
+    """docs/operations.md's backup and inspection commands (test_ops and test_identity run its membership ones)."""
     env, cwd = up_cluster
     _ok(find_command(README, "regctl service register web --address 10.0.0.5:8080").text, env, cwd)
     saved = _ok(find_command(OPERATIONS, "regctl snapshot save").text, env, cwd)
