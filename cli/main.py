@@ -307,15 +307,15 @@ def status(obj: Ctx, watch_live: bool, wait_ms: int | None, up_dir: Path) -> Non
     notes += [f"{n['supervisor']['id']} ({n['api']}) is being restarted by regctl up: {n['supervisor']['note']}"
               for n in data if n.get("supervisor", {}).get("state") == "restarting"]
     emit(obj.output, data, "\n".join([table(rows, [k.upper() for k in STATUS_KEYS]), *notes]))
+    for n in data:
+        if not n.get("reachable") and n.get("error"):
+            click.echo(f"{n['api']}: {n['error']}", err=True)
     if not ready.ready:
         click.echo(f"not ready: {ready.reason}", err=True)
         sys.exit(EXIT_UNAVAILABLE)
 
 
 # -- service ---------------------------------------------------------------------
-    for n in data:
-        if not n.get("reachable") and n.get("error"):
-            click.echo(f"{n['api']}: {n['error']}", err=True)
 
 
 @cli.group()
@@ -420,7 +420,9 @@ def service_list(obj: Ctx, consistency: str) -> None:
     """All services with instance counts."""
     with obj.client() as client:
         revision, services = client.list_services(consistency=consistency)
-    rows = [[s["name"], s["instances"], s["passing"], ",".join(s.get("tags", []))] for s in services]
+    # TAGS: the service's own tags and every tag of its instances.
+    rows = [[s["name"], s["instances"], s["passing"],
+             ",".join(sorted({*s.get("tags", []), *s.get("instance_tags", [])}))] for s in services]
     emit(obj.output, {"revision": revision, "services": services},
          table(rows, ["NAME", "INSTANCES", "PASSING", "TAGS"]) + f"\nrevision: {revision}")
 
