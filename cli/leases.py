@@ -18,6 +18,9 @@ from .durations import LeaseTtl
 from .main import EXIT_REFUSED, Ctx, cli, fail, handles_errors
 from .output import emit, table
 
+#: `lease list` asks the leader for the remaining time of at most this many leases (one request each).
+LEASE_LIST_REMAINING_MAX = 200
+
 
 @cli.group()
 def lease() -> None:
@@ -147,10 +150,23 @@ def lease_list(obj: Ctx) -> None:
     """Every live lease."""
     with obj.client() as client:
         revision, leases = client.call("lease_list", {})
-    rows = [[item["lease"], item["ttl_ms"] / 1000, item.get("instances", 0), item.get("keys", 0),
-             item.get("locks", 0)] for item in leases]
+        # The countdown lives on the leader (keepalives are leader-local): ask it per lease, as
+        # etcd's `lease timetolive` does, for a bounded number of leases.
+        for item in leases[:LEASE_LIST_REMAINING_MAX]:
+            try:
+                _, ttl = client.call("lease_ttl", {"lease": item["lease"]})
+                item["remaining_ms"] = ttl["remaining_ms"]
+            except NotFound:
+                item["remaining_ms"] = 0  # expired or revoked since the listing
+    rows = [[item["lease"], item["ttl_ms"] / 1000,
+             f"{item['remaining_ms'] / 1000:.1f}" if "remaining_ms" in item else "",
+             item.get("instances", 0), item.get("keys", 0), item.get("locks", 0)]
+            for item in leases]
+    more = len(leases) - LEASE_LIST_REMAINING_MAX
     emit(obj.output, {"revision": revision, "leases": leases},
-         table(rows, ["LEASE", "TTL_S", "INSTANCES", "KEYS", "LOCKS"]) + f"\nrevision: {revision}")
+         table(rows, ["LEASE", "TTL_S", "REMAINING_S", "INSTANCES", "KEYS", "LOCKS"]) + f"\nrevision: {revision}"
+         + (f"\nREMAINING_S shown for the first {LEASE_LIST_REMAINING_MAX}; `regctl lease ttl ID` for the other "
+            f"{more}" if more > 0 else ""))
 
 
 @lease.command("ttl")
@@ -165,6 +181,15 @@ def lease_ttl(obj: Ctx, lease_id: int) -> None:
          f"lease {lease_id}: {body['remaining_ms'] / 1000:.1f}s of {body['ttl_ms'] / 1000:g}s left")
 
 
+def _lock_holder(client: SyncClient, name: str) -> tuple[str, int] | None:
+    """Who holds lock ``name`` and since which revision, or None (released meanwhile)."""
+    try:
+        _, record = client.call("lock_get", {"name": name})
+    except NotFound:
+        return None
+    return str(record.get("holder") or ""), int(record["create_revision"])
+
+
 def _hold_lock(obj: Ctx, name: str, ttl: int, holder: str, wait: bool,
                run: Callable[[SyncClient, int, int, Stopper], int]) -> None:
     stopper = Stopper()
@@ -172,6 +197,8 @@ def _hold_lock(obj: Ctx, name: str, ttl: int, holder: str, wait: bool,
         lease_id = client.lease_grant(ttl)
         try:
             token = None
+            #: The (holder, since revision) last announced on stderr while waiting.
+            announced: tuple[str, int] | None = None
             while not stopper.stopped:
                 try:
                     _, body = client.call("lock_acquire", {"name": name, "lease": lease_id, "holder": holder})
@@ -180,6 +207,11 @@ def _hold_lock(obj: Ctx, name: str, ttl: int, holder: str, wait: bool,
                 except RegistryError as err:
                     if err.code != "CONFLICT" or not wait:
                         raise
+                holder_now = _lock_holder(client, name)
+                if holder_now is not None and holder_now != announced:
+                    announced = holder_now
+                    click.echo(f"waiting for {holder_now[0] or 'another holder'} (since revision {holder_now[1]})…",
+                               err=True)
                 # Waiting for the holder: keep our own lease alive meanwhile.
                 client.lease_keepalive(lease_id)
                 stopper.sleep(0.2)
@@ -283,6 +315,8 @@ def watch(obj: Ctx, name: str | None, prefix: str | None, watch_all: bool, from_
                         detail = ""
                         if ev["kind"] == "instance" and after:
                             detail = f" {after.get('address')}:{after.get('port')} {after.get('status')}"
+                        if ev.get("note"):
+                            detail += f" note: {ev['note']}"
                         click.echo(f"{ev['revision']:>8}  {ev['type']:<6} {ev['kind']:<8} {what}{detail}")
                 elif kind == "snapshot":
                     click.echo(f"-- snapshot at revision {item['revision']} ({item['reason']}): "
@@ -291,7 +325,13 @@ def watch(obj: Ctx, name: str | None, prefix: str | None, watch_all: bool, from_
                         for inst in svc["instances"]:
                             click.echo(f"{item['revision']:>8}  exists {'instance':<8} {svc['service']['name']}/"
                                        f"{inst['id']} {inst['address']}:{inst['port']} {inst['status']}")
-                elif kind == "created":
+                    if item.get("reason") == "list":
+                        # The listing came first; the changes follow it (announced only now: causal order).
+                        sys.stdout.flush()
+                        click.echo(f"-- watching from revision {item['revision'] + 1}", err=True)
+                elif kind == "created" and not list_first:
+                    # With --list the node announces the watch before sending the listing, whose
+                    # revision it is based on: the line waits for the snapshot (above).
                     click.echo(f"-- watching from revision {item['revision'] + 1}", err=True)
                 sys.stdout.flush()
         except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -83,22 +84,40 @@ def member() -> None:
 @click.pass_obj
 @handles_errors
 def member_list(obj: Ctx) -> None:
-    """Every member as the leader sees it (connected, how far its log matches)."""
+    """Every member as the leader sees it (node id, connected, how far its log matches)."""
     with obj.client() as client:
-        _, body = client.call("member_list", {})
-        # Ask the leader when we can: only it knows how far each log matches.
-        if body.get("leader") and not any(m["self"] and m["leader"] for m in body["members"]):
-            leader_api = next((m["api"] for m in body["members"] if m["leader"] and m["api"]), None)
-            if leader_api:
-                with SyncClient([leader_api], token=obj.token, timeout_s=obj.timeout_s) as leader_client:
-                    try:
-                        _, body = leader_client.call("member_list", {})
-                    except RegistryError:
-                        pass
-    rows = [[m["raft"], m.get("api") or "", "leader" if m["leader"] else "follower",
+        # Only the leader knows how far each log matches (and every peer's API): find it first.
+        statuses = client.cluster_status()
+        leader_api = next((str(s["api"]) for s in statuses if s.get("reachable") and s.get("role") == "leader"),
+                          None) or next((str(s["leader_api"]) for s in statuses
+                                         if s.get("reachable") and s.get("leader_api")), None)
+        body: dict[str, Any] | None = None
+        if leader_api is not None:
+            with SyncClient([leader_api], token=obj.token, timeout_s=obj.timeout_s,
+                            ssl_context=obj.ssl_context()) as leader_client:
+                try:
+                    _, body = leader_client.call("member_list", {})
+                except RegistryError:
+                    body = None
+        if body is None or not any(m["self"] and m["leader"] for m in body["members"]):
+            click.echo("note: the leader did not answer; this is a follower's view (no match indexes)", err=True)
+            _, body = client.call("member_list", {})
+        assert body is not None  # either the leader's answer or the fallback's
+        # Node ids (n1, ...) from each member's own status, asked on its API.
+        apis = [str(m["api"]) for m in body["members"] if m.get("api")]
+        ids: dict[str, str] = {}
+        if apis:
+            with SyncClient(apis, token=obj.token, timeout_s=obj.timeout_s,
+                            ssl_context=obj.ssl_context()) as members_client:
+                for s in members_client.cluster_status():
+                    if s.get("reachable") and s.get("raft"):
+                        ids[str(s["raft"])] = str(s.get("id"))
+    for m in body["members"]:
+        m["id"] = ids.get(str(m["raft"]))
+    rows = [[m["id"] or "?", m["raft"], m.get("api") or "", "leader" if m["leader"] else "follower",
              "yes" if m["connected"] else "no", m.get("match_index") if m.get("match_index") is not None else ""]
             for m in body["members"]]
-    emit(obj.output, body, table(rows, ["RAFT", "API", "ROLE", "CONNECTED", "MATCH_INDEX"]))
+    emit(obj.output, body, table(rows, ["ID", "RAFT", "API", "ROLE", "CONNECTED", "MATCH_INDEX"]))
 
 
 def _change_membership(obj: Ctx, op: str, args: dict[str, str]) -> int:

@@ -567,9 +567,17 @@ def test_member_list_and_transfer_leader(ops_cluster: Cluster) -> None:
     # Table form names every member and marks the one leader.
     proc = regctl("member", "list", endpoints=ops_cluster.endpoints)
     header, *rows = proc.stdout.strip().splitlines()
-    assert header.split() == ["RAFT", "API", "ROLE", "CONNECTED", "MATCH_INDEX"]
-    assert sorted(r.split()[0] for r in rows) == sorted(n.raft for n in ops_cluster.nodes)
-    assert [r.split()[2] for r in rows].count("leader") == 1
+    assert header.split() == ["ID", "RAFT", "API", "ROLE", "CONNECTED", "MATCH_INDEX"]
+    assert sorted((r.split()[0], r.split()[1]) for r in rows) == sorted((n.node_id, n.raft) for n in ops_cluster.nodes)
+    assert [r.split()[3] for r in rows].count("leader") == 1
+
+    # Asked of a follower alone, the answer is still the leader's: match indexes and node ids for all.
+    follower = next(n for n in ops_cluster.nodes if n is not target)
+    listing = ok_json("member", "list", endpoints=[follower.api])
+    assert listing["leader"] == target.raft
+    for m in listing["members"]:
+        assert isinstance(m["match_index"], int) and m["match_index"] > 0, m
+        assert m["id"] == next(n.node_id for n in ops_cluster.nodes if n.raft == m["raft"])
 
 
 def _unused_address() -> str:

@@ -795,10 +795,13 @@ def test_queries() -> None:
         *WORLD,
         {"op": "service_put", "name": "api", "tags": ["b"]},
         {"op": "set_status", "service": "web", "id": "w1", "status": "critical"},
+        reg("web", "w3", tags=["blue", "canary"]),
+        reg("web", "w4", tags=["blue"]),
     )
     assert st.list_services() == [
-        {"name": "api", "tags": ["b"], "meta": {}, "instances": 0, "passing": 0},
-        {"name": "web", "tags": [], "meta": {}, "instances": 2, "passing": 1},
+        {"name": "api", "tags": ["b"], "meta": {}, "instances": 0, "passing": 0, "instance_tags": []},
+        # instance_tags: the union of the instances' tags, sorted (what `service list` shows as TAGS).
+        {"name": "web", "tags": [], "meta": {}, "instances": 4, "passing": 3, "instance_tags": ["blue", "canary"]},
     ]
     assert st.get_lease(1) == {
         "lease": 1,
