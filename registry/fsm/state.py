@@ -89,7 +89,16 @@ from typing import Any, Final, NamedTuple
 
 import msgpack
 
-from registry.errors import CODES, BadRequest, Conflict, LimitExceeded, NotFound, RegistryError
+from registry.errors import (
+    CODES,
+    BadRequest,
+    Conflict,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    RegistryError,
+    Unauthenticated,
+)
 from registry.fsm import acl, model
 from registry.fsm.commands import OPS, is_normalised, validate_command
 from registry.fsm.limits import StateLimits
@@ -105,7 +114,7 @@ _SNAPSHOT_KEYS: Final = frozenset(
 )
 #: Optional top-level keys: absent in snapshots taken before ACLs existed (or with nothing in them),
 #: and then they mean "empty" -- so a state that never used ACLs snapshots to the same bytes as before.
-_SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl", "identities"))
+_SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl", "identities", "lease_owners"))
 _ACL_SNAPSHOT_KEYS: Final = frozenset(("bootstrapped", "tokens", "roles", "users", "intentions", "intention_default"))
 ACL_TOKENS_MAX: Final = 100_000
 ACL_ROLES_MAX: Final = 10_000
@@ -250,6 +259,7 @@ class RegistryState:
         "_intention_default",
         "_intentions",
         "_keys",
+        "_lease_owners",
         "_leases",
         "_limits",
         "_locks",
@@ -272,6 +282,8 @@ class RegistryState:
         self._leases: dict[int, int] = {}
         #: Only leases that carry something (see the module docstring).
         self._attached: dict[int, _Attached] = {}
+        #: lease id -> id of the token that granted it (only leases granted with ACLs on).
+        self._lease_owners: dict[int, str] = {}
         self._keys: dict[str, Record] = {}
         self._locks: dict[str, Record] = {}
         # OrderedDict, not dict: popitem(last=False) is O(1), whereas evicting
@@ -306,7 +318,7 @@ class RegistryState:
 
     # ------------------------------------------------------------------ apply
 
-    def apply(self, command: dict[str, Any], *, trusted: bool = False, entry_term: int | None = None) -> Applied:
+    def apply(self, command: object, *, trusted: bool = False, entry_term: int | None = None) -> Applied:
         """Validate, de-duplicate and apply one command.
 
         ``trusted``: the command came through the Raft log, so it was validated
@@ -382,6 +394,31 @@ class RegistryState:
         if lease is not None and lease not in self._leases:
             raise NotFound(f"lease {lease} not found")
 
+    def _check_lease_use(self, cmd: dict[str, Any], lease: int | None, what: str) -> None:
+        """With ACLs on (the node stamped ``auth``), a live lease is used only by its owner or ``admin`` on lease."""
+        auth: str | None = cmd["auth"]
+        if lease is not None and auth is not None and lease in self._leases:
+            self.lease_use_check(auth, lease, what)
+
+    def lease_use_check(self, secret_hash: str, lease: int, what: str) -> None:
+        """Raise PermissionDenied unless the token may use ``lease`` (keepalive, revoke, attach, release).
+
+        A lease belongs to the token that granted it: lease ids count up from 1,
+        so without this any token with ``write`` on ``lease`` could revoke
+        another's lease (deregistering its instances, deleting its keys and
+        locks) or keep a dead one alive.  ``admin`` on ``lease`` may use any; a
+        lease granted with ACLs off has no owner and needs ``admin``.
+        """
+        token = self._acl_token_by_hash.get(secret_hash)
+        if token is None:
+            raise Unauthenticated("unknown or expired token")
+        if self._lease_owners.get(lease) == token["id"]:
+            return
+        if acl.allowed(acl.token_rules(self._acl_roles, token), "admin", "lease"):
+            return
+        raise PermissionDenied(f"lease {lease} belongs to another token: {what} needs the token that granted it "
+                               "or admin on lease")
+
     # ------------------------------------------------------------------ services / instances
 
     def _op_service_put(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
@@ -420,6 +457,7 @@ class RegistryState:
     def _op_register(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         svc, iid, lease = cmd["service"], cmd["id"], cmd["lease"]
         self._check_lease_exists(lease)
+        self._check_lease_use(cmd, lease, "attaching an instance")
         insts = self._instances.get(svc)
         old = None if insts is None else insts.get(iid)
         guard = cmd["if_mod_revision"]
@@ -501,9 +539,17 @@ class RegistryState:
         if lease > model.INT_MAX:
             raise LimitExceeded("lease id space exhausted")
         ttl_ms = cmd["ttl_ms"]
+        owner = None
+        if cmd["auth"] is not None:
+            token = self._acl_token_by_hash.get(cmd["auth"])
+            if token is None:
+                raise Unauthenticated("unknown or expired token")
+            owner = token["id"]
         rev = self._bump()
         self._next_lease = lease + 1
         self._leases[lease] = model.lease_pack(ttl_ms, cmd["now_ms"])
+        if owner is not None:
+            self._lease_owners[lease] = owner
         rec = model.lease_record(lease, ttl_ms, cmd["now_ms"])
         return {"revision": rev, "lease": lease, "ttl_ms": ttl_ms}, [
             _event(rev, "put", "lease", None, str(lease), None, rec)
@@ -514,6 +560,7 @@ class RegistryState:
         att = self._attached.pop(lease, _NOTHING_ATTACHED)
         rec = self._lease_record(lease)
         del self._leases[lease]
+        self._lease_owners.pop(lease, None)
         for svc, iid in sorted(att.instances):
             old = self._instances[svc].pop(iid)
             events.append(_event(rev, type_, "instance", svc, iid, old, None))
@@ -527,6 +574,7 @@ class RegistryState:
     def _op_lease_revoke(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         lease = cmd["lease"]
         self._check_lease_exists(lease)
+        self._check_lease_use(cmd, lease, "revoking it")
         rev = self._bump()
         events: list[Record] = []
         att = self._drop_lease(lease, rev, "delete", events)
@@ -600,6 +648,7 @@ class RegistryState:
     def _op_key_put(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         key, lease = cmd["key"], cmd["lease"]
         self._check_lease_exists(lease)
+        self._check_lease_use(cmd, lease, "attaching a key")
         old = self._keys.get(key)
         guard = cmd["if_mod_revision"]
         if guard is not None:
@@ -638,6 +687,7 @@ class RegistryState:
     def _op_lock_acquire(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         name, lease = cmd["name"], cmd["lease"]
         self._check_lease_exists(lease)
+        self._check_lease_use(cmd, lease, "taking a lock")
         cur = self._locks.get(name)
         if cur is not None:
             if cur["lease"] == lease:
@@ -661,6 +711,7 @@ class RegistryState:
         cur = self._locks.get(name)
         if cur is None or cur["lease"] != lease:
             raise NotFound(f"lock {name!r} is not held by lease {lease}")
+        self._check_lease_use(cmd, lease, "releasing a lock")
         rev = self._bump()
         del self._locks[name]
         self._attached.get(lease, _NOTHING_ATTACHED).locks.discard(name)
@@ -842,12 +893,15 @@ class RegistryState:
 
     # ------------------------------------------------------------------ queries (pure)
 
-    def get_service(self, name: str) -> dict[str, Any]:
-        name = _arg_str("name", name)
-        svc = self._services.get(name)
+    # Query arguments come from request frames: typed ``object`` and checked here, so a
+    # compiled (mypyc) build raises the same BadRequest rather than a TypeError (#24).
+
+    def get_service(self, name: object) -> dict[str, Any]:
+        svc_name = _arg_str("name", name)
+        svc = self._services.get(svc_name)
         if svc is None:
-            raise NotFound(f"service {name!r} not found")
-        insts = self._instances[name]
+            raise NotFound(f"service {svc_name!r} not found")
+        insts = self._instances[svc_name]
         return {"service": _copy_record(svc), "instances": [_copy_record(insts[i]) for i in sorted(insts)]}
 
     def list_services(self) -> list[dict[str, Any]]:
@@ -868,25 +922,25 @@ class RegistryState:
             )
         return out
 
-    def get_instance(self, service: str, id: str) -> dict[str, Any]:
+    def get_instance(self, service: object, id: object) -> dict[str, Any]:
         _, rec = self._find_instance(_arg_str("service", service), _arg_str("id", id))
         return _copy_record(rec)
 
-    def services_with_instance(self, id: str) -> list[str]:
+    def services_with_instance(self, id: object) -> list[str]:
         """The services (sorted) that have an instance with this id: one dict lookup per service.
 
         Consul's agent endpoints name an instance by id alone (``service:<id>``).
         """
-        id = _arg_str("id", id)
-        return sorted(name for name, insts in self._instances.items() if id in insts)
+        iid = _arg_str("id", id)
+        return sorted(name for name, insts in self._instances.items() if iid in insts)
 
-    def get_lease(self, lease_id: int) -> dict[str, Any]:
-        lease_id = _arg_lease(lease_id)
-        if lease_id not in self._leases:
-            raise NotFound(f"lease {lease_id} not found")
-        att = self._attached.get(lease_id, _NOTHING_ATTACHED)
+    def get_lease(self, lease_id: object) -> dict[str, Any]:
+        lease = _arg_lease(lease_id)
+        if lease not in self._leases:
+            raise NotFound(f"lease {lease} not found")
+        att = self._attached.get(lease, _NOTHING_ATTACHED)
         return {
-            **self._lease_record(lease_id),
+            **self._lease_record(lease),
             "instances": [list(pair) for pair in sorted(att.instances)],
             "locks": sorted(att.locks),
             "keys": sorted(att.keys),
@@ -920,22 +974,22 @@ class RegistryState:
     def lease_count(self) -> int:
         return len(self._leases)
 
-    def get_key(self, key: str) -> dict[str, Any]:
-        key = _arg_str("key", key)
-        rec = self._keys.get(key)
+    def get_key(self, key: object) -> dict[str, Any]:
+        name = _arg_str("key", key)
+        rec = self._keys.get(name)
         if rec is None:
-            raise NotFound(f"key {key!r} not found")
+            raise NotFound(f"key {name!r} not found")
         return dict(rec)
 
-    def list_keys(self, prefix: str = "") -> list[dict[str, Any]]:
-        prefix = _arg_str("prefix", prefix)
-        return [dict(self._keys[k]) for k in sorted(k for k in self._keys if k.startswith(prefix))]
+    def list_keys(self, prefix: object = "") -> list[dict[str, Any]]:
+        start = _arg_str("prefix", prefix)
+        return [dict(self._keys[k]) for k in sorted(k for k in self._keys if k.startswith(start))]
 
-    def get_lock(self, name: str) -> dict[str, Any]:
-        name = _arg_str("name", name)
-        rec = self._locks.get(name)
+    def get_lock(self, name: object) -> dict[str, Any]:
+        lock = _arg_str("name", name)
+        rec = self._locks.get(lock)
         if rec is None:
-            raise NotFound(f"lock {name!r} is free")
+            raise NotFound(f"lock {lock!r} is free")
         return dict(rec)
 
     # ------------------------------------------------------------------ snapshot / restore
@@ -972,11 +1026,13 @@ class RegistryState:
             obj["acl"] = acl_obj
         if self._identities:
             obj["identities"] = [[raft, self._identities[raft]] for raft in sorted(self._identities)]
+        if self._lease_owners:
+            obj["lease_owners"] = [[lease, self._lease_owners[lease]] for lease in sorted(self._lease_owners)]
         data: bytes = msgpack.packb(obj, use_bin_type=True)
         return data
 
     @classmethod
-    def restore(cls, data: bytes, limits: StateLimits | None = None) -> RegistryState:
+    def restore(cls, data: object, limits: StateLimits | None = None) -> RegistryState:
         """Rebuild a state from ``snapshot()`` bytes; BadRequest on corrupt/foreign data."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise BadRequest(f"snapshot must be bytes, got {type(data).__name__}")
@@ -1093,6 +1149,19 @@ class RegistryState:
                 if raft in st._identities:
                     raise BadRequest(f"duplicate member identity {raft!r}")
                 st._identities[raft] = model.check_incarnation("identities", entry[1])
+        if "lease_owners" in obj:
+            for entry in snap_list("lease_owners"):
+                if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
+                        and type(entry[1]) is str):
+                    raise BadRequest("lease owner entries must be [lease id, token id]")
+                lease, owner = entry
+                check_lease("lease owner", lease)
+                if lease in st._lease_owners:
+                    raise BadRequest(f"duplicate owner of lease {lease}")
+                try:
+                    st._lease_owners[lease] = acl.check_id("lease owner", owner)
+                except RegistryError as err:
+                    raise BadRequest(err.message) from None
         st.check_invariants()
         return st
 
@@ -1212,6 +1281,8 @@ class RegistryState:
             fail("services and instance tables disagree")
         if not set(self._attached) <= set(self._leases):
             fail("attachment index names a lease that does not exist")
+        if not self._lease_owners.keys() <= self._leases.keys():
+            fail("a lease owner is recorded for a lease that does not exist")
         # Built only for leases that carry something: a bare lease costs no sets here either.
         expect: dict[int, _Attached] = {}
 

@@ -187,6 +187,8 @@ class AclService:
 
     def filter_result(self, op: str, body: Any, principal: str) -> Any:
         """Drop the items of a list result the token may not read."""
+        if op in ("lease_get", "lease_ttl") and isinstance(body, dict):
+            return self._filter_attachments(body, principal)
         if op not in ("service_list", "service_dump", "key_list") or not isinstance(body, list):
             return body
         now = _now_ms()
@@ -197,6 +199,23 @@ class AclService:
             if op == "service_dump":
                 return [i for i in body if state.acl_may(principal, "read", "service:" + i["service"]["name"], now)]
             return [i for i in body if state.acl_may(principal, "read", "key:" + i["key"], now)]
+
+    def _filter_attachments(self, body: dict[str, Any], principal: str) -> dict[str, Any]:
+        """A lease's instances, keys and locks, each kept only if the token may read it.
+
+        ``read`` on lease alone showed every name attached to any lease (ids count up from 1).
+        """
+        now = _now_ms()
+        out = dict(body)
+        with self._holder.lock:
+            state = self._holder.state
+            if isinstance(body.get("instances"), list):
+                out["instances"] = [pair for pair in body["instances"]
+                                    if state.acl_may(principal, "read", f"service:{pair[0]}", now)]
+            for field in ("keys", "locks"):
+                if isinstance(body.get(field), list):
+                    out[field] = [name for name in body[field] if state.acl_may(principal, "read", f"key:{name}", now)]
+        return out
 
     def visible(self, state: RegistryState, principal: str, resource: str, now_ms: int) -> bool:
         return state.acl_may(principal, "read", resource, now_ms)

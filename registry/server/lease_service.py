@@ -27,6 +27,7 @@ from registry.errors import BadRequest, InvalidArgument, NotLeader, RegistryErro
 from registry.fsm import model
 from registry.fsm.leases import LeaseKeeper, StallGuard
 from registry.raft.node import RaftNode, StateHolder
+from registry.server.api import CURRENT_AUTH
 from registry.server.metrics import NodeMetrics
 from registry.server.proposer import Proposer
 
@@ -120,10 +121,22 @@ class LeaseService:
         if not self._leading():
             raise NotLeader("lease keepalives are served by the leader", hint=self._leader_api())
 
+    def _check_owner(self, leases: list[int]) -> None:
+        """With ACLs on, only the token that granted a live lease (or admin on lease) may renew it."""
+        auth = CURRENT_AUTH.get()
+        if not auth:
+            return
+        with self._holder.lock:
+            state = self._holder.state
+            for lease in leases:
+                if state.lease_ttl_ms(lease) is not None:  # a gone lease is reported as such, not refused
+                    state.lease_use_check(auth, lease, "keepalive")
+
     def keepalive_now(self, args: dict[str, Any]) -> tuple[int, Any]:
         """``lease_keepalive``: renew one lease (NOT_FOUND if it is gone)."""
         lease = _lease_arg(args)
         self._require_leader()
+        self._check_owner([lease])
         ttl_ms = self.keeper.keepalive(lease, time.monotonic())
         self._keepalives_unflushed += 1
         return self._holder.state.revision, {"lease": lease, "ttl_ms": ttl_ms}
@@ -138,6 +151,7 @@ class LeaseService:
         """
         leases = _lease_list_arg(args)
         self._require_leader()
+        self._check_owner(leases)
         ttls = self.keeper.keepalive_many(leases, time.monotonic())
         missing = [lease for lease, ttl in zip(leases, ttls, strict=True) if not ttl]
         renewed = len(leases) - len(missing)
