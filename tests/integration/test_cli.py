@@ -17,6 +17,7 @@ import pytest
 
 from registry.server.ports import ports_free
 from tests.support.cluster import Cluster, regctl_executable, wait_until
+from tests.support.up import UP_PORT_OFFSETS
 
 pytestmark = pytest.mark.integration
 
@@ -194,7 +195,7 @@ def test_exit_codes(cluster: Cluster) -> None:
 
 
 def _ports_free(base: int, nodes: int) -> bool:
-    return ports_free(base + off + i for i in range(1, nodes + 1) for off in (0, 100, 200))
+    return ports_free(base + off + i for i in range(1, nodes + 1) for off in UP_PORT_OFFSETS)
 
 
 def _free_base_port() -> int:

@@ -16,9 +16,12 @@ from pathlib import Path
 from registry.server.ports import ports_free
 from tests.support.cluster import regctl_executable
 
+#: regctl up's ports per node (cli/up.py plan): API, Raft, HTTP, Consul HTTP, DNS; it refuses to start if any is taken.
+UP_PORT_OFFSETS = (0, 100, 200, 300, 400)
+
 
 def up_ports_free(base: int, nodes: int = 3) -> bool:
-    return ports_free(base + off + i for i in range(1, nodes + 1) for off in (0, 100, 200))
+    return ports_free(base + off + i for i in range(1, nodes + 1) for off in UP_PORT_OFFSETS)
 
 
 def free_up_base_port(nodes: int = 3) -> int:
