@@ -57,6 +57,8 @@ class DriverSpec(TypedDict):
     #: (granted by the first run on a cluster, reused by the repeats).
     leases: NotRequired[int]
     leases_file: NotRequired[str]
+    #: The token of every request (a cluster run with --acl).
+    token: NotRequired[str]
 
 
 Op = Callable[[Client, int], Awaitable[Any]]
@@ -187,7 +189,8 @@ async def _drive_registry(spec: DriverSpec, counter: Iterator[int]) -> tuple[lis
     starts = [(spec["first_node"] + j + driver) % n for j in range(spec["clients"])]
     if spec["workload"] == "lease_keepalive":
         starts = [spec["first_node"]] * spec["clients"]  # keepalives are leader-local: no follower hop
-    clients = [Client(endpoints[s:] + endpoints[:s], timeout_s=10.0, client_name=f"bench-{driver}-{j}")
+    clients = [Client(endpoints[s:] + endpoints[:s], timeout_s=10.0, client_name=f"bench-{driver}-{j}",
+                      token=spec.get("token"))
                for j, s in enumerate(starts)]
     for client in clients:
         await client.call("status", {})

@@ -179,6 +179,9 @@ class BenchCluster(ProcessCluster[BenchNode]):
         #: Extra environment and ``regctl server`` arguments for every node (experiments).
         self.env = {**os.environ, **(env or {})}
         self.extra_args = extra_args
+        #: With ``--acl`` among the arguments: the management token, once bootstrapped (``bootstrap_acl``).
+        self.acl = "--acl" in extra_args
+        self.token: str | None = None
         for _ in range(200):
             base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - 300, 10)
             if ports_free([base + off + i for i in range(1, size + 1) for off in (0, 100, 200)]):
@@ -238,8 +241,21 @@ class BenchCluster(ProcessCluster[BenchNode]):
         self.wait_leader(ready_timeout_s)
         return time.monotonic() - began
 
+    def bootstrap_acl(self, timeout_s: float = 30.0) -> str:
+        """Issue the management token of an ``--acl`` cluster (retried until a leader takes it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with SyncClient(self.endpoints, timeout_s=5.0, connect_timeout_s=0.3) as client:
+                    self.token = str(client.acl_bootstrap()[1]["secret"])
+                    return self.token
+            except RegistryError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def statuses(self) -> list[dict[str, object]]:
-        with SyncClient(self.endpoints, timeout_s=1.0, connect_timeout_s=0.3) as client:
+        with SyncClient(self.endpoints, timeout_s=1.0, connect_timeout_s=0.3, token=self.token) as client:
             statuses: list[dict[str, object]] = client.cluster_status()
             return statuses
 
@@ -257,8 +273,11 @@ class BenchCluster(ProcessCluster[BenchNode]):
                 statuses = self.statuses()
                 leaders = [s for s in statuses if s.get("reachable") and s.get("role") == "leader"]
                 if len(leaders) == 1 and all(s.get("reachable") and s.get("leader") for s in statuses):
+                    if self.acl and self.token is None:
+                        # Not bootstrapped yet: the bootstrap itself commits through the leader.
+                        self.bootstrap_acl(max(1.0, deadline - time.monotonic()))
                     # Serving: a linearizable read commits a barrier through the leader.
-                    with SyncClient(self.endpoints, timeout_s=2.0, connect_timeout_s=0.3) as client:
+                    with SyncClient(self.endpoints, timeout_s=2.0, connect_timeout_s=0.3, token=self.token) as client:
                         client.call("service_list", {})
                     return str(leaders[0]["id"])
             except RegistryError:

@@ -55,9 +55,9 @@ def durability(fsync: bool) -> str:
     return DURABILITY_FSYNC if fsync else DURABILITY_NO_FSYNC
 
 
-def server_args(fsync: bool) -> tuple[str, ...]:
+def server_args(fsync: bool, acl: bool = False) -> tuple[str, ...]:
     """The ``regctl server`` options of a bench cluster in that mode."""
-    return () if fsync else ("--unsafe-no-fsync",)
+    return (() if fsync else ("--unsafe-no-fsync",)) + (("--acl",) if acl else ())
 
 #: (workload, concurrency) in run order.
 DEFAULT_PLAN: list[tuple[str, int]] = [
@@ -126,6 +126,9 @@ def _spawn_drivers(cluster: LoadTarget, workload: str, concurrency: int, duratio
             "duration_s": duration_s, "driver_index": d, "first_node": first_node,
             "result_path": str(cluster.root / f"driver-{d}.json"),
         }
+        token = getattr(cluster, "token", None)
+        if token is not None:
+            spec["token"] = token
         if extra:
             spec.update(extra)  # type: ignore[typeddict-item]
             if "leases_file" in extra:  # one lease set per driver
@@ -271,6 +274,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['cpus']} CPU(s) shared by the cluster and the driver(s); Python {meta['python']}, "
         f"pysyncobj {meta['pysyncobj']}.",
         f"- Durability: {meta['durability']}",
+        f"- ACLs: {'on (--acl; every request carries a management token)' if meta.get('acl') else 'off'}",
         f"- Each workload: {meta['duration_s']:g} s measured after {WARMUP_S:g} s warm-up, "
         f"{meta['repeats']} repeat(s), medians shown; {meta['drivers']} driver process(es), "
         f"min(concurrency, {CLIENTS_MAX}) client connections spread over the nodes.",
@@ -321,6 +325,9 @@ def main() -> int:
                         help="after the measured runs, run each workload once more with py-spy on the leader "
                              "(collapsed stacks in DIR/profile-*.txt; not counted in the medians)")
     parser.add_argument("--keep-data", action="store_true", help="keep the cluster's temp data dir")
+    parser.add_argument("--acl", action="store_true",
+                        help="run the nodes with --acl (as docker-compose does), every request with a management "
+                             "token")
     parser.add_argument("--unsafe-no-fsync", action="store_true",
                         help="run the nodes with --unsafe-no-fsync (the Raft log is never fsynced), to compare "
                              "with runs of systems whose data is on tmpfs; the default is the nodes' default, durable")
@@ -341,16 +348,17 @@ def main() -> int:
         "python": platform.python_version(), "pysyncobj": PYSYNCOBJ_VERSION,
         "duration_s": duration_s, "warmup_s": WARMUP_S, "repeats": repeats, "drivers": args.drivers,
         "durability": durability(not args.unsafe_no_fsync), "fsync": not args.unsafe_no_fsync, "cluster_key": True,
+        "acl": args.acl,
     }
     # Explicitly, also for SIGINT: a shell starting us in the background may have set it to "ignore".
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    cluster = BenchCluster(keep_data=args.keep_data, extra_args=server_args(not args.unsafe_no_fsync))
+    cluster = BenchCluster(keep_data=args.keep_data, extra_args=server_args(not args.unsafe_no_fsync, args.acl))
     try:
         leader = cluster.start()
         print(f"cluster up: leader {leader}, endpoints {','.join(cluster.endpoints)}, data {cluster.root}",
               file=sys.stderr)
-        with SyncClient(cluster.endpoints, timeout_s=10.0) as client:
+        with SyncClient(cluster.endpoints, timeout_s=10.0, token=cluster.token) as client:
             for i in range(3):
                 client.register(READ_SERVICE, f"r{i}", "10.0.0.2", 9000 + i, meta={"zone": "a"}, tags=["bench"])
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {key: [] for key in args.workloads}

@@ -86,16 +86,21 @@ def _check(out: Path, done: subprocess.CompletedProcess[str], expected: set[tupl
     return rows
 
 
-def test_run_tiny(tmp_path: Path) -> None:
-    """The README's `python -m bench.run --quick` on one small workload: our cluster alone, no external tool."""
+@pytest.mark.parametrize("acl", [False, True], ids=["plain", "acl"])
+def test_run_tiny(tmp_path: Path, acl: bool) -> None:
+    """The README's `python -m bench.run --quick` on one small workload: our cluster alone, no external tool.
+
+    With ``--acl`` as well: the configuration docker-compose runs, every request carrying a token.
+    """
     out = tmp_path / "run"
     cmd = readme_bench("python -m bench.run --quick", "--workloads", "register:4", "--duration", "0.5",
-                       "--out", str(out))
+                       "--out", str(out), *(["--acl"] if acl else []))
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
     result = json.loads((out / "results.json").read_text())
     assert result["meta"]["pysyncobj"]  # recorded through registry.raft, the only pysyncobj importer
     assert result["meta"]["fsync"] is True  # the nodes' default: durable
+    assert result["meta"]["acl"] is acl
     [row] = result["workloads"]
     assert row["workload"] == "register" and row["concurrency"] == 4
     assert row["ops_per_s"] > 0 and row["errors"] == 0, row
