@@ -208,6 +208,12 @@ def test_cached_records_follow_the_revision() -> None:
     assert addresses() == ["10.0.0.1", "10.0.0.2"]
     state.apply({"op": "set_status", "service": "web", "id": "w1", "status": "critical"})
     assert addresses() == ["10.0.0.2"]
+    # A changed weight or port is a new SRV record, not the one packed before.
+    state.apply(reg("web", "w2", "10.0.0.2", 81, weight=7))
+    query = dns.message.make_query("web.service.consul.", "SRV")
+    data = ans.answer(query.to_wire(), cat, tcp=False).data
+    assert data is not None
+    assert [rd.to_text() for rd in dns.message.from_wire(data).answer[0]] == ["1 7 81 0a000002.addr.consul."]
 
 
 # --------------------------------------------------------------------------- sizes
@@ -385,6 +391,7 @@ def test_normalize_domain(text: str, expected: str | None) -> None:
     "changes",
     [{"port": 0}, {"domain": "Consul"}, {"ttl_s": -1}, {"udp_payload_bytes_max": 511},
      {"query_bytes_max": 100}, {"tcp_connections_max": 0}, {"tcp_idle_s": 0}, {"cache_entries_max": 0},
+     {"record_cache_entries_max": 0},
      {"token": ""}],
 )
 def test_settings_validate(changes: dict[str, Any]) -> None:

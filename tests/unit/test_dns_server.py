@@ -145,11 +145,12 @@ def test_the_answer_caches_stay_within_cache_entries_max() -> None:
     for i in range(10):
         state.apply({"op": "register", "service": f"s{i}", "id": "x", "address": f"10.0.0.{i + 1}", "port": 80})
     catalog = StateCatalog(StateHolder(state), None)
-    answerer = Answerer(DnsSettings(host="127.0.0.1", port=8600, cache_entries_max=3), random.Random(1))
+    answerer = Answerer(DnsSettings(host="127.0.0.1", port=8600, cache_entries_max=3, record_cache_entries_max=4),
+                        random.Random(1))
     for _ in range(2):
         for i in range(10):
             wire = dns.message.make_query(f"s{i}.service.consul.", "A").to_wire()
             data = answerer.answer(wire, catalog, tcp=False).data
             assert data is not None
             assert dns.message.from_wire(data).answer[0][0].to_text() == f"10.0.0.{i + 1}"
-            assert len(answerer._cache) <= 3 and len(answerer._parsed) <= 3
+            assert len(answerer._cache) <= 3 and len(answerer._parsed) <= 3 and len(answerer._records) <= 4

@@ -167,6 +167,8 @@ class Answerer:
         #: question): a resolver asks the same few questions over and over, and parsing with
         #: dnslib is half the cost of an answer.  Only well-formed queries get here.
         self._parsed: dict[bytes, tuple[_Query, _Route]] = {}
+        #: (is SRV, address, port, weight) -> that instance's packed record(s): see ``_record``.
+        self._records: dict[tuple[bool, str, int, int], _Chunk] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -308,36 +310,54 @@ class Answerer:
     # ------------------------------------------------------------------ records
 
     def _chunks(self, instances: list[Mapping[str, Any]], kind: str) -> list[_Chunk]:
-        ttl = self._settings.ttl_s
         out: list[_Chunk] = []
         seen: set[bytes] = set()
         for inst in instances:
-            address = _ip(str(inst["address"]))
-            if kind == "srv":
-                if address is not None:
-                    target = addr_name(address, self._domain)
-                    rtype = QTYPE.A if address.version == 4 else QTYPE.AAAA
-                    rdata = A(str(address)) if address.version == 4 else AAAA(str(address))
-                    extra = _pack(RR(DNSLabel(target), rtype, ttl=ttl, rdata=rdata))
-                else:
-                    host = _host_name(str(inst["address"]))
-                    if host is None:
-                        continue  # not a name DNS can carry
-                    target, extra = host, b""
-                srv = SRV(priority=1, weight=int(inst["weight"]), port=int(inst["port"]), target=target)
-                out.append((self._owned_by_question(QTYPE.SRV, srv), extra))
-                continue
-            if address is None:
-                continue  # a host name: no address record of ours (see docs/dns.md)
-            if (kind == "a" and address.version != 4) or (kind == "aaaa" and address.version != 6):
-                continue
-            packed = address.packed
-            if packed in seen:
-                continue  # two instances on one address (other ports): one record, as a set must be
-            seen.add(packed)
-            rdata = A(str(address)) if address.version == 4 else AAAA(str(address))
-            out.append((self._owned_by_question(QTYPE.A if address.version == 4 else QTYPE.AAAA, rdata), b""))
+            srv = kind == "srv"
+            key = (srv, str(inst["address"]), int(inst["port"]) if srv else 0, int(inst["weight"]) if srv else 0)
+            chunk = self._records.get(key)
+            if chunk is None:
+                if len(self._records) >= self._settings.record_cache_entries_max:
+                    self._records.clear()
+                chunk = self._records[key] = self._record(*key)
+            if not chunk[0]:
+                continue  # no record of this kind for this address
+            if not srv:
+                rtype = _rtype(chunk[0])
+                if (kind == "a" and rtype != QTYPE.A) or (kind == "aaaa" and rtype != QTYPE.AAAA):
+                    continue
+                if chunk[0] in seen:
+                    continue  # two instances on one address (other ports): one record, as a set must be
+                seen.add(chunk[0])
+            out.append(chunk)
         return out
+
+    def _record(self, srv: bool, address_text: str, port: int, weight: int) -> _Chunk:
+        """One instance's packed record(s); (b"", b"") when it has none of this kind.
+
+        Kept per (kind, address, port, weight) across revisions: a write elsewhere in the state
+        invalidates the per-service answers, and re-packing 100 records with dnslib would cost
+        a millisecond, where looking them up here costs a few microseconds.
+        """
+        ttl = self._settings.ttl_s
+        address = _ip(address_text)
+        if srv:
+            if address is not None:
+                target = addr_name(address, self._domain)
+                rtype = QTYPE.A if address.version == 4 else QTYPE.AAAA
+                rdata = A(str(address)) if address.version == 4 else AAAA(str(address))
+                extra = _pack(RR(DNSLabel(target), rtype, ttl=ttl, rdata=rdata))
+            else:
+                host = _host_name(address_text)
+                if host is None:
+                    return b"", b""  # not a name DNS can carry
+                target, extra = host, b""
+            return self._owned_by_question(QTYPE.SRV, SRV(priority=1, weight=weight, port=port, target=target)), extra
+        if address is None:
+            return b"", b""  # a host name: no address record of ours (see docs/dns.md)
+        if address.version == 4:
+            return self._owned_by_question(QTYPE.A, A(str(address))), b""
+        return self._owned_by_question(QTYPE.AAAA, AAAA(str(address))), b""
 
     def _owned_by_question(self, rtype: int, rdata: Any) -> bytes:
         # Packed with the root as owner (one zero byte), which is then swapped for a pointer to the
@@ -421,6 +441,11 @@ class Answerer:
         # Opcode and RD echoed; no question, since the one sent could not be read or is not ours to read.
         reply_flags = _QR | (flags & 0x7800) | (flags & _RD) | rcode
         return Reply(_HEADER.pack(ident, reply_flags, 0, 0, 0, 0), result, malformed=malformed)
+
+
+def _rtype(answer: bytes) -> int:
+    """The type of a record packed by ``_owned_by_question``: the two bytes after the owner pointer."""
+    return int.from_bytes(answer[2:4], "big")
 
 
 def _pack(rr: RR) -> bytes:
