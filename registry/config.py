@@ -157,6 +157,12 @@ class NodeConfig:
     frame_bytes_max: int = 1 << 20
     #: Clients allowed at once; more are closed at accept.
     connections_max: int = 10_000
+    #: Clients allowed at once from one address, so one host cannot take every slot.
+    connections_per_source_max: int = 1024
+    #: A client that has not sent its hello this long after connecting is closed, and so is
+    #: one that sends more than this many bytes before it (a hello is well under 1 KiB).
+    hello_timeout_s: float = 5.0
+    hello_bytes_max: int = 64 << 10
     log_format: str = "text"
     log_level: str = "INFO"
     #: Watch hub bounds: history kept for resumes, and each watcher's queue.
@@ -214,6 +220,12 @@ class NodeConfig:
             raise InvalidArgument("frame_bytes_max must be 4 KiB..64 MiB")
         # Above frame_bytes_max so any one command fits; under 128 MiB so an entry stays well inside
         # the largest Raft message a peer accepts (registry.raft.tcp.RaftWireLimits.message_bytes_max).
+        if not 1 <= self.connections_per_source_max <= self.connections_max:
+            raise InvalidArgument("connections_per_source_max must be 1..connections_max")
+        if not 0 < self.hello_timeout_s <= 60:
+            raise InvalidArgument("hello_timeout_s must be in (0, 60]")
+        if not 1024 <= self.hello_bytes_max <= self.frame_bytes_max:
+            raise InvalidArgument("hello_bytes_max must be at least 1 KiB and at most frame_bytes_max")
         if not self.frame_bytes_max <= self.batch_bytes_max <= 128 << 20:
             raise InvalidArgument("batch_bytes_max must be at least frame_bytes_max and at most 128 MiB")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -170,6 +170,12 @@ class NodeMetrics:
         self.bad_frames = Counter(
             "regctl_bad_frames", "connections closed for a broken byte stream", registry=r
         )
+        self.connections_refused = Counter(
+            "regctl_client_connections_refused",
+            "client connections refused or closed before their hello: total or per-source cap reached, "
+            "no hello within the deadline, too many bytes before the hello",
+            ["reason"], registry=r,
+        )
         self.leases = Gauge("regctl_leases", "live leases", registry=r)
         self.keepalives = Counter("regctl_lease_keepalives", "lease keepalives served", registry=r)
         self.lease_expiries = Counter("regctl_lease_expiries", "leases expired by this leader", registry=r)

@@ -167,6 +167,8 @@ class Node:
             self.watches.acl = self.acl
         self._server = APIServer(
             self.api, self.metrics, frame_bytes_max=config.frame_bytes_max, connections_max=config.connections_max,
+            connections_per_source_max=config.connections_per_source_max, hello_timeout_s=config.hello_timeout_s,
+            hello_bytes_max=config.hello_bytes_max,
             acl=self.acl if config.acl else None, ssl_context=server_ssl_context(config),
         )
         self.api.extra_status = self._live_numbers

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
-from registry.errors import Conflict, Internal, NotFound, PermissionDenied, RegistryError, Unauthenticated
+from registry.errors import (
+    Conflict,
+    Internal,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    RegistryError,
+    Unauthenticated,
+)
 from registry.fsm.acl import hash_secret
 from registry.fsm.model import RID_CHARS_MAX
 from registry.protocol import (
@@ -117,6 +125,12 @@ def _cancelled() -> Started:
 class _ClientProtocol(asyncio.Protocol):
     def __init__(self, server: APIServer) -> None:
         self._server = server
+        #: Until the hello: bytes received, and the timer that closes a connection that never says it.
+        self._hello_seen = False
+        self._prehello_bytes = 0
+        self._hello_timer: asyncio.TimerHandle | None = None
+        #: The client's address without its port: the per-source connection cap counts by it.
+        self.source = "unknown"
         self._conn = ServerConnection(frame_bytes_max=server.frame_bytes_max, pack=server.pack,
                                       checked_ops=server.api.field_checked_ops)
         self._transport: asyncio.Transport | None = None
@@ -141,10 +155,14 @@ class _ClientProtocol(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             self.peer = f"{peername[0]}:{peername[1]}"
-        self._server.connection_opened(self)
+            self.source = str(peername[0])
+        if self._server.connection_opened(self):
+            self._hello_timer = asyncio.get_running_loop().call_later(self._server.hello_timeout_s,
+                                                                      self._hello_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_hello_timer()
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
@@ -161,6 +179,28 @@ class _ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._conn.receive_data(data)
         self._process()
+        if not self._hello_seen and not self.closed:
+            # A partial frame before the hello could hold a whole frame limit (1 MiB) per socket.
+            self._prehello_bytes += len(data)
+            if self._prehello_bytes > self._server.hello_bytes_max:
+                self._refuse_before_hello("prehello_bytes", f"more than {self._server.hello_bytes_max} bytes "
+                                          "before a hello (hello_bytes_max)")
+
+    def _cancel_hello_timer(self) -> None:
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+
+    def _hello_expired(self) -> None:
+        self._hello_timer = None
+        if not self._hello_seen and not self.closed:
+            self._refuse_before_hello("hello_timeout", f"no hello within {self._server.hello_timeout_s:g} s "
+                                      "(hello_timeout_s)")
+
+    def _refuse_before_hello(self, reason: str, why: str) -> None:
+        self._server.metrics.connections_refused.labels(reason=reason).inc()
+        log.info("closing client connection from %s: %s", self.peer, why)
+        self._goodbye(ProtocolError(why))
 
     def eof_received(self) -> bool | None:
         self._conn.receive_data(b"")
@@ -203,6 +243,8 @@ class _ClientProtocol(asyncio.Protocol):
                 task = asyncio.get_running_loop().create_task(self._run(event))
                 self._tasks[event.id] = task
             elif isinstance(event, Hello):
+                self._hello_seen = True
+                self._cancel_hello_timer()
                 try:
                     self.principal = self._server.check_token(event.token)
                 except RegistryError as err:
@@ -447,6 +489,9 @@ class APIServer:
         *,
         frame_bytes_max: int,
         connections_max: int,
+        connections_per_source_max: int | None = None,
+        hello_timeout_s: float = 5.0,
+        hello_bytes_max: int = 64 << 10,
         token_check: TokenCheck | None = None,
         acl: AclService | None = None,
         ssl_context: ssl.SSLContext | None = None,
@@ -455,6 +500,11 @@ class APIServer:
         self.metrics = metrics
         self.frame_bytes_max = frame_bytes_max
         self.connections_max = connections_max
+        #: One address may hold at most this many (None: connections_max), so one host cannot lock out the rest.
+        self.connections_per_source_max = connections_per_source_max or connections_max
+        self.hello_timeout_s = hello_timeout_s
+        self.hello_bytes_max = hello_bytes_max
+        self._per_source: dict[str, int] = {}
         self.streams: dict[str, StreamHandler] = {}
         #: Ops answered inline, without a task (see _ClientProtocol._run_inline).
         self.inline: dict[str, InlineHandler] = {}
@@ -492,16 +542,33 @@ class APIServer:
         # An int add in RequestStats; a Prometheus Counter.inc() took ~2 us (a lock per call).
         self.metrics.requests.count(op if op in self.known_ops else "other", code)
 
-    def connection_opened(self, proto: _ClientProtocol) -> None:
+    def connection_opened(self, proto: _ClientProtocol) -> bool:
+        """Admit a new connection, or close it at once (False) if a cap is reached."""
         if len(self._clients) >= self.connections_max:
+            self.metrics.connections_refused.labels(reason="total").inc()
             log.warning("refusing client: %d connections open (limit)", len(self._clients))
             proto.close()
-            return
+            return False
+        held = self._per_source.get(proto.source, 0)
+        if held >= self.connections_per_source_max:
+            self.metrics.connections_refused.labels(reason="per_source").inc()
+            log.warning("refusing client %s: %d connections open from that address (connections_per_source_max)",
+                        proto.peer, held)
+            proto.close()
+            return False
+        self._per_source[proto.source] = held + 1
         self._clients.add(proto)
         self.metrics.connections.set(len(self._clients))
+        return True
 
     def connection_closed(self, proto: _ClientProtocol) -> None:
-        self._clients.discard(proto)
+        if proto in self._clients:
+            self._clients.discard(proto)
+            left = self._per_source.get(proto.source, 1) - 1
+            if left > 0:
+                self._per_source[proto.source] = left
+            else:
+                self._per_source.pop(proto.source, None)
         self.metrics.connections.set(len(self._clients))
 
     async def start(self, host: str, port: int) -> None:

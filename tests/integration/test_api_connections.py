@@ -1,0 +1,108 @@
+"""Client connections that never say hello cannot lock the API port (issue #20, finding 4).
+
+Before: a connection that sent nothing was kept forever, each could hold up to
+1 MiB of partial frame before its hello, and 10,000 of them (the total cap)
+locked every client out, so agents lost their leases.  Now a hello is due
+within ``hello_timeout_s``, at most ``hello_bytes_max`` may come before it,
+and one address holds at most ``connections_per_source_max`` connections.
+The attacker's sockets come from 127.0.0.2 (Linux routes all of 127/8 to the
+loopback), so the test's own client on 127.0.0.1 is another source.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from registry.config import NodeConfig, parse_hostport
+from tests.support.cluster import Cluster, NodeProc, wait_until
+
+pytestmark = pytest.mark.integration
+
+#: The limits under test are the defaults the cluster's nodes run with.
+DEFAULTS = NodeConfig(node_id="n", data_dir=Path("."), raft_addr="127.0.0.1:1", peers=())
+
+
+def refused(node: NodeProc, reason: str) -> float:
+    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf'^regctl_client_connections_refused_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def attacker_socket(node: NodeProc) -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.2", 0))
+    sock.settimeout(5.0)
+    sock.connect(parse_hostport(node.api))
+    return sock
+
+
+def closed_within(sock: socket.socket, deadline_s: float) -> bool:
+    """True once the node closed ``sock`` (EOF or reset) within ``deadline_s``; what it sends first is ignored."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        sock.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+    return False
+
+
+def test_a_connection_that_never_says_hello_is_closed(cluster: Cluster) -> None:
+    node = cluster.nodes[0]
+    before = refused(node, "hello_timeout")
+    with attacker_socket(node) as sock:
+        started = time.monotonic()
+        assert closed_within(sock, DEFAULTS.hello_timeout_s + 5.0), "a silent connection was kept"
+        assert time.monotonic() - started >= DEFAULTS.hello_timeout_s - 0.5
+    assert refused(node, "hello_timeout") == before + 1
+
+
+def test_bytes_before_the_hello_are_capped(cluster: Cluster) -> None:
+    node = cluster.nodes[0]
+    with attacker_socket(node) as sock:
+        # A frame announced at just under the 1 MiB limit, never finished: before, all of it was buffered.
+        sock.sendall(struct.pack(">I", (1 << 20) - 16))
+        try:
+            sock.sendall(b"\0" * (DEFAULTS.hello_bytes_max + 4096))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        # Closed for the bytes, well before the hello deadline.
+        assert closed_within(sock, DEFAULTS.hello_timeout_s / 2), "the node buffered a partial frame before hello"
+    assert refused(node, "prehello_bytes") >= 1
+
+
+def test_one_address_cannot_take_every_connection(cluster: Cluster) -> None:
+    node = cluster.nodes[0]
+    cap = DEFAULTS.connections_per_source_max
+    held: list[socket.socket] = []
+    try:
+        for _ in range(cap):
+            held.append(attacker_socket(node))
+        # One more from the same address is closed at once ...
+        with attacker_socket(node) as extra:
+            assert closed_within(extra, 3.0), "the per-source cap let one more connection in"
+        assert refused(node, "per_source") >= 1
+        # ... while a client from another address is served.
+        status = cluster.status(node)
+        assert status["id"] == node.node_id
+    finally:
+        for sock in held:
+            sock.close()
+    # And the slots come back once they are closed.
+    def admitted() -> bool:
+        with attacker_socket(node) as sock:
+            return not closed_within(sock, 0.3)
+
+    wait_until(admitted, 10.0, "a slot for 127.0.0.2 again")
