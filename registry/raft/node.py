@@ -219,6 +219,10 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         self._send_wanted = False
         #: See _flush_sends: when a held-back commit-index-only round must go out.
         self._commit_hold = CommitHold(config.raft.commit_notify_delay_s)
+        #: See _note_leader: the leader last seen, how often it changed, when a leader was last heard.
+        self._leader_seen: Any = None
+        self.leader_changes = 0
+        self._leader_heard_at = raft_clock()
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         if (data_dir / LEGACY_JOURNAL).exists() and not (data_dir / RAFT_LOG_DIR).exists():
@@ -306,6 +310,23 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             self._log_failed = True
             self._on_log_failure(exc)
 
+    def _note_leader(self) -> None:
+        """Count leader changes (to a known leader), once a tick in the Raft thread.
+
+        ``leader_changes`` is a plain int that the metrics read from another
+        thread (a racy read of a whole int is fine).
+        """
+        leader = self._SyncObj__raftLeader
+        if leader is not None and leader != self._leader_seen:
+            self.leader_changes += 1
+        self._leader_seen = leader
+
+    def leader_contact_age_s(self) -> float:
+        """Seconds since this node last heard from the leader (0 on the leader; any thread)."""
+        if self._isLeader():
+            return 0.0
+        return max(0.0, float(raft_clock() - self._leader_heard_at))
+
     def _SyncObj__onBecomeLeader(self) -> None:
         super()._SyncObj__onBecomeLeader()
         # pysyncobj counts the leader's own copy toward a commit at once: in a one-node
@@ -329,6 +350,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
     def _checkCommandsToApply(self) -> None:
         super()._checkCommandsToApply()
+        self._note_leader()
         # The last step of a tick that sends; then compaction, callbacks and the wait for events.
         self._flush_sends()
 
@@ -410,6 +432,9 @@ class RaftNode(SyncObj):  # type: ignore[misc]
                 next_index[node] = before
             return
         super()._SyncObj__onMessageReceived(node, message)
+        if message.get("type") == "append_entries" and self._SyncObj__raftLeader == node:
+            # What pysyncobj resets its election deadline on: the leader of this term was heard.
+            self._leader_heard_at = raft_clock()
 
     @property
     def messages_sent(self) -> int:

@@ -1,15 +1,33 @@
-"""Prometheus metrics of one node, in a registry of its own (no module globals)."""
+"""Prometheus metrics of one node, in a registry of its own (no module globals).
+
+Besides our own series the registry holds prometheus-client's process
+(``process_*``: CPU, RSS, open fds, start time), GC (``python_gc_*``) and
+platform (``python_info``) collectors, and ``regctl_build_info``.  No series
+has a ``*_created`` sample: the hand-rendered counters (``RequestStats``)
+never had one, so the library's are switched off (see ``NodeMetrics``).
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["NodeMetrics", "RequestStats", "WalStats"]
+__all__ = ["NodeMetrics", "RequestStats", "WalStats", "build_info"]
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -133,10 +151,43 @@ class WalStats(Collector):
         yield torn
 
 
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"  # running from a checkout that was never installed
+
+
+def build_info() -> dict[str, str]:
+    """The labels of ``regctl_build_info``: what this node runs."""
+    return {"version": _version("raft-registry"), "python": platform.python_version(),
+            "pysyncobj": _version("pysyncobj")}
+
+
 class NodeMetrics:
     def __init__(self) -> None:
+        # prometheus-client's one switch for *_created is process-wide (PROMETHEUS_DISABLE_CREATED_SERIES
+        # does the same at import): set here, where a node's metrics are made, so every counter and
+        # histogram of the process renders like the hand-rendered ones, which have none.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The library's default collectors, in this node's registry (they live in the global one by default).
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge("regctl_build_info", "1, labelled with the versions this node runs",
+                                ["version", "python", "pysyncobj"], registry=r)
+        self.build_info.labels(**build_info()).set(1)
+        self.leader_changes = Counter(
+            "regctl_raft_leader_changes", "times this node saw the Raft leader change (to a known leader)",
+            registry=r,
+        )
+        self.leader_contact_age = Gauge(
+            "regctl_raft_leader_contact_age_seconds",
+            "on a follower, seconds since it last heard from the leader; 0 on the leader",
+            registry=r,
+        )
         self.raft_role = Gauge(
             "regctl_raft_role", "1 for the role this node is in", ["role"], registry=r
         )

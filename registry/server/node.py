@@ -70,6 +70,8 @@ class Node:
         self._gc: GcTuner | None = None
         #: Raft messages already counted in regctl_raft_messages_sent (the cipher keeps the running total).
         self._messages_reported = 0
+        #: Leader changes already added to the metrics counter (see _refresh_metrics).
+        self._leader_changes_reported = 0
         self.incarnation: str | None = None
         self.guard: IncarnationGuard | None = None
 
@@ -263,6 +265,11 @@ class Node:
         self.metrics.raft_commit_index.set(st.commit_index)
         self.metrics.raft_applied_index.set(st.applied_index)
         self.metrics.revision.set(self.holder.state.revision)
+        self.metrics.leader_contact_age.set(self.raft.leader_contact_age_s())
+        changes = self.raft.leader_changes
+        if changes > self._leader_changes_reported:
+            self.metrics.leader_changes.inc(changes - self._leader_changes_reported)
+            self._leader_changes_reported = changes
         sent = self.raft.messages_sent
         if sent > self._messages_reported:
             self.metrics.raft_messages_sent.inc(sent - self._messages_reported)

@@ -68,3 +68,21 @@ def test_node_metrics_expose_request_series() -> None:
     assert 'regctl_requests_total{code="OK",op="register"} 1.0' in text
     assert 'regctl_request_seconds_bucket{le="0.005",op="register"} 1.0' in text
     assert 'regctl_request_seconds_bucket{le="0.002",op="register"} 0.0' in text
+
+
+def test_node_metrics_hold_the_default_collectors_build_info_and_no_created_series() -> None:
+    metrics = NodeMetrics()
+    metrics.proposals.inc()
+    metrics.leader_changes.inc()
+    text = generate_latest(metrics.registry).decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    # prometheus-client's process, GC and platform collectors, in the node's own registry.
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_start_time_seconds", "python_gc_objects_collected_total", "python_info"):
+        assert name in names, name
+    assert "regctl_raft_leader_changes_total" in names and "regctl_raft_leader_contact_age_seconds" in names
+    build = next(line for line in text.splitlines() if line.startswith("regctl_build_info{"))
+    assert build.endswith(" 1.0") and 'pysyncobj="0.3.17"' in build and 'python="3.' in build, build
+    # One behaviour for every counter and histogram: no *_created samples (the hand-rendered
+    # regctl_requests_total never had one).
+    assert not [line for line in text.splitlines() if "_created" in line]
