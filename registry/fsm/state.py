@@ -142,21 +142,35 @@ class _Attached:
 
     Each set is created on first access: an empty set costs 216 bytes, and a
     lease typically carries one instance and no keys or locks, so eager sets
-    would be two thirds of the index's memory on every node.
+    would be two thirds of the index's memory on every node.  Properties over
+    ``None``-able slots rather than ``__getattr__`` on unset slots: the same
+    in a mypyc-compiled class (issue #24), where ``__getattr__`` is not called.
     """
 
-    __slots__ = ("instances", "keys", "locks")
-    instances: set[tuple[str, str]]
-    keys: set[str]
-    locks: set[str]
+    __slots__ = ("_instances", "_keys", "_locks")
 
-    def __getattr__(self, name: str) -> set[Any]:
-        # Python calls this only for a slot that was never assigned.
-        if name not in _Attached.__slots__:
-            raise AttributeError(name)
-        value: set[Any] = set()
-        object.__setattr__(self, name, value)
-        return value
+    def __init__(self) -> None:
+        self._instances: set[tuple[str, str]] | None = None
+        self._keys: set[str] | None = None
+        self._locks: set[str] | None = None
+
+    @property
+    def instances(self) -> set[tuple[str, str]]:
+        if self._instances is None:
+            self._instances = set()
+        return self._instances
+
+    @property
+    def keys(self) -> set[str]:
+        if self._keys is None:
+            self._keys = set()
+        return self._keys
+
+    @property
+    def locks(self) -> set[str]:
+        if self._locks is None:
+            self._locks = set()
+        return self._locks
 
 
 _LEASE_TTL_MASK: Final = (1 << model.LEASE_TTL_BITS) - 1

@@ -225,8 +225,11 @@ class ServerConnection(_Connection):
             self._owed_rejections[request_id] = self._owed_rejections.get(request_id, 0) + 1
         return BadMessage(request_id, error)
 
-    def send(self, event: ServerMessage, *, body_in_model: bool = False) -> bytes:
+    def send(self, event: object, *, body_in_model: bool = False) -> bytes:
         """Encode ``event`` for the client.  ``Bye`` works in any state.
+
+        ``event`` is typed ``object`` and checked below, so a wrong one is
+        ``Internal`` in a mypyc-compiled build too, not a ``TypeError`` (#24).
 
         ``body_in_model``: the caller vouches that the event's body is in the
         protocol's data model (built from state records, say), so the encoder's
@@ -350,7 +353,7 @@ class ClientConnection(_Connection):
             self._last_body = frame.get("body")
         return frame
 
-    def send(self, event: ClientMessage) -> bytes:
+    def send(self, event: object) -> bytes:
         """Encode ``event`` for the server; the first must be ``Hello``."""
         if isinstance(event, Hello):
             if self._hello_sent:
@@ -364,8 +367,11 @@ class ClientConnection(_Connection):
             raise Internal("send hello first")
         return self._encode(event)
 
-    def send_request(self, request_id: int, op: str, args: dict[str, Any]) -> bytes:
+    def send_request(self, request_id: object, op: object, args: object) -> bytes:
         """``send(Request(request_id, op, args))`` without building the event: same checks, same bytes.
+
+        Arguments are ``object``, checked by ``check_request_fields``: a compiled
+        build would otherwise raise ``TypeError`` for a str id and turn ``True`` into 1.
 
         The client's per-request path: the event object would only be turned
         back into a map, and building it was a tenth of a small call's cost.

@@ -143,7 +143,7 @@ def _check_limit(frame_bytes_max: int) -> None:
         raise InvalidArgument(f"frame_bytes_max must be 1..{_PREFIX_VALUE_MAX}, not {frame_bytes_max}")
 
 
-def encode_frame(obj: dict[str, Any], frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *,
+def encode_frame(obj: object, frame_bytes_max: int = FRAME_BYTES_MAX_DEFAULT, *,
                  check_model: bool = True, pack: Callable[[Any], bytes] | None = None) -> bytes:
     """Return one frame (prefix + body) for ``obj``.
 

@@ -32,8 +32,11 @@ _HEAD_START: Final = b"\x83\xa1t\xa2ev\xa2id"
 _HEAD_END: Final = b"\xa4body"
 
 
-def stream_event_head(request_id: int) -> bytes:
-    """The encoded map of ``StreamEvent(request_id, body)`` up to (not including) the body's value."""
+def stream_event_head(request_id: object) -> bytes:
+    """The encoded map of ``StreamEvent(request_id, body)`` up to (not including) the body's value.
+
+    ``object``, checked here: a mypyc-compiled ``int`` parameter would turn ``True`` into 1 (#24).
+    """
     if not isinstance(request_id, int) or isinstance(request_id, bool) or not 0 <= request_id <= REQUEST_ID_MAX:
         raise ValueError(f"bad stream id {request_id!r}")
     packed: bytes = msgpack.packb(request_id)
