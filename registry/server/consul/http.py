@@ -76,6 +76,8 @@ HTTP_STATUS_BY_CODE: Final = {
 FORWARD_TIMEOUT_S: Final = 5.0
 #: On stop, requests still running after the blocking queries were released get this long.
 SHUTDOWN_S: Final = 2.0
+#: X-Consul-KnownLeader may be this old (Raft is asked at most this often).
+LEADER_CHECK_S: Final = 0.1
 
 _READ: Final = params.COMMON_PARAMS | params.BLOCKING_PARAMS
 _SERVICE_READ: Final = _READ | {"tag", "passing"}
@@ -88,6 +90,20 @@ _CHECK_WRITE: Final = params.COMMON_PARAMS | {"note"}
 #: A computed answer: (body, candidate index, found?); not found is Consul's 404 with an index.
 Answer = tuple[Any, int, bool]
 Compute = Callable[[RegistryState, str], Answer]
+
+#: Answers kept for the current revision (see ConsulHTTP._computed_locked): distinct questions
+#: asked between two applied batches; past it an answer is computed per request again.
+ANSWERS_CACHED_MAX: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Computed:
+    """One answer as sent: its bytes (JSON, or the raw value), candidate index, found, digest."""
+
+    body: bytes
+    candidate: int
+    found: bool
+    digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +142,11 @@ class ConsulHTTP:
         self._leader_api = leader_api
         self._acl = acl
         self.memo = AnswerMemo()
+        self._leader_known = False
+        self._leader_checked_at = -LEADER_CHECK_S
+        #: This revision's answers by (query, token), and the (state, revision, tracked) they are for.
+        self._answers: dict[tuple[str, str], _Computed] = {}
+        self._answers_stamp: tuple[int, int, int] = (0, -1, -1)
         #: The wake-up events of the blocking queries waiting now: stop releases them all.
         self._waiting: set[asyncio.Event] = set()
         self._stopping = False
@@ -209,10 +230,18 @@ class ConsulHTTP:
         _, body = await self._api.handle(op, args)
         return body
 
+    def _known_leader(self) -> bool:
+        # Asking Raft costs far more than an answer; a thousand woken queries ask within a few ms.
+        now = time.monotonic()
+        if now - self._leader_checked_at >= LEADER_CHECK_S:
+            self._leader_known = self._leader() is not None
+            self._leader_checked_at = now
+        return self._leader_known
+
     def _headers(self, index: int) -> dict[str, str]:
         return {
             "X-Consul-Index": str(index),
-            "X-Consul-KnownLeader": "true" if self._leader() is not None else "false",
+            "X-Consul-KnownLeader": "true" if self._known_leader() else "false",
             # We do not track the time since the leader was last heard; 0 is what a leader reports.
             "X-Consul-LastContact": "0",
         }
@@ -236,19 +265,34 @@ class ConsulHTTP:
 
     # -- reads and blocking queries ---------------------------------------------------------------
 
-    def _computed(self, read: _Read, principal: str) -> tuple[int, Any, int, bool]:
-        """(state revision, body, candidate index, found), taking the state lock."""
+    def _computed(self, read: _Read, principal: str) -> tuple[int, _Computed]:
+        """(state revision, the answer), taking the state lock."""
         with self._holder.lock:
             return self._computed_locked(self._holder.state, read, principal)
 
-    @staticmethod
-    def _computed_locked(state: RegistryState, read: _Read, principal: str) -> tuple[int, Any, int, bool]:
-        body, candidate, found = read.compute(state, principal)
-        return state.revision, body, candidate, found
+    def _computed_locked(self, state: RegistryState, read: _Read, principal: str) -> tuple[int, _Computed]:
+        """The answer at the state's revision, computed and encoded once per revision.
 
-    def _settle(self, read: _Read, body: Any, candidate: int) -> int:
-        digest = hashlib.blake2b(json.dumps(body, sort_keys=True).encode("utf-8"), digest_size=16).digest()
-        return self.memo.settle(read.key, digest, candidate)
+        A change wakes every blocking query on it at once; a thousand of them asking the same
+        question get one computation and one encoding, not a thousand.
+        """
+        stamp = (id(state), state.revision, self.tracker.revision)
+        if stamp != self._answers_stamp:
+            self._answers.clear()
+            self._answers_stamp = stamp
+        key = (read.key, principal)
+        answer = self._answers.get(key)
+        if answer is None:
+            body, candidate, found = read.compute(state, principal)
+            data = str(body).encode("utf-8") if read.raw else json.dumps(body).encode("utf-8")
+            answer = _Computed(data, candidate, found, hashlib.blake2b(data, digest_size=16).digest())
+            if len(self._answers) < ANSWERS_CACHED_MAX:
+                self._answers[key] = answer
+        return state.revision, answer
+
+    def _settle(self, read: _Read, principal: str, answer: _Computed) -> int:
+        # Per token: with ACLs, two tokens can see different answers to the same question.
+        return self.memo.settle(f"{read.key}|{principal}", answer.digest, answer.candidate)
 
     async def _serve_read(self, request: web.Request, query: Query, read: _Read) -> web.Response:
         principal = self._principal(self._secret(request, query))
@@ -256,22 +300,24 @@ class ConsulHTTP:
         await self._authorize(request, principal, read.acl_op, {**read.acl_args, "consistency": consistency})
         # The reader calls this under the state lock, after the read barrier unless ?stale.
         reader = self._api.reader(lambda state, _: self._computed_locked(state, read, principal), set())
-        _, (revision, body, candidate, found) = await reader({"consistency": consistency})
-        index = self._settle(read, body, candidate)
+        _, (revision, answer) = await reader({"consistency": consistency})
+        index = self._settle(read, principal, answer)
         if query.index and query.index == index:
-            body, index, found = await self._block(request, query, read, principal, revision, index)
-        return self._respond(request, read, body, index, found)
+            answer, index = await self._block(request, query, read, principal, revision, index)
+        return self._respond(request, read, answer, index)
 
-    def _respond(self, request: web.Request, read: _Read, body: Any, index: int, found: bool) -> web.Response:
-        if not found:
+    def _respond(self, request: web.Request, read: _Read, answer: _Computed, index: int) -> web.Response:
+        if not answer.found:
             return web.Response(status=404, headers=self._headers(index))
         if read.raw:
-            return web.Response(body=str(body).encode("utf-8"), headers=self._headers(index),
+            return web.Response(body=answer.body, headers=self._headers(index),
                                 content_type="application/octet-stream")
-        return self._json(body, index, request)
+        if "pretty" in request.query:
+            return self._json(json.loads(answer.body), index, request)
+        return web.Response(body=answer.body, content_type="application/json", headers=self._headers(index))
 
     async def _block(self, request: web.Request, query: Query, read: _Read, principal: str, revision: int,
-                     index: int) -> tuple[Any, int, bool]:
+                     index: int) -> tuple[_Computed, int]:
         """Wait until the answer's index moves past ``index`` or the wait runs out; the answer then."""
         loop = asyncio.get_running_loop()
         wait_s = query.wait_s + random.uniform(0.0, query.wait_s / params.WAIT_JITTER_DIVISOR)
@@ -280,8 +326,6 @@ class ConsulHTTP:
         watcher = self._hub.subscribe(read.selector, revision + 1, woken.set)
         self._waiting.add(woken)
         self.stats.waiting = len(self._waiting)
-        body: Any = None
-        found = True
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -302,10 +346,10 @@ class ConsulHTTP:
                     # A token revoked while the query waited is refused now, not at the next request.
                     await self._authorize(request, principal, read.acl_op,
                                           {**read.acl_args, "consistency": "stale"})
-                _, body, candidate, found = self._computed(read, principal)
-                new_index = self._settle(read, body, candidate)
+                _, answer = self._computed(read, principal)
+                new_index = self._settle(read, principal, answer)
                 if new_index != index or loop.time() >= deadline or self._stopping:
-                    return body, new_index, found
+                    return answer, new_index
         finally:
             self._waiting.discard(woken)
             self.stats.waiting = len(self._waiting)
