@@ -75,18 +75,33 @@ _DUMMY_HASH: Final = "scrypt$16384$8$1$" + "00" * 16 + "$" + "00" * 64
 
 
 class LoginLimiter:
-    """Failed logins per key (user, client address): ``failures_max`` in ``window_s`` -> blocked ``block_s``."""
+    """Login attempts per key (user, client address), pure (the caller passes a clock).
+
+    ``begin`` reserves an attempt *before* the password check: it counts as a
+    failure until ``end(ok=True)`` clears the key.  So however many attempts a
+    client sends at once, at most ``failures_max`` per ``window_s`` reach the
+    (deliberately slow) scrypt check; then the key is blocked for ``block_s``.
+    Before, the limit was checked before an await and counted after it, so
+    1,024 concurrent guesses on one connection all passed, each a free scrypt.
+    At most ``in_flight_max`` attempts per key run at once.
+    """
+
+    #: Keys remembered at most; past this the oldest failures are forgotten (a spray of names).
+    KEYS_MAX = 100_000
 
     def __init__(self, failures_max: int = 5, window_s: float = 60.0, block_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 in_flight_max: int = 2, clock: Callable[[], float] = time.monotonic) -> None:
         self.failures_max = failures_max
         self.window_s = window_s
         self.block_s = block_s
+        self.in_flight_max = in_flight_max
         self._clock = clock
         self._failures: dict[str, list[float]] = {}
         self._blocked_until: dict[str, float] = {}
+        self._in_flight: dict[str, int] = {}
 
-    def check(self, keys: list[str]) -> None:
+    def begin(self, keys: list[str]) -> None:
+        """Reserve one attempt for every key, or raise LimitExceeded and reserve nothing."""
         now = self._clock()
         for key in keys:
             until = self._blocked_until.get(key)
@@ -94,22 +109,38 @@ class LoginLimiter:
                 if now < until:
                     raise LimitExceeded(f"too many failed logins for {key}; retry in {until - now:.0f}s")
                 del self._blocked_until[key]
+            if self._in_flight.get(key, 0) >= self.in_flight_max:
+                raise LimitExceeded(f"{self.in_flight_max} logins for {key} in progress already; retry")
+            recent = [t for t in self._failures.get(key, ()) if now - t < self.window_s]
+            if len(recent) >= self.failures_max:
+                self._block(key, now)
+                raise LimitExceeded(f"too many failed logins for {key}; retry in {self.block_s:.0f}s")
+        if len(self._failures) >= self.KEYS_MAX:
+            self._failures.clear()
+        for key in keys:
+            recent = [t for t in self._failures.get(key, ()) if now - t < self.window_s]
+            recent.append(now)
+            self._failures[key] = recent
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
 
-    def failed(self, keys: list[str]) -> None:
+    def end(self, keys: list[str], *, ok: bool) -> None:
+        """The attempt ``begin`` reserved is over: a success clears the keys, a failure stays counted."""
         now = self._clock()
         for key in keys:
-            recent = [t for t in self._failures.get(key, []) if now - t < self.window_s]
-            recent.append(now)
-            if len(recent) >= self.failures_max:
-                self._blocked_until[key] = now + self.block_s
-                recent = []
-            self._failures[key] = recent
-        if len(self._failures) > 100_000:  # bound memory under a spray of names/addresses
-            self._failures.clear()
+            left = self._in_flight.get(key, 1) - 1
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
+            if ok:
+                self._failures.pop(key, None)
+            elif len(self._failures.get(key, ())) >= self.failures_max:
+                self._block(key, now)
 
-    def succeeded(self, keys: list[str]) -> None:
-        for key in keys:
-            self._failures.pop(key, None)
+    def _block(self, key: str, now: float) -> None:
+        """The block is the penalty: the failures that earned it are forgotten."""
+        self._blocked_until[key] = now + self.block_s
+        self._failures.pop(key, None)
 
 
 def _now_ms() -> int:
@@ -314,19 +345,22 @@ class AclService:
         name, password = _s(args, "name"), _s(args, "password")
         peer = CURRENT_PEER.get() or "unknown"
         keys = [f"user:{name[:128]}", f"addr:{peer.rpartition(':')[0] or peer}"]
-        self.limiter.check(keys)
-        await self._proposer.barrier()
-        with self._holder.lock:
-            found = self._holder.state.acl_user_secret(name)
-        stored, roles = found if found is not None else (_DUMMY_HASH, [])
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, verify_password, password[:PASSWORD_CHARS_MAX], stored)
-        if not ok or found is None:
-            self.limiter.failed(keys)
+        self.limiter.begin(keys)  # reserved before any await: concurrent guesses cannot all pass
+        ok = False
+        try:
+            await self._proposer.barrier()
+            with self._holder.lock:
+                found = self._holder.state.acl_user_secret(name)
+            stored, roles = found if found is not None else (_DUMMY_HASH, [])
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(None, verify_password, password[:PASSWORD_CHARS_MAX], stored)
+            ok = ok and found is not None
+        finally:
+            self.limiter.end(keys, ok=ok)
+        if not ok:
             self._metrics.acl_denials.labels(reason="login_failed").inc()
             audit.warning("LOGIN FAILED user=%s peer=%s at=%d", name[:128], peer, _now_ms())
             raise Unauthenticated("wrong user name or password")
-        self.limiter.succeeded(keys)
         audit.info("LOGIN user=%s peer=%s at=%d", name, peer, _now_ms())
         return await self._issue(roles, f"login {name}", LOGIN_TOKEN_TTL_MS, stamp=False)
 

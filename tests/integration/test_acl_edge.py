@@ -8,16 +8,19 @@ caller's remembered answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from registry.errors import Conflict, Unauthenticated
+from registry.client import Client
+from registry.errors import Conflict, LimitExceeded, RegistryError, Unauthenticated
 from tests.conftest import started_cluster
 from tests.support.cluster import Cluster, NodeProc, regctl_executable
 
@@ -86,3 +89,31 @@ def test_bootstrap_after_the_first_costs_no_raft_entry(acl_cluster: Cluster) -> 
         with pytest.raises(Conflict):
             anon.call("acl_bootstrap", {})
     assert proposals(leader) == before
+
+
+def test_concurrent_guesses_cannot_bypass_the_login_limit(acl_cluster: Cluster) -> None:
+    # Before, the limit was checked before an await and counted after: 64 guesses sent at once on one
+    # connection all reached the (slow, on purpose) scrypt check.
+    c = acl_cluster
+    secret = bootstrap(c)
+    admin = c.client(token=secret)
+    admin.call("acl_role_put", {"name": "ops", "rules": ["service:*=read"]})
+    admin.call("acl_user_put", {"name": "ann", "password": "correct horse battery", "roles": ["ops"]})
+    node = c.nodes[0]
+
+    async def guesses() -> list[BaseException | tuple[int, Any]]:
+        client = Client([node.api], timeout_s=30.0)
+        try:
+            return await asyncio.gather(
+                *(client.call("login", {"name": "ann", "password": f"guess {i}"}) for i in range(64)),
+                return_exceptions=True)
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(guesses())
+    assert not [o for o in outcomes if not isinstance(o, RegistryError)], "a guess logged in"
+    checked = [o for o in outcomes if isinstance(o, Unauthenticated)]
+    assert 1 <= len(checked) <= 5, f"{len(checked)} guesses reached the password check"
+    assert all(isinstance(o, Unauthenticated | LimitExceeded) for o in outcomes)
+    log = node.log_path.read_text(errors="replace")
+    assert log.count("LOGIN FAILED user=ann") == len(checked)

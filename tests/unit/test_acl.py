@@ -9,7 +9,6 @@ from typing import Any
 import msgpack
 import pytest
 
-from registry.fsm import acl
 from registry.errors import (
     BadRequest,
     Conflict,
@@ -20,6 +19,7 @@ from registry.errors import (
     RegistryError,
     Unauthenticated,
 )
+from registry.fsm import acl
 from registry.fsm.commands import validate_command
 from registry.fsm.state import RegistryState
 from registry.server.acl_service import LoginLimiter, hash_password, verify_password
@@ -274,23 +274,23 @@ def test_passwords_and_login_limiter() -> None:
     now = [0.0]
     limiter = LoginLimiter(failures_max=5, window_s=60, block_s=30, clock=lambda: now[0])
     keys = ["user:ann", "addr:1.2.3.4"]
-    for _ in range(4):
-        limiter.check(keys)
-        limiter.failed(keys)
+    for _ in range(5):
+        limiter.begin(keys)
+        limiter.end(keys, ok=False)
         now[0] += 1
-    limiter.check(keys)
-    limiter.failed(keys)
     with pytest.raises(LimitExceeded):
-        limiter.check(keys)
+        limiter.begin(keys)
     with pytest.raises(LimitExceeded):
-        limiter.check(["user:bob", "addr:1.2.3.4"])  # same address, other user
+        limiter.begin(["user:bob", "addr:1.2.3.4"])  # same address, other user
     now[0] += 31
-    limiter.check(keys)
+    limiter.begin(keys)
+    limiter.end(keys, ok=True)
     # Failures spread beyond the window never block.
     for _ in range(10):
-        limiter.failed(["user:slow"])
+        limiter.begin(["user:slow"])
+        limiter.end(["user:slow"], ok=False)
         now[0] += 20
-    limiter.check(["user:slow"])
+    limiter.begin(["user:slow"])
 
 
 def test_agent_intentions_watcher_applies_events() -> None:
