@@ -30,7 +30,7 @@ from pathlib import Path
 from bench.localcluster import NodeProcess, ProcessCluster
 from registry.server.ports import ports_free
 
-__all__ = ["EtcdCluster", "EtcdNode", "ensure_etcd", "etcd_version"]
+__all__ = ["EtcdCluster", "EtcdNode", "ensure_etcd", "ensure_etcdctl", "ensure_tool", "etcd_version"]
 
 PORT_RANGE = (8_100, 9_800)
 #: Where the "fast" (fsync-free) data dirs go: tmpfs makes fsync a no-op.
@@ -53,27 +53,37 @@ def fs_type(path: Path) -> str:
     return kind
 
 
-def ensure_etcd(install: bool = True) -> str:
-    """Path of the ``etcd`` binary; apt-get installs ``etcd-server`` first if it is missing (root only)."""
-    found = shutil.which("etcd")
+def ensure_tool(binary: str, package: str, install: bool = True) -> str:
+    """Path of ``binary``; as root, apt-get installs Debian's ``package`` first if it is missing (as .ci/run
+    does).  Otherwise RuntimeError, saying which package to install."""
+    found = shutil.which(binary)
     if found is not None:
         return found
     if not install:
-        raise RuntimeError("etcd is not installed (Debian: apt-get install etcd-server)")
+        raise RuntimeError(f"{binary} is not installed (Debian: apt-get install {package})")
     if os.geteuid() != 0:
-        raise RuntimeError("etcd is not installed and we are not root: run `sudo apt-get install -y etcd-server` "
-                           "(or put an etcd 3.4+ binary on PATH)")
+        raise RuntimeError(f"{binary} is not installed and we are not root: run `sudo apt-get install -y {package}`")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install_cmd = ["apt-get", "install", "-y", "-qq", "etcd-server"]
+    install_cmd = ["apt-get", "install", "-y", "-qq", package]
     done = subprocess.run(install_cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:  # a fresh image has no package lists yet
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
         done = subprocess.run(install_cmd, env=env, capture_output=True, text=True)
-    found = shutil.which("etcd")
+    found = shutil.which(binary)
     if found is None:
-        raise RuntimeError(f"apt-get install etcd-server failed: {done.stderr.strip()[-500:]}")
-    # The package's postinst starts a system etcd on 2379 where systemd runs; ours use other ports.
+        raise RuntimeError(f"apt-get install {package} failed: {done.stderr.strip()[-500:]}")
     return found
+
+
+def ensure_etcd(install: bool = True) -> str:
+    """Path of the ``etcd`` binary (an etcd 3.4+ on PATH will do); see ``ensure_tool``."""
+    # The package's postinst starts a system etcd on 2379 where systemd runs; ours use other ports.
+    return ensure_tool("etcd", "etcd-server", install)
+
+
+def ensure_etcdctl(install: bool = True) -> str:
+    """Path of ``etcdctl`` (the scale benchmark's etcd snapshot): Debian ships it apart, in etcd-client."""
+    return ensure_tool("etcdctl", "etcd-client", install)
 
 
 def etcd_version(binary: str) -> str:

@@ -44,7 +44,7 @@ from typing import Any
 import uvloop
 
 from bench import etcdload
-from bench.etcdcluster import EtcdCluster
+from bench.etcdcluster import EtcdCluster, ensure_etcd, ensure_etcdctl
 from bench.leases import loadavg, log, proc_memory
 from bench.localcluster import BenchCluster, LoadTarget
 from bench.run import server_args
@@ -108,9 +108,7 @@ async def populate(system: str, endpoint: str, total: int) -> float:
 async def snapshot(system: str, endpoint: str, workdir: Path) -> dict[str, Any]:
     began = time.monotonic()
     if system == "etcd":
-        etcdctl = shutil.which("etcdctl")
-        if etcdctl is None:
-            return {"error": "etcdctl not installed (apt-get install etcd-client)"}
+        etcdctl = ensure_etcdctl(install=False)  # main() made sure of it before any work
         path = workdir / "etcd.snapshot"
         done = await asyncio.to_thread(
             subprocess.run, [etcdctl, "--endpoints", f"http://{endpoint}", "snapshot", "save", str(path)],
@@ -279,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the clusters are stopped below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if "etcd" in systems:
+        # Before minutes of work, not after: etcd's snapshot needs etcdctl (its own Debian package).
+        try:
+            ensure_etcd()
+            ensure_etcdctl()
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     uvloop.install()
     for system in systems:
         cluster: BenchCluster | EtcdCluster = (BenchCluster(extra_args=server_args(fsync=False)) if system == "ours"
