@@ -87,7 +87,7 @@ from registry.raft.incarnation import IncarnationGuard
 from registry.raft.log import LogRefused, LogWriteFailed, RaftLog, SyncObserver
 from registry.raft.pysyncobj_patch import install as install_journal_factory
 from registry.raft.send_gate import GatedTransport, SendGate
-from registry.raft.snapshot import SNAPSHOT_FORMAT, SNAPSHOT_MAGIC, read_snapshot_file
+from registry.raft.snapshot import SNAPSHOT_FORMAT, SNAPSHOT_MAGIC, open_private, read_snapshot_file
 
 __all__ = ["StateHolder", "RaftNode", "BatchOutcome", "Listener", "RaftStatus", "submit_error"]
 
@@ -628,7 +628,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
             use_bin_type=True,
         )
         part = f"{path}.part"
-        with open(part, "wb") as f:
+        with open_private(part) as f:
             f.write(SNAPSHOT_MAGIC)
             f.write(zlib.crc32(body).to_bytes(4, "big"))
             f.write(body)

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import zlib
-from typing import Any
+from typing import IO, Any
 
 import msgpack
 
 from registry.errors import BadRequest
 
-__all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_MAGIC", "read_snapshot_file"]
+__all__ = ["SNAPSHOT_FORMAT", "SNAPSHOT_MAGIC", "open_private", "read_snapshot_file"]
 
 SNAPSHOT_FORMAT = 1
 #: Magic prefix of our dump files, so a foreign or pickled file is refused.
 SNAPSHOT_MAGIC = b"RREGSNP1"
+
+
+def open_private(path: str) -> IO[bytes]:
+    """A new file at ``path`` for writing, readable by its owner only (mode 0600, whatever the umask).
+
+    Snapshots hold every user's password hash and every token's secret hash.  A file left
+    at ``path`` (an interrupted write) is removed first: it could carry wider permissions.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def read_snapshot_file(filename: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ compaction still has it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from pathlib import Path
@@ -70,8 +71,17 @@ def decode_backup(data: bytes, *, source: str = "backup") -> tuple[RegistryState
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file, readable by its owner only.
+
+    A backup holds every user's password hash and every token's secret hash: mode 0600,
+    whatever the umask (``os.open``'s mode only ever removes bits; fchmod sets them).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)  # a stale one could carry wider permissions
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
