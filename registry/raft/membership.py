@@ -29,7 +29,7 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON
 
-from registry.config import parse_hostport
+from registry.config import RAFT_ADDRESS_BYTES_MAX, parse_hostport
 from registry.errors import BadRequest, Conflict, NotFound, NotLeader, RegistryError
 from registry.raft.incarnation import IncarnationGuard, check_incarnation
 from registry.raft.node import RaftNode, StateHolder, submit_error
@@ -250,6 +250,10 @@ def _member_args(args: dict[str, Any], *, allow_api: bool) -> tuple[str, str | N
     if not isinstance(raft_addr, str):
         raise BadRequest("field 'raft' (HOST:PORT) is required")
     parse_hostport(raft_addr, what="raft")
+    if len(raft_addr.encode()) > RAFT_ADDRESS_BYTES_MAX:
+        # Every Raft message carries its sender's address in a header with a one-byte length
+        # (RaftCipher): a member with a longer one could never speak, and the cluster would count it.
+        raise BadRequest(f"raft address longer than {RAFT_ADDRESS_BYTES_MAX} bytes")
     api = args.get("api")
     if api is not None:
         if not isinstance(api, str):
