@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import dns.message
 import dns.rcode
+import uvloop
 
 from registry.fsm.state import RegistryState
 from registry.raft.node import StateHolder
@@ -38,7 +39,9 @@ def run(body: Callable[[DnsServer, int], Awaitable[None]], **settings: object) -
         finally:
             await server.stop()
 
-    asyncio.run(main())
+    # The node's loop: uvloop, whose transports and Server.wait_closed differ from asyncio's.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
     return stats
 
 
@@ -138,6 +141,19 @@ def test_a_tcp_frame_longer_than_any_query_closes_the_connection() -> None:
 
     stats = run(body, query_bytes_max=1024)
     assert stats.malformed["oversized"] == 1
+
+
+def test_stop_closes_open_tcp_connections() -> None:
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def body(server: DnsServer, port: int) -> None:
+        held.append(await asyncio.open_connection("127.0.0.1", port))
+        await wait_for(lambda: server.stats.tcp_connections == 1)
+        await asyncio.wait_for(server.stop(), 2.0)  # not the 10 s idle timeout
+        assert await asyncio.wait_for(held[0][0].read(), 2.0) == b""
+        await closed(held[0][1])
+
+    run(body)
 
 
 def test_the_answer_caches_stay_within_cache_entries_max() -> None:

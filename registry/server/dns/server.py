@@ -103,6 +103,7 @@ class _Tcp(asyncio.Protocol):
             return
         stats.tcp_connections += 1
         self._counted = True
+        self._server.connections.add(self)
         self._arm()
 
     def _arm(self) -> None:
@@ -153,7 +154,12 @@ class _Tcp(asyncio.Protocol):
         if self._counted:
             self._server.stats.tcp_connections -= 1
             self._counted = False
+        self._server.connections.discard(self)
         self._transport = None
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
 
 class DnsServer:
@@ -166,6 +172,8 @@ class DnsServer:
         self._answerer = Answerer(settings, rng if rng is not None else random.Random())
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
+        #: Open TCP connections, closed by ``stop`` (uvloop's wait_closed waits for every one).
+        self.connections: set[_Tcp] = set()
 
     def answer(self, data: bytes, transport: str) -> bytes | None:
         reply = self._answerer.answer(data, self._catalog, tcp=transport == "tcp")
@@ -186,6 +194,8 @@ class DnsServer:
             self._udp.close()
         if self._tcp is not None:
             self._tcp.close()
+            for connection in list(self.connections):
+                connection.abort()
             await self._tcp.wait_closed()
 
 
