@@ -585,6 +585,8 @@ class Cluster:
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             ids = list(self.nodes)
+            if not all(self.running(nid) for nid in ids):
+                return False  # nobody restarts a node that exited while we wait
             statuses = await asyncio.gather(*(self.status(nid) for nid in ids))
             if all(statuses):
                 leaders = {st.get("leader") for st in statuses if st}

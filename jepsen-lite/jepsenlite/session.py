@@ -37,6 +37,8 @@ STARTUP_DEADLINE_S = 30.0
 RECOVERY_DEADLINE_S = 30.0
 #: How long the per-node comparison waits for every node to report one revision.
 CONVERGE_DEADLINE_S = 20.0
+#: How often the final reads look for nodes that exited after healing.
+WATCH_DEAD_EVERY_S = 0.5
 
 
 @dataclass
@@ -149,10 +151,31 @@ async def _drive(spec: SessionSpec, cluster: Cluster, recorder: Recorder, info: 
     healthy = await cluster.wait_healthy(RECOVERY_DEADLINE_S)
     info["recovered"] = healthy
     info["recovered_after_s"] = round((time.monotonic_ns() - info["healed_ns"]) / 1e9, 3)
-    for workload in workloads:
-        await workload.final(ctx)
+    final = asyncio.create_task(_finals(workloads, ctx), name="final-reads")
+    try:
+        while not final.done():
+            await asyncio.wait({final}, timeout=WATCH_DEAD_EVERY_S)
+            # Started by heal_all and gone since: they refused to start (say, a log they found corrupt).
+            dead = [nid for nid in cluster.nodes if not cluster.running(nid)]
+            if dead:
+                info["exited_after_healing"] = {nid: cluster.log_tail(nid, 1) for nid in dead}
+            if len(dead) > len(cluster.nodes) // 2 and not final.done():
+                # No final read can succeed now: say why instead of retrying each read until its deadline.
+                raise RuntimeError(f"node(s) {', '.join(dead)} exited after healing, so no majority is left for "
+                                   f"the final reads; last log line of {dead[0]}: "
+                                   f"{info['exited_after_healing'][dead[0]]}")
+        final.result()
+    finally:
+        final.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await final
     info["final_done_ns"] = time.monotonic_ns()
     info["convergence"] = await converge(cluster)
+
+
+async def _finals(workloads: list[Any], ctx: Context) -> None:
+    for workload in workloads:
+        await workload.final(ctx)
 
 
 async def _node_state(spec: NodeSpec, revision: int) -> dict[str, Any]:
