@@ -22,7 +22,9 @@ def ccluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ConsulC
 
 
 def test_register_ttl_pass_and_deregister_with_py_consul(ccluster: ConsulCluster) -> None:
-    n1, n2 = ccluster.nodes[0], ccluster.nodes[1]
+    leader = ccluster.wait_leader()
+    n1 = leader
+    follower = next(n for n in ccluster.nodes if n is not leader)
     c = ccluster.consul(n1)
     assert c.agent.service.register("web", service_id="web-1", address="10.0.0.7", port=8080,
                                     tags=["traefik.http.routers.w.rule=Host(`e.test`) && PathPrefix(`/b`)"],
@@ -34,8 +36,8 @@ def test_register_ttl_pass_and_deregister_with_py_consul(ccluster: ConsulCluster
     (check,) = entry["Checks"]
     assert check["CheckID"] == "service:web-1" and check["Status"] == "critical"  # Consul's default for TTL checks
     assert c.health.service("web", passing=True)[1] == []
-    # A TTL pass through a follower renews the lease at the leader and sets the status.
-    other = ccluster.consul(n2)
+    # A TTL pass through a follower renews the lease at the leader (keepalives are leader-local).
+    other = ccluster.consul(follower)
     assert other.agent.check.ttl_pass("service:web-1", notes="all good")
     _, passing = c.health.service("web", passing=True)
     assert [e["Service"]["ID"] for e in passing] == ["web-1"]
@@ -197,3 +199,13 @@ def test_a_stopping_node_answers_its_blocking_queries_and_exits(ccluster: Consul
         # Without releasing it, the listener's shutdown would wait for the ten-minute query.
         assert ccluster.stop(node) == 0
         assert blocked.result(timeout=5)[0] == index
+
+
+def test_a_lapsed_ttl_removes_the_instance(ccluster: ConsulCluster) -> None:
+    # Our lease semantics, documented in docs/consul.md: Consul would mark it critical instead.
+    c = ccluster.consul(ccluster.nodes[0])
+    assert c.agent.service.register("short", service_id="s1", address="10.0.0.9", port=9,
+                                    check={"TTL": "1s", "Status": "passing"})
+    assert [e["Service"]["ID"] for e in c.health.service("short", passing=True)[1]] == ["s1"]
+    wait_until(lambda: c.health.service("short")[1] == [], 20, "the instance removed when its TTL lapsed")
+    assert c.kv.get("anything")[1] is None  # the node is fine
