@@ -318,8 +318,9 @@ class RaftLog:
                  on_sync: SyncObserver | None = None) -> None:
         """Open (creating if needed) and replay the log in ``directory``; raises ``LogCorrupted``.
 
-        ``fsync=False`` is ``--unsafe-no-fsync``: everything is written but
-        nothing is ever fsynced, so a power loss can lose acknowledged writes.
+        ``fsync=False`` is ``--unsafe-no-fsync``: ``sync()`` writes but never
+        fsyncs, so a power loss can lose acknowledged writes.  The rare fsyncs
+        that keep the files readable (term file, segment rotation) still run.
         """
         assert segment_bytes_max > len(SEGMENT_HEADER)
         self._dir = Path(directory)
@@ -421,7 +422,11 @@ class RaftLog:
         return self._commit_index
 
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
-        """Store term and vote durably before returning: Raft may send a vote grant right after."""
+        """Store term and vote durably before returning: Raft may send a vote grant right after.
+
+        Fsynced even with ``fsync=False``: it happens once per term or vote, and
+        without it a power cut can leave the new name pointing at an empty file.
+        """
         self._check_usable()
         body = msgpack.packb({"term": term, "voted_for": votedForNodeId})
         temp = self._dir / _TERM_TEMP
@@ -429,13 +434,11 @@ class RaftLog:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 _write_all(fd, body)
-                if self._fsync:
-                    os.fsync(fd)
+                os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, self._dir / TERM_FILE)
-            if self._fsync:
-                _fsync_dir(self._dir)
+            _fsync_dir(self._dir)
         except OSError as exc:
             raise self._fail("term file write", exc) from exc
         self._term = term
@@ -566,11 +569,15 @@ class RaftLog:
         self._unsynced_written = True
 
     def _rotate(self) -> None:
-        """Start the next segment: the current one is made durable whole first, so only the last can be torn."""
+        """Start the next segment: the current one is made durable whole first, so only the last can be torn.
+
+        Even with ``fsync=False``: a rotation is rare (every SEGMENT_BYTES_MAX, or a
+        snapshot install), and a torn older segment would be refused as corruption.
+        """
         self._check_usable()
         self._write_buffer()
         old = self._segments[-1]
-        if self._fsync and old.synced_bytes != old.written_bytes:
+        if old.synced_bytes != old.written_bytes:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:
@@ -590,8 +597,7 @@ class RaftLog:
         self._fd = fd
         self._segments.append(_Segment(seq, path))
         try:
-            if self._fsync:
-                _fsync_dir(self._dir)
+            _fsync_dir(self._dir)
         except OSError as exc:
             raise self._fail("directory fsync", exc) from exc
         self._buffer += SEGMENT_HEADER

@@ -45,14 +45,14 @@ speaks, so every message goes through ``SendGate`` (``send_gate.py``): while
 the log holds records that are not yet fsynced, messages queue, and around
 each poll of the sockets (``_DeadlinePoller.poll``) the gate syncs the log
 once and then sends the queue.  One fdatasync thus covers everything a tick
-appended, and a follower's AppendEntries success, the leader's
-AppendEntries and a vote grant all leave after what they rely on is on
-disk.  Term and vote are written synchronously (``RaftLog.setCurrentTerm``).
-The leader counts itself toward a commit as soon as it appends, but commits
-only what a majority acknowledged, and followers only receive entries the
-leader has already synced; the one case where a leader commits alone, a
-single-node cluster's no-op on election, syncs right there
-(``_SyncObj__onBecomeLeader``).  ``--unsafe-no-fsync`` keeps the ordering
+appended, and a follower's AppendEntries success and a vote grant leave
+after what they rely on is on disk.  Term and vote are written
+synchronously (``RaftLog.setCurrentTerm``).  The leader's AppendEntries go
+out at once, so its fsync and its followers' run in parallel (Raft thesis
+10.2.1); pysyncobj counts the leader's whole log toward a commit, so
+``_onTick`` syncs a leader's log before pysyncobj's commit check, and
+``_SyncObj__onBecomeLeader`` syncs the election no-op (a one-node cluster
+commits it within the same tick).  ``--unsafe-no-fsync`` keeps the ordering
 and the writes but no fdatasync.  If a write or sync fails (ENOSPC, EIO),
 the log fails for good, nothing queued is sent, and the node exits
 (``on_log_failure``); see docs/durability.md.
@@ -301,6 +301,12 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         try:
             try:
                 self._read_before_electing()
+                if self.wal.entries_dirty and self._isLeader():
+                    # pysyncobj's tick opens with the leader's commit check, which counts the
+                    # leader's own log in full; its AppendEntries did not wait for this sync
+                    # (send_gate.py), so the sync must come before the count.  Rare: the poll's
+                    # flush has already synced what the last tick appended.
+                    self.send_gate.flush()
                 super()._onTick(timeToWait)
             finally:
                 # Ticks that return early (transport not ready) never reach _checkCommandsToApply.

@@ -8,8 +8,17 @@ log durable with one ``sync()`` (one fdatasync for everything appended since
 the last) and then delivers the queue.  The node flushes around each poll of
 its sockets (``registry/raft/node.py``), so an AppendEntries success reply,
 the leader's AppendEntries and a vote grant leave only after what they
-acknowledge or carry is on disk.  A message sent while the log is clean (a
+acknowledge is on disk.  A message sent while the log is clean (a
 heartbeat, a reply that appended nothing) goes out at once.
+
+One exception, from the Raft thesis (10.2.1): a leader's AppendEntries need
+not wait for the leader's own fsync, so the leader's and the followers'
+fsyncs run in parallel instead of in series.  What must hold is that the
+leader counts its own copy toward a commit only once it is durable, and the
+node guarantees that by syncing before pysyncobj's commit check (see
+``RaftNode._onTick``).  A follower may then hold an entry its leader loses
+in a crash; that entry was never committed, and Raft repairs it as any
+uncommitted entry.
 
 If the sync fails (``LogWriteFailed``), the queue is never delivered: the
 node exits (see docs/durability.md).
@@ -58,9 +67,14 @@ class SendGate:
     def queued(self) -> int:
         return len(self._queue)
 
-    def send(self, node: Any, message: Any) -> bool:
-        """Send now if nothing waits and the journal is clean, else queue behind what waits."""
-        if self._queue or self._journal.entries_dirty:
+    def send(self, node: Any, message: Any, *, needs_sync: bool = True) -> bool:
+        """Send now if nothing waits and the journal is clean (or ``needs_sync`` is off), else queue.
+
+        ``needs_sync=False``: the message relies on nothing in the log (a leader's
+        AppendEntries, see the module docstring); it still queues behind anything waiting,
+        so a peer sees messages in the order they were sent.
+        """
+        if self._queue or (needs_sync and self._journal.entries_dirty):
             self._queue.append((node, message))
             self.messages_held += 1
             if len(self._queue) >= self._queued_messages_max:
@@ -87,7 +101,10 @@ class SendGate:
 
 
 class GatedTransport(RaftTransport):
-    """``RaftTransport`` whose ``send`` goes through the node's ``send_gate`` (every Raft message does)."""
+    """``RaftTransport`` whose ``send`` goes through the node's ``send_gate`` (every Raft message does).
+
+    A leader's AppendEntries is marked as not needing the sync (see the module docstring).
+    """
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self._gate: SendGate = syncObj.send_gate
@@ -95,4 +112,6 @@ class GatedTransport(RaftTransport):
         super().__init__(syncObj, selfNode, otherNodes)
 
     def send(self, node: Any, message: Any) -> bool:
-        return self._gate.send(node, message)
+        leader_append = (isinstance(message, dict) and message.get("type") == "append_entries"
+                         and self._syncObj._isLeader())
+        return self._gate.send(node, message, needs_sync=not leader_append)

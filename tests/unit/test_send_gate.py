@@ -102,3 +102,17 @@ def test_a_failed_log_never_releases_what_waits(tmp_path: Path) -> None:
         gate.flush()  # for good, even with room again
     assert wire.sent == [] and gate.queued == 2
     assert log.failed is not None and log.entries_dirty
+
+
+def test_a_message_that_needs_no_sync_goes_at_once_unless_something_waits(tmp_path: Path) -> None:
+    log = clean_log(tmp_path)
+    wire = Wire()
+    gate = SendGate(log, wire)
+    log.add(b"x", 1, 1)
+    gate.send("f", "append", needs_sync=False)  # a leader's AppendEntries: its fsync runs in parallel
+    assert wire.sent == [("f", "append")] and log.entries_dirty
+    gate.send("f", "vote")
+    gate.send("f", "append 2", needs_sync=False)  # behind the waiting vote, in order
+    assert wire.sent == [("f", "append")]
+    gate.flush()
+    assert [m for _, m in wire.sent] == ["append", "vote", "append 2"]
