@@ -112,5 +112,15 @@ class RaftCipher:
     def extract_timestamp(self, token: bytes) -> int:
         return self._open(token)[0]
 
+    def sequence(self, token: bytes) -> tuple[bytes, int]:
+        """(sender process salt, message counter) from the header of a token already opened.
+
+        Counters count up per sending process and each connection carries one
+        process's messages in order, so a receiver refuses a counter that does
+        not grow on its connection: a replayed or reordered message.
+        """
+        _, salt, counter, *_ = self._HEADER.unpack_from(token)
+        return bytes(salt), int(counter)
+
     def decrypt(self, token: bytes) -> bytes:
         return self._open(token)[1]

@@ -199,6 +199,8 @@ class GuardedTcpConnection(TcpConnection):  # type: ignore[misc]
         self.authenticated = False
         #: When the connection was accepted or last dialed: its handshake deadline counts from here.
         self.opened_at = raft_clock()
+        #: (sender process salt, counter) of the last message opened here: counters must grow.
+        self._last_sequence: tuple[bytes, int] | None = None
         self._read_this_event = 0
         self._peer = "?"
         self._remember_peer()
@@ -207,17 +209,20 @@ class GuardedTcpConnection(TcpConnection):  # type: ignore[misc]
         sock = self._TcpConnection__socket
         if sock is not None:
             with contextlib.suppress(OSError):
-                host, port = sock.getpeername()[:2]
-                self._peer = f"{host}:{port}"
+                peer = sock.getpeername()
+                if isinstance(peer, tuple) and len(peer) >= 2:
+                    self._peer = f"{peer[0]}:{peer[1]}"
 
     def connect(self, host: str, port: int) -> bool:
         self.authenticated = False
+        self._last_sequence = None
         self.opened_at = raft_clock()
         self._peer = f"{host}:{port}"
         return bool(super().connect(host, port))
 
     def disconnect(self) -> None:
         self.authenticated = False
+        self._last_sequence = None
         super().disconnect()
 
     @property
@@ -301,6 +306,20 @@ class GuardedTcpConnection(TcpConnection):  # type: ignore[misc]
         self.authenticated = True
         return message
 
+    def _check_sequence(self, current: tuple[bytes, int]) -> None:
+        """One connection carries one peer process's messages, their counters growing (``RaftCipher.sequence``).
+
+        pysyncobj only refused a timestamp (whole seconds) older than the last, so a
+        message replayed within the second, or reordered, was accepted.
+        """
+        last = self._last_sequence
+        if last is not None:
+            if current[0] != last[0]:
+                raise ValueError("message from another sender process on this connection")
+            if current[1] <= last[1]:
+                raise ValueError(f"message counter {current[1]} not above {last[1]}: replayed or reordered")
+        self._last_sequence = current
+
     def _open(self, data: bytes) -> Any:
         """Authenticate, decrypt, inflate and unpickle one frame, as pysyncobj does, with bounds and no ``assert``."""
         encryptor = self.encryptor
@@ -308,6 +327,9 @@ class GuardedTcpConnection(TcpConnection):  # type: ignore[misc]
             timestamp: int = encryptor.extract_timestamp(data)  # authenticates the whole token
             if timestamp < self.recvLastTimestamp:
                 raise ValueError("timestamp older than the connection's last message")
+            sequence = getattr(encryptor, "sequence", None)
+            if sequence is not None:
+                self._check_sequence(sequence(data))
             self.recvLastTimestamp = timestamp
             data = encryptor.decrypt(data)
         inflater = zlib.decompressobj()
