@@ -169,7 +169,19 @@ def test_acl_token_in_header_query_or_bearer(tmp_path: Path, request: pytest.Fix
         assert http("GET", url, headers={"X-Consul-Token": "wrong"})[0] == 403
         admin = c.consul(node, token=secret)
         assert admin.agent.service.register("web", service_id="w1", address="10.0.0.1", port=80)
+        assert admin.agent.service.register("db", service_id="d1", address="10.0.0.2", port=5432)
         assert [e["Service"]["ID"] for e in admin.health.service("web")[1]] == ["w1"]
+        # A token that may read only web: the same permissions as on the native API.
+        with c.client(token=secret) as native:
+            native.call("acl_role_put", {"name": "web-reader", "rules": ["service:web=read"]})
+            reader_secret = native.call("acl_token_create", {"roles": ["web-reader"]})[1]["secret"]
+        reader = c.consul(node, token=reader_secret)
+        assert reader.catalog.services()[1] == {"web": []}
+        assert [e["ServiceID"] for e in reader.catalog.service("web")[1]] == ["w1"]
+        assert http("GET", c.url(node, "/v1/health/service/db"), headers={"X-Consul-Token": reader_secret})[0] == 403
+        assert http("PUT", c.url(node, "/v1/agent/service/deregister/w1"),
+                    headers={"X-Consul-Token": reader_secret})[0] == 403
+        assert [e["Service"]["ID"] for e in admin.health.service("web")[1]] == ["w1"]  # the refusal changed nothing
 
 
 def test_regctl_up_serves_consul_http_on_base_plus_300(tmp_path: Path) -> None:
