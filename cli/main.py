@@ -292,7 +292,7 @@ def status(obj: Ctx, watch_live: bool, wait_ms: int | None, up_dir: Path) -> Non
             time.sleep(min(STATUS_WAIT_INTERVAL_S, max(0.0, deadline - time.monotonic())))
     supervised = read_state(up_dir.resolve())
     data: list[dict[str, Any]] = [
-        {k: n.get(k) for k in (*STATUS_KEYS, "leader", "incarnation", "incarnation_recorded", "error")}
+        {k: n.get(k) for k in (*STATUS_KEYS, "leader", "incarnation", "incarnation_recorded", "build", "error")}
         for n in nodes]
     for n in data:
         up_node = supervised.get(str(n["api"]))

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from registry.build import build_kind
 from registry.errors import BadRequest, InvalidArgument, Timeout, UnknownOp
 from registry.fsm import model
 from registry.fsm.commands import validate_command
@@ -318,6 +319,8 @@ class RegistryAPI:
             "log_len": st.log_len,
             # So `regctl status` can name the process to look at (or kill -9, as the README does).
             "pid": os.getpid(),
+            # "mypyc" or "pure" (registry/build.py): the same behaviour, not the same speed.
+            "build": build_kind(),
             **self.extra_status(),
         }
 

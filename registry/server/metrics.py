@@ -27,6 +27,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from registry.build import build_kind
+
 __all__ = ["NodeMetrics", "RequestStats", "WalStats", "build_info"]
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -161,7 +163,7 @@ def _version(distribution: str) -> str:
 def build_info() -> dict[str, str]:
     """The labels of ``regctl_build_info``: what this node runs."""
     return {"version": _version("raft-registry"), "python": platform.python_version(),
-            "pysyncobj": _version("pysyncobj")}
+            "pysyncobj": _version("pysyncobj"), "build": build_kind()}
 
 
 class NodeMetrics:
@@ -177,7 +179,7 @@ class NodeMetrics:
         GCCollector(registry=r)
         PlatformCollector(registry=r)
         self.build_info = Gauge("regctl_build_info", "1, labelled with the versions this node runs",
-                                ["version", "python", "pysyncobj"], registry=r)
+                                ["version", "python", "pysyncobj", "build"], registry=r)
         self.build_info.labels(**build_info()).set(1)
         self.leader_changes = Counter(
             "regctl_raft_leader_changes", "times this node saw the Raft leader change (to a known leader)",

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from registry.server.ports import ports_free
+from tests.support.build import installed_build
 from tests.support.cluster import Cluster, regctl_executable, wait_until
 from tests.support.up import UP_PORT_OFFSETS
 
@@ -56,9 +57,12 @@ def free_endpoint() -> str:
 def test_status_json_and_table(cluster: Cluster) -> None:
     nodes = ok_json("status", endpoints=cluster.endpoints)
     assert isinstance(nodes, list) and len(nodes) == 3
+    installed = installed_build()
     for node in nodes:
         assert STATUS_KEYS <= set(node), f"missing keys in {node}"
         assert node["reachable"] is True
+        # The nodes run the installed regctl: its build, mypyc or pure (#24).
+        assert node["build"] == installed, node
     assert sorted(n["api"] for n in nodes) == sorted(cluster.endpoints)
     assert sorted(n["id"] for n in nodes) == ["n1", "n2", "n3"]
     assert [n["role"] for n in nodes].count("leader") == 1

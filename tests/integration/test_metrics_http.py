@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from tests.support.build import installed_build
 from tests.support.cluster import Cluster, NodeProc, wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,6 +36,7 @@ def samples(node: NodeProc) -> dict[str, float]:
 
 
 def test_every_node_exports_process_gc_and_build_info_and_no_created_series(cluster: Cluster) -> None:
+    installed = installed_build()  # what the nodes run (#24)
     for node in cluster.nodes:
         text = get(node.http, "/metrics").decode()
         for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
@@ -45,6 +47,7 @@ def test_every_node_exports_process_gc_and_build_info_and_no_created_series(clus
         assert "_created" not in text, [line for line in text.splitlines() if "_created" in line][:5]
         build = next(line for line in text.splitlines() if line.startswith("regctl_build_info{"))
         assert 'pysyncobj="0.3.17"' in build and 'version="' in build and build.endswith(" 1.0")
+        assert f'build="{installed}"' in build, build
 
 
 def test_leader_changes_and_leader_contact(cluster: Cluster) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from registry.build import build_kind
 from registry.server.metrics import NodeMetrics, RequestStats
 
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -83,6 +84,7 @@ def test_node_metrics_hold_the_default_collectors_build_info_and_no_created_seri
     assert "regctl_raft_leader_changes_total" in names and "regctl_raft_leader_contact_age_seconds" in names
     build = next(line for line in text.splitlines() if line.startswith("regctl_build_info{"))
     assert build.endswith(" 1.0") and 'pysyncobj="0.3.17"' in build and 'python="3.' in build, build
+    assert f'build="{build_kind()}"' in build, build
     # One behaviour for every counter and histogram: no *_created samples (the hand-rendered
     # regctl_requests_total never had one).
     assert not [line for line in text.splitlines() if "_created" in line]
