@@ -265,6 +265,8 @@ def _main(args: argparse.Namespace) -> int:
     # process) and unmounted after the session stopped every node, whatever happened.
     disks = (NodeDisks(cluster_root / "disks", [f"n{i}" for i in range(1, args.nodes + spares + 1)],
                        Path(args.lazyfs)) if "power" in active else None)
+    # SIGTERM must not skip the unmount (the session handles it on its own while it runs).
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated) if disks is not None else None
     try:
         if disks is not None:
             disks.mount_all()
@@ -282,9 +284,14 @@ def _main(args: argparse.Namespace) -> int:
             spec, problem = _run_netns(spec, NetnsNetwork(cluster_root, args.nodes, spares), out, disks)
     except LazyFSError as err:
         problem = f"LazyFS: {err}"
+    except (KeyboardInterrupt, _Terminated) as err:
+        if disks is None:
+            raise
+        problem = f"interrupted ({type(err).__name__})"
     finally:
         if disks is not None:
             notes += [f"LazyFS: {p}" for p in disks.unmount_all()]
+            signal.signal(signal.SIGTERM, old_term)
 
     results = _check_and_report(args, seed, out, spec, workloads, active, skipped, notes, clock_rate_max, problem,
                                 time.monotonic() - started)
