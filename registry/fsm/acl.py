@@ -100,6 +100,11 @@ def check_roles(field: str, value: list[str]) -> list[str]:
     return out
 
 
+def check_login(field: str, value: str) -> str:
+    """The user a login token was issued to ("" for tokens made otherwise)."""
+    return value if value == "" else check_id(field, value)
+
+
 def check_description(field: str, value: str) -> str:
     if len(value) > DESCRIPTION_CHARS_MAX:
         raise InvalidArgument(f"{field} must be at most {DESCRIPTION_CHARS_MAX} characters")

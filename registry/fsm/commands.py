@@ -175,6 +175,8 @@ _OP_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
         "roles": _ROLES,
         "description": _f("str", acl.check_description, str),
         "expires_ms": _f("int?", acl.check_expires),
+        # Set by the node for login tokens only: each user holds at most LOGIN_TOKENS_PER_USER_MAX.
+        "login": _f("str", acl.check_login, str),
     },
     "acl_token_delete": {"token_id": _ACL_ID},
     "acl_role_put": {"name": _ACL_ID, "rules": _f("list<str>", acl.check_rules, list)},

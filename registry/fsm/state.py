@@ -117,6 +117,11 @@ _SNAPSHOT_KEYS: Final = frozenset(
 _SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl", "identities", "lease_owners"))
 _ACL_SNAPSHOT_KEYS: Final = frozenset(("bootstrapped", "tokens", "roles", "users", "intentions", "intention_default"))
 ACL_TOKENS_MAX: Final = 100_000
+#: Login tokens one user holds at once, the oldest removed first: every login adds one, and a
+#: user with a password could otherwise fill the token table alone.
+LOGIN_TOKENS_PER_USER_MAX: Final = 16
+#: Expired tokens one token creation removes at most (it removes them first): bounds one command's work.
+EXPIRED_TOKENS_PER_COMMAND_MAX: Final = 1000
 ACL_ROLES_MAX: Final = 10_000
 ACL_USERS_MAX: Final = 100_000
 INTENTIONS_MAX: Final = 100_000
@@ -759,13 +764,24 @@ class RegistryState:
                 raise NotFound(f"role {name!r} not found")
 
     def _add_token(self, cmd: dict[str, Any], roles: list[str], description: str,
-                   expires_ms: int | None) -> tuple[dict[str, Any], list[Record]]:
+                   expires_ms: int | None, login: str = "") -> tuple[dict[str, Any], list[Record]]:
+        """Add a token, first removing expired ones and the user's oldest login tokens over the cap.
+
+        Tokens only accumulate through creation, so creation is where they are reaped: by
+        this command's ``now_ms``, so every replica removes the same ones.
+        """
         token_id, secret_hash = cmd["token_id"], cmd["secret_hash"]
         if token_id in self._acl_tokens or secret_hash in self._acl_token_by_hash:
             raise Conflict(f"token {token_id!r} already exists")
-        if len(self._acl_tokens) >= ACL_TOKENS_MAX:
+        doomed = self._tokens_to_reap(cmd["now_ms"], login)
+        if len(self._acl_tokens) - len(doomed) >= ACL_TOKENS_MAX:
             raise LimitExceeded(f"at most {ACL_TOKENS_MAX} tokens")
         rev = self._bump()
+        events: list[Record] = []
+        for old_id in doomed:
+            old = self._acl_tokens.pop(old_id)
+            del self._acl_token_by_hash[old["secret_hash"]]
+            events.append(_event(rev, "delete", "acl_token", None, old_id, _public_token(old), None))
         rec = {
             "id": token_id,
             "secret_hash": secret_hash,
@@ -774,11 +790,29 @@ class RegistryState:
             "expires_ms": expires_ms,
             "create_revision": rev,
         }
+        if login:
+            rec["login"] = login
         self._acl_tokens[token_id] = rec
         self._acl_token_by_hash[secret_hash] = rec
-        return {"revision": rev, "id": token_id}, [
-            _event(rev, "put", "acl_token", None, token_id, None, _public_token(rec))
-        ]
+        events.append(_event(rev, "put", "acl_token", None, token_id, None, _public_token(rec)))
+        return {"revision": rev, "id": token_id, "removed": len(doomed)}, events
+
+    def _tokens_to_reap(self, now_ms: int | None, login: str) -> list[str]:
+        """Ids to remove before adding a token: expired ones (oldest expiry first, bounded), then
+        ``login``'s oldest login tokens beyond ``LOGIN_TOKENS_PER_USER_MAX - 1``."""
+        doomed: list[str] = []
+        if now_ms is not None:
+            expired = sorted((rec["expires_ms"], tid) for tid, rec in self._acl_tokens.items()
+                             if rec["expires_ms"] is not None and rec["expires_ms"] <= now_ms)
+            doomed = [tid for _, tid in expired[:EXPIRED_TOKENS_PER_COMMAND_MAX]]
+        if login:
+            gone = set(doomed)
+            mine = sorted((rec["create_revision"], tid) for tid, rec in self._acl_tokens.items()
+                          if rec.get("login") == login and tid not in gone)
+            excess = len(mine) - (LOGIN_TOKENS_PER_USER_MAX - 1)
+            if excess > 0:
+                doomed.extend(tid for _, tid in mine[:excess])
+        return doomed
 
     def _op_acl_bootstrap(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         if self._acl_bootstrapped:
@@ -789,7 +823,7 @@ class RegistryState:
 
     def _op_acl_token_create(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         self._check_roles_exist(cmd["roles"])
-        return self._add_token(cmd, cmd["roles"], cmd["description"], cmd["expires_ms"])
+        return self._add_token(cmd, cmd["roles"], cmd["description"], cmd["expires_ms"], cmd["login"])
 
     def _op_acl_token_delete(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         token_id = cmd["token_id"]
@@ -1214,11 +1248,14 @@ class RegistryState:
             self._acl_roles[cmd["name"]] = {"name": cmd["name"], "rules": [acl.parse_rule(t) for t in cmd["rules"]]}
         token_keys = {"id", "secret_hash", "roles", "description", "expires_ms", "create_revision"}
         for raw in obj["tokens"]:
-            if not isinstance(raw, dict) or set(raw) != token_keys:
+            # "login" only on login tokens (absent in snapshots from before it existed).
+            if not isinstance(raw, dict) or not token_keys <= set(raw) <= token_keys | {"login"}:
                 raise BadRequest("malformed token record")
+            if raw.get("login") == "":
+                raise BadRequest("malformed token record: empty login")
             cmd = validate_command({"op": "acl_token_create", "token_id": raw["id"], "secret_hash": raw["secret_hash"],
                                     "roles": raw["roles"], "description": raw["description"],
-                                    "expires_ms": raw["expires_ms"]})
+                                    "expires_ms": raw["expires_ms"], "login": raw.get("login", "")})
             created = raw["create_revision"]
             if type(created) is not int or not 0 < created <= revision:
                 raise BadRequest("token create_revision out of range")
@@ -1226,6 +1263,8 @@ class RegistryState:
                 raise BadRequest(f"duplicate token {cmd['token_id']!r}")
             rec = {"id": cmd["token_id"], "secret_hash": cmd["secret_hash"], "roles": cmd["roles"],
                    "description": cmd["description"], "expires_ms": cmd["expires_ms"], "create_revision": created}
+            if cmd["login"]:
+                rec["login"] = cmd["login"]
             self._acl_tokens[rec["id"]] = rec
             self._acl_token_by_hash[rec["secret_hash"]] = rec
         for raw in obj["users"]:

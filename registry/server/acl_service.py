@@ -303,13 +303,13 @@ class AclService:
         return int(result["revision"]), {"id": token_id, "secret": secret, "roles": [acl.MANAGEMENT_ROLE]}
 
     async def _issue(self, roles: list[str], description: str, ttl_ms: int | None,
-                     *, stamp: bool) -> tuple[int, Any]:
+                     *, stamp: bool, login: str = "") -> tuple[int, Any]:
         secret = secrets.token_urlsafe(32)
         token_id = uuid.uuid4().hex[:16]
         expires_ms = _now_ms() + ttl_ms if ttl_ms is not None else None
         result = await self._propose(
             {"op": "acl_token_create", "token_id": token_id, "secret_hash": acl.hash_secret(secret),
-             "roles": roles, "description": description, "expires_ms": expires_ms},
+             "roles": roles, "description": description, "expires_ms": expires_ms, "login": login},
             stamp=stamp,
         )
         return int(result["revision"]), {"id": token_id, "secret": secret, "roles": sorted(set(roles)),
@@ -362,7 +362,7 @@ class AclService:
             audit.warning("LOGIN FAILED user=%s peer=%s at=%d", name[:128], peer, _now_ms())
             raise Unauthenticated("wrong user name or password")
         audit.info("LOGIN user=%s peer=%s at=%d", name, peer, _now_ms())
-        return await self._issue(roles, f"login {name}", LOGIN_TOKEN_TTL_MS, stamp=False)
+        return await self._issue(roles, f"login {name}", LOGIN_TOKEN_TTL_MS, stamp=False, login=name)
 
 
 def _only(args: dict[str, Any], allowed: set[str]) -> None:

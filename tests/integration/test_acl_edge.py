@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,3 +118,22 @@ def test_concurrent_guesses_cannot_bypass_the_login_limit(acl_cluster: Cluster) 
     assert all(isinstance(o, Unauthenticated | LimitExceeded) for o in outcomes)
     log = node.log_path.read_text(errors="replace")
     assert log.count("LOGIN FAILED user=ann") == len(checked)
+
+
+def test_logins_and_expired_tokens_do_not_pile_up(acl_cluster: Cluster) -> None:
+    # Before, expired tokens were never removed and every login added one (up to the 100,000 cap).
+    c = acl_cluster
+    admin = c.client(token=bootstrap(c))
+    admin.call("acl_role_put", {"name": "ops", "rules": ["service:*=read"]})
+    admin.call("acl_user_put", {"name": "ann", "password": "correct horse battery", "roles": ["ops"]})
+    anon = c.client()
+    for _ in range(20):
+        anon.call("login", {"name": "ann", "password": "correct horse battery"})
+    _, tokens = admin.call("acl_token_list", {})
+    assert len([t for t in tokens if t.get("login") == "ann"]) == 16
+
+    _, short = admin.call("acl_token_create", {"roles": ["ops"], "ttl_ms": 1})
+    time.sleep(0.05)
+    admin.call("acl_token_create", {"roles": ["ops"]})
+    _, tokens = admin.call("acl_token_list", {})
+    assert short["id"] not in {t["id"] for t in tokens}
