@@ -92,12 +92,23 @@ class Background:
             return -signal.SIGKILL
 
 
+#: The fixture's base port, for the README's Consul and DNS ports (``regctl up``'s defaults: base 7000).
+_BASE_ENV = "REGCTL_TEST_BASE_PORT"
+
+
+def _localized(command: str, env: dict[str, str]) -> str:
+    """The README's command with ``regctl up``'s default Consul and DNS ports moved to the fixture's base."""
+    base = int(env[_BASE_ENV])
+    return command.replace("localhost:7301", f"localhost:{base + 301}").replace("-p 7401", f"-p {base + 401}")
+
+
 @pytest.fixture
 def up_cluster(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     """The README's ``regctl up``, on free ports and in the test's directory."""
     up = find_command(README, "regctl up").text
     base = _free_base_port()
-    env = {**os.environ, "REGCTL_ENDPOINTS": ",".join(f"127.0.0.1:{base + i}" for i in (1, 2, 3))}
+    env = {**os.environ, "REGCTL_ENDPOINTS": ",".join(f"127.0.0.1:{base + i}" for i in (1, 2, 3)),
+           _BASE_ENV: str(base)}
     proc = Background.start(f"{up} --data-dir {tmp_path / 'regctl-data'} --base-port {base}", env, tmp_path,
                             tmp_path / "up.out")
     try:
@@ -171,6 +182,9 @@ def test_walkthrough(up_cluster: tuple[dict[str, str], Path]) -> None:
         "regctl service status web web-10.0.0.5-8080 critical": lambda out: "critical (set)" in out,
         "regctl -o json service get web": lambda out: (
             {i["address"] for i in json.loads(out)["instances"]} == {"10.0.0.5", "10.0.0.6"}),
+        "curl -s 'localhost:7301/v1/health/service/web?passing'": lambda out: (
+            [e["Service"]["Address"] for e in json.loads(out)] == ["10.0.0.6"]),
+        "dig @127.0.0.1 -p 7401 +short web.service.consul": lambda out: out.split() == ["10.0.0.6"],
         "regctl lease grant 5s && regctl lease list": lambda out: "granted" in out and "LEASE" in out,
         "regctl lock deploy": lambda out: "fencing token " in out and "fencing token \n" not in out,
     }
@@ -192,7 +206,7 @@ def test_walkthrough(up_cluster: tuple[dict[str, str], Path]) -> None:
                         used.add(prefix)
                         _wait_started(bg, cond)
                 continue
-            out = _ok(command.text, env, cwd)
+            out = _ok(_localized(command.text, env), env, cwd)
             for prefix, check in checks.items():
                 if command.text.startswith(prefix):
                     used.add(prefix)
