@@ -65,6 +65,8 @@ log = logging.getLogger("registry.agent")
 
 #: How often the access log is flushed and the gauges refreshed.
 HOUSEKEEPING_S = 1.0
+#: How long an upstream waits for the first intentions load before it shows its endpoints anyway.
+INTENTIONS_FIRST_LOAD_WAIT_S = 5.0
 #: How long a clean shutdown waits for the registry to revoke the lease.
 REVOKE_TIMEOUT_S = 3.0
 #: Backoff between attempts to register while the cluster does not answer.
@@ -145,12 +147,12 @@ class Agent:
             raise
         self._session = aiohttp.ClientSession()
         loop = asyncio.get_running_loop()
+        if self.intentions_watcher is not None and self.routes:
+            self._tasks.append(loop.create_task(self.intentions_watcher.run()))
         for route in self.routes:
             route.tasks.append(loop.create_task(self._watch(route)))
         self._tasks.append(loop.create_task(self._start_locals()))
         self._tasks.append(loop.create_task(self._housekeeping()))
-        if self.intentions_watcher is not None and self.routes:
-            self._tasks.append(loop.create_task(self.intentions_watcher.run()))
         for route in self.routes:
             log.info("upstream %s: listening on %s (policy %s)", route.upstream.service, route.proxy.listen,
                      route.balancer.policy.name)
@@ -320,6 +322,14 @@ class Agent:
 
     async def _watch(self, route: _Route) -> None:
         service = route.upstream.service
+        watcher = self.intentions_watcher
+        if watcher is not None:
+            # Proxies refuse every connection until intentions are loaded (fail closed), so the
+            # upstream shows no endpoints until then: a client that waits for healthy endpoints
+            # is not refused for a race.  Bounded, so an agent whose token may not read
+            # intentions still shows its upstreams (and logs why it refuses).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watcher.loaded.wait(), INTENTIONS_FIRST_LOAD_WAIT_S)
         async for item in self.client.watch(service=service, list_first=True, progress_ms=1000):
             changed = route.table.apply(item)
             self.metrics.watch_revision.labels(service).set(route.table.revision)

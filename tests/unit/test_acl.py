@@ -298,7 +298,8 @@ def test_agent_intentions_watcher_applies_events() -> None:
     from registry.client import Client
 
     watcher = IntentionsWatcher(Client(["127.0.0.1:1"]))
-    assert watcher("a", "b")  # before the first load: the registry's default, allow
+    assert not watcher("a", "b")  # before the first load: fail closed (issue #20, finding 9)
+    assert watcher.refused_unloaded == 1
     watcher.load(5, {"default": "allow", "intentions": [{"source": "a", "destination": "b", "action": "deny"}]})
     assert not watcher("a", "b") and watcher("b", "a")
     st = RegistryState()
