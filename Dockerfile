@@ -7,6 +7,9 @@
 #   WHEELS      empty (default): dependencies come from the package index.
 #               A directory of the build context (e.g. "wheels", filled on the host
 #               with `pip wheel`): install only from the wheels there (--no-index).
+#               If it holds a raft_registry wheel (`pip wheel --no-deps .` on the
+#               host, with a C compiler: the mypyc-compiled build, #24), the image
+#               installs that one and needs no compiler; else it builds /src.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
@@ -28,8 +31,15 @@ RUN python3 -m venv /opt/regctl \
       > /src/requirements.txt \
  && /opt/regctl/bin/pip install "$@" -r /src/requirements.txt
 COPY . /src
+# The package: the host's prebuilt wheel when WHEELS has one, else built from /src -- compiled with mypyc
+# where this stage has a C compiler (setup.py), pure Python otherwise.  The build is printed either way.
 RUN if [ -n "$WHEELS" ]; then set -- --no-index --find-links "/src/$WHEELS"; else set --; fi \
- && /opt/regctl/bin/pip install "$@" --no-deps /src \
+ && if [ -n "$WHEELS" ] && ls "/src/$WHEELS"/raft_registry-*.whl >/dev/null 2>&1; then \
+        /opt/regctl/bin/pip install "$@" --no-deps raft-registry; \
+    else \
+        /opt/regctl/bin/pip install "$@" --no-deps /src; \
+    fi \
+ && cd / && /opt/regctl/bin/python -c 'from registry.build import build_kind; print("raft-registry build:", build_kind())' \
  && /opt/regctl/bin/pip uninstall -y pip
 
 FROM ${BASE_IMAGE}

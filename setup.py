@@ -71,4 +71,7 @@ def _ext_modules() -> list[Any]:
     return list(mypycify(HOT_MODULES, opt_level="3", group_name="registry_hot"))
 
 
-setup(ext_modules=_ext_modules())
+_EXTENSIONS = _ext_modules()
+# One build directory per kind: setuptools packs everything under build/lib into the wheel, so a pure
+# build in the directory of an earlier compiled one would ship its stale extensions.
+setup(ext_modules=_EXTENSIONS, options={"build": {"build_base": "build/mypyc" if _EXTENSIONS else "build/pure"}})

@@ -132,7 +132,7 @@ def _ensure_base_image() -> str:
 
 
 def _ensure_wheels() -> str:
-    """Wheels of every dependency (and the build backend) in REPO/wheels; returns the build arg."""
+    """Wheels of every dependency, the build backend and the package in REPO/wheels; returns the build arg."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     reqs = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
     wheels = REPO / "wheels"
@@ -142,6 +142,11 @@ def _ensure_wheels() -> str:
     offline = _run([*base, "--no-index", "--find-links", str(wheels), *reqs], timeout_s=300, check=False)
     if offline.returncode != 0:
         _run([*base, *reqs], timeout_s=900)
+    # The package itself, built here with mypyc (#24) so the image needs no compiler: rebuilt every
+    # time (the version does not change when the sources do), from the build backend's wheels.
+    for old in wheels.glob("raft_registry-*.whl"):
+        old.unlink()
+    _run([*base, "--no-deps", "--no-index", "--find-links", str(wheels), str(REPO)], timeout_s=600)
     return "wheels"
 
 
@@ -278,6 +283,8 @@ def project(image: Image, request: pytest.FixtureRequest) -> Iterator[Project]:
 def _leader(proj: Project, not_id: str | None = None) -> tuple[str, int]:
     """(node id, term) of the leader every reachable node agrees on, other than ``not_id``."""
     nodes = [n for n in proj.status() if n.get("reachable")]
+    # The image runs the host's mypyc-compiled wheel (#24).
+    assert all(n["build"] == "mypyc" for n in nodes), nodes
     leaders = [n for n in nodes if n["role"] == "leader" and n["id"] != not_id]
     assert len(leaders) == 1, f"no single leader yet: {nodes}"
     leader = leaders[0]
