@@ -137,6 +137,9 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
               help="Events kept in the watch history for resumes from the past [default: 100000].")
 @click.option("--watch-queue-events", type=click.IntRange(min=1), default=None,
               help="Events queued for one watcher before it is resynced [default: 10000].")
+@click.option("--max-state-bytes", "state_bytes_max", type=click.IntRange(min=1 << 20), default=None,
+              help="Budget of the replicated state in (estimated) bytes; writes past it fail with LIMIT_EXCEEDED "
+                   "[default: 2 GiB]. Give every node the same value.")
 @click.option("--acl", "acl_enabled", is_flag=True,
               help="Enforce ACLs: every request needs a token (bootstrap with `regctl acl bootstrap`).")
 @click.option("--tls-cert", "tls_cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -162,7 +165,8 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            watch_history_events: int | None,
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None, dns_addr: str | None, dns_domain: str, dns_ttl_s: int,
-           dns_token_file: Path | None, consul_http_addrs: tuple[str, ...], unsafe_no_fsync: bool) -> None:
+           dns_token_file: Path | None, consul_http_addrs: tuple[str, ...], unsafe_no_fsync: bool,
+           state_bytes_max: int | None) -> None:
     """Run one registry node in the foreground."""
     from registry.raft.incarnation import load_or_create
     from registry.server.node import run_node, server_ssl_context
@@ -204,6 +208,8 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         if watch_queue_events is not None:
             limits = dataclasses.replace(limits, queue_events_max=watch_queue_events)
         config = config.replace(watch_limits=limits, dns=_dns_settings(dns_addr, dns_domain, dns_ttl_s, dns_token_file))
+        if state_bytes_max is not None:
+            config = config.replace(state_bytes_max=state_bytes_max)
         if consul_http_addrs:
             config = config.replace(consul_http=tuple(parse_hostport(a, what="--consul-http")
                                                       for a in consul_http_addrs))

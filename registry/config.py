@@ -157,6 +157,9 @@ class NodeConfig:
     frame_bytes_max: int = 1 << 20
     #: Clients allowed at once; more are closed at accept.
     connections_max: int = 10_000
+    #: Budget of the replicated state (registry.fsm.limits.StateLimits.state_bytes_max).  Replicas
+    #: must refuse the same writes, so every node needs the same value, like the cluster key.
+    state_bytes_max: int = 2 << 30
     #: Clients allowed at once from one address, so one host cannot take every slot.
     connections_per_source_max: int = 1024
     #: A client that has not sent its hello this long after connecting is closed, and so is
@@ -220,6 +223,8 @@ class NodeConfig:
             raise InvalidArgument("frame_bytes_max must be 4 KiB..64 MiB")
         # Above frame_bytes_max so any one command fits; under 128 MiB so an entry stays well inside
         # the largest Raft message a peer accepts (registry.raft.tcp.RaftWireLimits.message_bytes_max).
+        if self.state_bytes_max < 1 << 20:
+            raise InvalidArgument("state_bytes_max must be at least 1 MiB")
         if not 1 <= self.connections_per_source_max <= self.connections_max:
             raise InvalidArgument("connections_per_source_max must be 1..connections_max")
         if not 0 < self.hello_timeout_s <= 60:

@@ -26,6 +26,11 @@ class StateLimits:
     keys_max: int = model.KEYS_MAX
     #: Remembered client request ids (FIFO-evicted).
     dedup_entries_max: int = model.DEDUP_ENTRIES_MAX
+    #: Estimated bytes of services, instances and keys together (``RegistryState.state_bytes``):
+    #: the per-record caps alone allowed 1M keys x 64 KiB, and a token with write on one key
+    #: prefix could run every replica out of memory at once.  Writes that would grow the state
+    #: past it fail with LIMIT_EXCEEDED; deletes always pass.
+    state_bytes_max: int = 2 << 30
 
     def validate(self) -> None:
         for name in self.__slots__:

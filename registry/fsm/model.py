@@ -180,9 +180,10 @@ HOLDER_CHARS_MAX: Final = 256
 #: while keeping the dedup table's memory bounded.
 RID_CHARS_MAX: Final = 64
 
-#: Capacity limits of the replicated state (LimitExceeded).  They bound memory
-#: and snapshot size of every replica; a leader that accepted unbounded
-#: growth would eventually take the whole cluster down at once.
+#: Capacity limits of the replicated state (LimitExceeded).  They bound how many
+#: records there are, not memory in total: 1M keys of 64 KiB is 64 GiB on every
+#: replica.  The total is bounded by ``StateLimits.state_bytes_max`` (limits.py);
+#: a leader that accepted unbounded growth would take the whole cluster down at once.
 INSTANCES_PER_SERVICE_MAX: Final = 100_000
 SERVICES_MAX: Final = 100_000
 LEASES_MAX: Final = 1_000_000

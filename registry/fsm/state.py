@@ -230,6 +230,26 @@ def _copy_record(rec: Record) -> Record:
     return out
 
 
+#: Fixed cost counted per record, and per metadata pair or tag, on top of its characters: roughly
+#: what CPython spends on a dict, its keys and small values (measured: an instance record with no
+#: metadata is ~600 bytes with its index entries; a dict entry or list item ~100).
+_RECORD_OVERHEAD_BYTES: Final = 512
+_ITEM_OVERHEAD_BYTES: Final = 96
+
+
+def _record_bytes(rec: Record) -> int:
+    """A record's estimated memory for the state byte budget: deterministic (only its contents count)."""
+    total = _RECORD_OVERHEAD_BYTES
+    for value in rec.values():
+        if type(value) is str:
+            total += len(value)
+        elif type(value) is dict:
+            total += sum(len(k) + len(v) + _ITEM_OVERHEAD_BYTES for k, v in value.items())
+        elif type(value) is list:
+            total += sum(len(item) + _ITEM_OVERHEAD_BYTES for item in value)
+    return total
+
+
 def _public_token(rec: Record) -> dict[str, Any]:
     """A token as clients and events see it: never the secret hash."""
     return {k: (list(v) if k == "roles" else v) for k, v in rec.items() if k != "secret_hash"}
@@ -270,6 +290,7 @@ class RegistryState:
         "_acl_tokens",
         "_acl_users",
         "_attached",
+        "_bytes",
         "_dedup",
         "_entry_term",
         "_epoch",
@@ -305,6 +326,9 @@ class RegistryState:
         self._lease_owners: dict[int, str] = {}
         self._keys: dict[str, Record] = {}
         self._locks: dict[str, Record] = {}
+        #: Estimated bytes of services, instances and keys (see ``_record_bytes``), held under
+        #: ``limits.state_bytes_max``.
+        self._bytes = 0
         # OrderedDict, not dict: popitem(last=False) is O(1), whereas evicting
         # the first key of a plain dict degrades to O(n) between resizes.
         #: (caller's token hash or "", rid) -> outcome, oldest first.
@@ -391,6 +415,22 @@ class RegistryState:
         if len(self._dedup) > self._limits.dedup_entries_max:
             self._dedup.popitem(last=False)
 
+    @property
+    def state_bytes(self) -> int:
+        """Estimated bytes of services, instances and keys (the budget ``limits.state_bytes_max`` bounds)."""
+        return self._bytes
+
+    def _check_growth(self, grow_bytes: int, what: str) -> None:
+        """Refuse a change that would take the state past its byte budget (shrinking always passes)."""
+        if grow_bytes > 0 and self._bytes + grow_bytes > self._limits.state_bytes_max:
+            raise LimitExceeded(f"{what} would take the state past its budget of {self._limits.state_bytes_max} "
+                                f"bytes (state_bytes_max; about {self._bytes} used): delete something first")
+
+    def _count_bytes(self) -> int:
+        total = sum(_record_bytes(rec) for rec in self._services.values())
+        total += sum(_record_bytes(rec) for insts in self._instances.values() for rec in insts.values())
+        return total + sum(_record_bytes(rec) for rec in self._keys.values())
+
     def _bump(self) -> int:
         """Take the one new revision of the current command (after all checks)."""
         rev = self._revision + 1
@@ -445,10 +485,14 @@ class RegistryState:
         old = self._services.get(name)
         if old is None and len(self._services) >= self._limits.services_max:
             raise LimitExceeded(f"at most {self._limits.services_max} services")
-        rev = self._bump()
+        rev = self._revision + 1
         new = model.service_record(
             name, cmd["meta"], cmd["tags"], rev if old is None else old["create_revision"], rev
         )
+        grow = _record_bytes(new) - (0 if old is None else _record_bytes(old))
+        self._check_growth(grow, f"service {name!r}")
+        assert self._bump() == rev
+        self._bytes += grow
         self._services[name] = new
         if old is None:
             self._instances[name] = {}
@@ -469,7 +513,9 @@ class RegistryState:
             if rec["lease"] is not None:
                 self._attached.get(rec["lease"], _NOTHING_ATTACHED).instances.discard((name, iid))
             events.append(_event(rev, "delete", "instance", name, iid, rec, None))
+            self._bytes -= _record_bytes(rec)
         del self._services[name]
+        self._bytes -= _record_bytes(old)
         events.append(_event(rev, "delete", "service", name, None, old, None))
         return {"revision": rev, "instances": len(insts)}, events
 
@@ -489,13 +535,7 @@ class RegistryState:
                 raise LimitExceeded(f"at most {self._limits.services_max} services")
         elif old is None and len(insts) >= self._limits.instances_per_service_max:
             raise LimitExceeded(f"at most {self._limits.instances_per_service_max} instances per service")
-        rev = self._bump()
-        events = []
-        if insts is None:
-            service = model.service_record(svc, {}, [], rev, rev)
-            self._services[svc] = service
-            insts = self._instances[svc] = {}
-            events.append(_event(rev, "put", "service", svc, None, None, service))
+        rev = self._revision + 1
         new = model.instance_record(
             svc,
             iid,
@@ -509,6 +549,18 @@ class RegistryState:
             rev if old is None else old["create_revision"],
             rev,
         )
+        service = model.service_record(svc, {}, [], rev, rev) if insts is None else None
+        grow = (_record_bytes(new) - (0 if old is None else _record_bytes(old))
+                + (0 if service is None else _record_bytes(service)))
+        self._check_growth(grow, f"instance {svc}/{iid}")
+        assert self._bump() == rev
+        self._bytes += grow
+        events = []
+        if service is not None:
+            self._services[svc] = service
+            insts = self._instances[svc] = {}
+            events.append(_event(rev, "put", "service", svc, None, None, service))
+        assert insts is not None
         insts[iid] = new
         old_lease = None if old is None else old["lease"]
         if old_lease != lease:
@@ -531,6 +583,7 @@ class RegistryState:
         insts, old = self._find_instance(svc, iid)
         rev = self._bump()
         del insts[iid]
+        self._bytes -= _record_bytes(old)
         if old["lease"] is not None:
             self._attached.get(old["lease"], _NOTHING_ATTACHED).instances.discard((svc, iid))
         return {"revision": rev}, [_event(rev, "delete", "instance", svc, iid, old, None)]
@@ -544,6 +597,8 @@ class RegistryState:
         rev = self._bump()
         new = {**old, "status": status, "mod_revision": rev}
         insts[iid] = new
+        # Accounted but never refused: a health change must always get through, and a note is bounded.
+        self._bytes += _record_bytes(new) - _record_bytes(old)
         event = _event(rev, "status", "instance", svc, iid, old, new)
         # The note (check output) is not part of the record: it only travels here.
         event["note"] = cmd["note"]
@@ -582,9 +637,12 @@ class RegistryState:
         self._lease_owners.pop(lease, None)
         for svc, iid in sorted(att.instances):
             old = self._instances[svc].pop(iid)
+            self._bytes -= _record_bytes(old)
             events.append(_event(rev, type_, "instance", svc, iid, old, None))
         for key in sorted(att.keys):
-            events.append(_event(rev, type_, "key", None, key, self._keys.pop(key), None))
+            old = self._keys.pop(key)
+            self._bytes -= _record_bytes(old)
+            events.append(_event(rev, type_, "key", None, key, old, None))
         for name in sorted(att.locks):
             events.append(_event(rev, type_, "lock", None, name, self._locks.pop(name), None))
         events.append(_event(rev, type_, "lease", None, str(lease), rec, None))
@@ -676,8 +734,12 @@ class RegistryState:
                 raise _guard_failed(f"key {key!r}", current, guard)
         if old is None and len(self._keys) >= self._limits.keys_max:
             raise LimitExceeded(f"at most {self._limits.keys_max} keys")
-        rev = self._bump()
+        rev = self._revision + 1
         new = model.key_record(key, cmd["value"], lease, rev if old is None else old["create_revision"], rev)
+        grow = _record_bytes(new) - (0 if old is None else _record_bytes(old))
+        self._check_growth(grow, f"key {key!r}")
+        assert self._bump() == rev
+        self._bytes += grow
         self._keys[key] = new
         old_lease = None if old is None else old["lease"]
         if old_lease != lease:
@@ -697,6 +759,7 @@ class RegistryState:
             raise _guard_failed(f"key {key!r}", old["mod_revision"], guard)
         rev = self._bump()
         del self._keys[key]
+        self._bytes -= _record_bytes(old)
         if old["lease"] is not None:
             self._attached.get(old["lease"], _NOTHING_ATTACHED).keys.discard(key)
         return {"revision": rev}, [_event(rev, "delete", "key", None, key, old, None)]
@@ -1197,6 +1260,7 @@ class RegistryState:
                 if raft in st._identities:
                     raise BadRequest(f"duplicate member identity {raft!r}")
                 st._identities[raft] = model.check_incarnation("identities", entry[1])
+        st._bytes = st._count_bytes()
         if "lease_owners" in obj:
             for entry in snap_list("lease_owners"):
                 if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int
@@ -1332,6 +1396,8 @@ class RegistryState:
 
         if set(self._services) != set(self._instances):
             fail("services and instance tables disagree")
+        if self._bytes != self._count_bytes():
+            fail(f"state bytes {self._bytes} differ from a recount {self._count_bytes()}")
         if not set(self._attached) <= set(self._leases):
             fail("attachment index names a lease that does not exist")
         if not self._lease_owners.keys() <= self._leases.keys():

@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 
 from registry.errors import BadRequest
+from registry.fsm.limits import StateLimits
 from registry.fsm.state import RegistryState
 
 __all__ = ["BACKUP_MAGIC", "SEED_FILE", "encode_backup", "decode_backup", "write_atomic", "seed_data_dir"]
@@ -43,7 +44,8 @@ def encode_backup(state_bytes: bytes, revision: int, created_ms: int) -> bytes:
     return BACKUP_MAGIC + zlib.crc32(body).to_bytes(4, "big") + body
 
 
-def decode_backup(data: bytes, *, source: str = "backup") -> tuple[RegistryState, dict[str, Any]]:
+def decode_backup(data: bytes, *, source: str = "backup",
+                  limits: StateLimits | None = None) -> tuple[RegistryState, dict[str, Any]]:
     """Check and load a backup; return the state and the envelope's metadata."""
     head = len(BACKUP_MAGIC) + 4
     if len(data) < head or not data.startswith(BACKUP_MAGIC):
@@ -62,7 +64,7 @@ def decode_backup(data: bytes, *, source: str = "backup") -> tuple[RegistryState
     if not isinstance(state_bytes, bytes) or not isinstance(revision, int):
         raise BadRequest(f"{source}: malformed backup envelope")
     try:
-        state = RegistryState.restore(state_bytes)
+        state = RegistryState.restore(state_bytes, limits)
     except BadRequest as err:
         raise BadRequest(f"{source}: {err.message}") from None
     if state.revision != revision:
@@ -99,12 +101,12 @@ def seed_data_dir(data: bytes, data_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_seed(data_dir: Path) -> RegistryState | None:
+def load_seed(data_dir: Path, limits: StateLimits | None = None) -> RegistryState | None:
     """The seed state of a restored data directory, if the node should start from it."""
     seed = data_dir / SEED_FILE
     if not seed.exists() or (data_dir / "raft.snapshot").exists():
         return None
-    state, _ = decode_backup(seed.read_bytes(), source=str(seed))
+    state, _ = decode_backup(seed.read_bytes(), source=str(seed), limits=limits)
     # The backed-up cluster's data-directory identities would make the new
     # cluster's nodes refuse each other (same addresses, new directories).
     state.forget_identities()

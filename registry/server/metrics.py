@@ -197,6 +197,11 @@ class NodeMetrics:
         self.raft_commit_index = Gauge("regctl_raft_commit_index", "Raft commit index", registry=r)
         self.raft_applied_index = Gauge("regctl_raft_applied_index", "last applied Raft index", registry=r)
         self.revision = Gauge("regctl_revision", "registry revision this node has applied", registry=r)
+        self.state_bytes = Gauge(
+            "regctl_state_bytes", "estimated bytes of services, instances and keys (budget: state_bytes_max)",
+            registry=r,
+        )
+        self.state_bytes_max = Gauge("regctl_state_bytes_max", "the state byte budget", registry=r)
         self.proposals = Counter("regctl_proposals", "Raft entries proposed by this node", registry=r)
         self.raft_peers_refused = Counter(
             "regctl_raft_peers_refused",

@@ -14,7 +14,9 @@ import uvloop
 
 from registry.config import NodeConfig
 from registry.errors import RegistryError
+from registry.fsm.limits import StateLimits
 from registry.fsm.ops import REQUEST_OPS
+from registry.fsm.state import RegistryState
 from registry.fsm.watch import WatchHub
 from registry.raft.incarnation import IncarnationGuard, load_or_create
 from registry.raft.log import LogRefused
@@ -137,6 +139,8 @@ class Node:
         self.metrics.raft_commit_index.set(st.commit_index)
         self.metrics.raft_applied_index.set(st.applied_index)
         self.metrics.revision.set(self.holder.state.revision)
+        self.metrics.state_bytes.set(self.holder.state.state_bytes)
+        self.metrics.state_bytes_max.set(self.holder.state.limits.state_bytes_max)
         self.metrics.leader_contact_age.set(self.raft.leader_contact_age_s())
         changes = self.raft.leader_changes
         if changes > self._leader_changes_reported:
@@ -211,8 +215,9 @@ def build_node(config: NodeConfig) -> Node:
     metrics.registry.register(consul_stats)
     dns_stats = DnsStats()
     metrics.registry.register(dns_stats)
-    holder = StateHolder()
-    seed = load_seed(Path(config.data_dir))
+    limits = StateLimits(state_bytes_max=config.state_bytes_max)
+    holder = StateHolder(RegistryState(limits))
+    seed = load_seed(Path(config.data_dir), limits)
     if seed is not None:
         # A data dir made by `regctl snapshot restore`: start from its state.
         holder.state = seed
