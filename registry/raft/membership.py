@@ -59,7 +59,7 @@ class MembershipService:
         self._lock = threading.Lock()
         #: The membership change this (leader) node is making, if any: one at a time.
         self._changing: str | None = None
-        raft.addOnTickCallback(self._run_in_raft_thread)
+        raft.on_tick(self._run_in_raft_thread)
 
     def _run_in_raft_thread(self) -> None:
         # Only what was queued before this tick: a function may queue itself again for the next one.
@@ -103,8 +103,8 @@ class MembershipService:
     async def list(self, args: dict[str, Any]) -> tuple[int, Any]:
         if args:
             raise BadRequest(f"unknown field(s) {', '.join(sorted(args))}")
-        raw = self._raft.getStatus()
-        me = str(self._raft.selfNode.id)
+        raw = self._raft.status_raw()
+        me = self._raft.self_id()
         leader = raw.get("leader")
         leader_id = str(leader.id) if leader is not None else None
         apis = self._member_apis()
@@ -112,8 +112,7 @@ class MembershipService:
         members = [{"raft": me, "api": self._self_api, "self": True, "connected": True,
                     "leader": me == leader_id, "match_index": raw.get("commit_idx"),
                     "incarnation": identities.get(me)}]
-        for node in sorted(self._raft.otherNodes, key=lambda n: str(n.id)):
-            nid = str(node.id)
+        for nid in self._raft.peer_ids():
             members.append({
                 "raft": nid,
                 "api": apis.get(nid),
@@ -136,7 +135,7 @@ class MembershipService:
         by the leader's service only (a follower answers NOT_LEADER with the leader's address) and
         the leader refuses a second one while the first has not committed.
         """
-        if not self._raft._isLeader():
+        if not self._raft.is_leader():
             raise NotLeader("membership changes are made by the leader", hint=self._leader_api())
         if self._changing is not None:
             raise Conflict(f"membership change refused: '{self._changing}' is still in progress; "
@@ -148,7 +147,7 @@ class MembershipService:
         if incarnation is not None:
             check_incarnation(incarnation)
         raft_addr, api = _member_args({k: v for k, v in args.items() if k != "incarnation"}, allow_api=True)
-        if raft_addr == str(self._raft.selfNode.id) or raft_addr in {str(n.id) for n in self._raft.otherNodes}:
+        if raft_addr == self._raft.self_id() or raft_addr in set(self._raft.peer_ids()):
             raise Conflict(f"{raft_addr} is already a member")
         self._begin_change(f"add {raft_addr}")
         try:
@@ -163,7 +162,7 @@ class MembershipService:
                 # lock the new one out; the leader records it on first contact.
                 await self._proposer.write({"op": "identity_delete", "raft": raft_addr})
                 self._forget_seen(raft_addr)
-            await self._await(lambda done: self._raft.addNodeToCluster(raft_addr, callback=done))
+            await self._await(lambda done: self._raft.add_member(raft_addr, done))
             if api is not None:
                 await self._proposer.write({"op": "key_put", "key": MEMBER_KEY_PREFIX + raft_addr, "value": api})
         finally:
@@ -172,17 +171,17 @@ class MembershipService:
 
     async def remove(self, args: dict[str, Any]) -> tuple[int, Any]:
         raft_addr, _ = _member_args(args, allow_api=False)
-        me = str(self._raft.selfNode.id)
-        members = {str(n.id) for n in self._raft.otherNodes} | {me}
+        me = self._raft.self_id()
+        members = set(self._raft.peer_ids()) | {me}
         if raft_addr not in members:
             raise NotFound(f"{raft_addr} is not a member")
-        if raft_addr == me and self._raft._isLeader():
+        if raft_addr == me and self._raft.is_leader():
             # pysyncobj's leader refuses to remove itself (REQUEST_DENIED): say why and what to do.
             raise Conflict(f"{raft_addr} is the leader and cannot be removed; move leadership first "
                            "(`regctl member transfer-leader`), then remove it")
         self._begin_change(f"remove {raft_addr}")
         try:
-            await self._await(lambda done: self._raft.removeNodeFromCluster(raft_addr, callback=done))
+            await self._await(lambda done: self._raft.remove_member(raft_addr, done))
             try:
                 await self._proposer.write({"op": "key_delete", "key": MEMBER_KEY_PREFIX + raft_addr})
             except RegistryError:
@@ -213,12 +212,12 @@ class MembershipService:
             if not isinstance(target, str):
                 raise BadRequest("field 'raft' must be a string")
             parse_hostport(target, what="raft")
-        if not self._raft._isLeader():
+        if not self._raft.is_leader():
             raise NotLeader("leadership is transferred by the leader", hint=self._leader_api())
         if target is not None:
-            if target == str(self._raft.selfNode.id):
+            if target == self._raft.self_id():
                 raise Conflict(f"{target} is already the leader")
-            if target not in {str(n.id) for n in self._raft.otherNodes}:
+            if target not in set(self._raft.peer_ids()):
                 raise NotFound(f"{target} is not a member")
         # pysyncobj denies a transfer unless the target's log matches the leader's last index exactly,
         # which under steady writes holds only between batches: try again on each tick for a while.
@@ -232,7 +231,7 @@ class MembershipService:
                     else:
                         done(result, reason)
 
-                self._raft.transferLeadership(target, callback=outcome)
+                self._raft.transfer_leadership(target, outcome)
 
             self._in_raft.append(attempt)
 

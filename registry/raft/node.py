@@ -89,7 +89,7 @@ from registry.raft.pysyncobj_patch import install as install_journal_factory
 from registry.raft.send_gate import GatedTransport, SendGate
 from registry.raft.snapshot import SNAPSHOT_FORMAT, SNAPSHOT_MAGIC, open_private, read_snapshot_file
 
-__all__ = ["StateHolder", "RaftNode", "BatchOutcome", "Listener", "RaftStatus", "submit_error"]
+__all__ = ["StateHolder", "RaftNode", "BatchOutcome", "Listener", "RaftStatus", "apply_entry", "submit_error"]
 
 log = logging.getLogger("registry.raft.node")
 
@@ -165,10 +165,64 @@ def _exit_on_log_failure(exc: LogWriteFailed) -> None:
     os._exit(EXIT_LOG_FAILED)
 
 
+def apply_entry(holder: StateHolder, batch: bytes, entry_term_of: Callable[[], int],
+                listeners: Sequence[Listener]) -> BatchOutcome:
+    """Apply one Raft entry (a msgpack list of commands) to the state, then tell ``listeners``.
+
+    ``entry_term_of``: the term of the entry being applied, asked only if a
+    command needs it (lease expiries).  Runs in the Raft thread.
+    """
+    try:
+        commands = msgpack.unpackb(batch, raw=False)
+    except Exception:
+        log.error("undecodable raft entry of %d bytes skipped", len(batch))
+        return []
+    if not isinstance(commands, list):
+        log.error("raft entry is not a list of commands; skipped")
+        return []
+    outcomes: BatchOutcome = []
+    events: list[dict[str, Any]] = []
+    debug = log.isEnabledFor(logging.DEBUG)
+    entry_term: int | None = None
+    with holder.lock:
+        state = holder.state
+        for command in commands:
+            if entry_term is None and isinstance(command, dict) and command.get("op") == "lease_expire":
+                entry_term = entry_term_of()
+            try:
+                # trusted: proposers validate before proposing (Proposer.write);
+                # apply only runs its structural guard on log entries.
+                applied = state.apply(command, trusted=True, entry_term=entry_term)
+            except RegistryError as err:
+                outcomes.append((False, err.code, err.message))
+                continue
+            except Exception as err:
+                log.exception("state machine raised a non-registry error")
+                outcomes.append((False, Internal.code, f"internal error: {type(err).__name__}"))
+                continue
+            outcomes.append((True, applied.result))
+            if debug:
+                # The client's request id, logged by every node that applies
+                # the command: grep it to follow one write across the cluster.
+                log.debug("applied op=%s rid=%s revision=%s", command.get("op"), command.get("rid"),
+                          applied.result.get("revision"))
+            if applied.events:
+                events.extend(applied.events)
+        revision = state.revision
+        if revision > holder.high_water:
+            holder.high_water = revision
+    for listener in listeners:
+        try:
+            listener(revision, events, len(batch))
+        except Exception:
+            log.exception("apply listener failed")
+    return outcomes
+
+
 class _DeadlinePoller:
     """pysyncobj's poller, with each wait cut short at the node's held-back commit round (if any)."""
 
-    def __init__(self, inner: Any, node: RaftNode) -> None:
+    def __init__(self, inner: Any, node: _SyncObjCore) -> None:
         self._inner = inner
         self._node = node
 
@@ -190,8 +244,9 @@ class _DeadlinePoller:
         self._inner.unsubscribe(descr)
 
 
-class RaftNode(SyncObj):  # type: ignore[misc]
-    """pysyncobj node whose whole replicated surface is ``apply_batch``."""
+class _SyncObjCore(SyncObj):  # type: ignore[misc]
+    """The pysyncobj node itself, with every patch of its behaviour; its whole replicated surface is
+    ``apply_batch``.  Only ``RaftNode`` holds one: nothing outside this module sees a SyncObj."""
 
     def __init__(self, config: NodeConfig, holder: StateHolder, incarnation: str,
                  guard: IncarnationGuard | None = None, *, auto_tick: bool = True,
@@ -459,52 +514,7 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         return self._apply_batch(batch)
 
     def _apply_batch(self, batch: bytes) -> BatchOutcome:
-        try:
-            commands = msgpack.unpackb(batch, raw=False)
-        except Exception:
-            log.error("undecodable raft entry of %d bytes skipped", len(batch))
-            return []
-        if not isinstance(commands, list):
-            log.error("raft entry is not a list of commands; skipped")
-            return []
-        outcomes: BatchOutcome = []
-        events: list[dict[str, Any]] = []
-        holder = self._holder
-        debug = log.isEnabledFor(logging.DEBUG)
-        entry_term: int | None = None
-        with holder.lock:
-            state = holder.state
-            for command in commands:
-                if entry_term is None and isinstance(command, dict) and command.get("op") == "lease_expire":
-                    entry_term = self._applying_entry_term()
-                try:
-                    # trusted: proposers validate before proposing (Proposer.write);
-                    # apply only runs its structural guard on log entries.
-                    applied = state.apply(command, trusted=True, entry_term=entry_term)
-                except RegistryError as err:
-                    outcomes.append((False, err.code, err.message))
-                    continue
-                except Exception as err:
-                    log.exception("state machine raised a non-registry error")
-                    outcomes.append((False, Internal.code, f"internal error: {type(err).__name__}"))
-                    continue
-                outcomes.append((True, applied.result))
-                if debug:
-                    # The client's request id, logged by every node that applies
-                    # the command: grep it to follow one write across the cluster.
-                    log.debug("applied op=%s rid=%s revision=%s", command.get("op"), command.get("rid"),
-                              applied.result.get("revision"))
-                if applied.events:
-                    events.extend(applied.events)
-            revision = state.revision
-            if revision > holder.high_water:
-                holder.high_water = revision
-        for listener in self._listeners:
-            try:
-                listener(revision, events, len(batch))
-            except Exception:
-                log.exception("apply listener failed")
-        return outcomes
+        return apply_entry(self._holder, batch, self._applying_entry_term, self._listeners)
 
     def _applying_entry_term(self) -> int:
         """The Raft term of the entry being applied (pysyncobj applies index last_applied + 1)."""
@@ -518,22 +528,6 @@ class RaftNode(SyncObj):  # type: ignore[misc]
 
     def add_restore_hook(self, hook: Callable[[], None]) -> None:
         self._on_restore.append(hook)
-
-    def submit(self, batch: bytes, done: Callable[[Any, int], None]) -> None:
-        """Queue one batch; ``done(outcomes, fail_reason)`` runs in the Raft thread."""
-        self.apply_batch(batch, callback=done)
-
-    def is_leader(self) -> bool:
-        """Whether this node leads now (any thread: a racy read of one attribute, as pysyncobj's own)."""
-        return bool(self._isLeader())
-
-    def term(self) -> int:
-        """The node's current Raft term (any thread)."""
-        return int(self.raftCurrentTerm)
-
-    def stop(self) -> None:
-        """Stop the Raft thread and close the log (pysyncobj's destroy)."""
-        self.destroy()
 
     def raft_status(self) -> RaftStatus:
         raw = self.getStatus()
@@ -662,3 +656,111 @@ class RaftNode(SyncObj):  # type: ignore[misc]
         prev = tuple(envelope["prev"])
         cluster = {TCPNode(node_id) for node_id in envelope["cluster"]}
         return last, prev, cluster
+
+
+class RaftNode:
+    """A node's Raft, behind the narrow surface the rest of the node uses (hashicorp/raft's ``api.go`` shape).
+
+    It *has* a pysyncobj ``SyncObj`` (``_SyncObjCore``) rather than being one,
+    so pysyncobj's methods, name-mangled privates and thread stay behind this
+    class: proposals (``submit``), leadership (``is_leader``, ``term``,
+    ``raft_status``), membership (``add_member``, ``remove_member``,
+    ``transfer_leadership``), work in the Raft thread (``on_tick``), the log's
+    numbers and the lifecycle (``tick`` for tests that drive it, ``stop``).
+
+    ``auto_tick=False``: no Raft thread; the caller calls ``tick``, as tests do
+    to control exactly when each node runs.  ``on_fsync``: called in the Raft
+    thread after each fdatasync (seconds, records).  ``on_log_failure``: called
+    once the log cannot be written; the default exits the process.  Raises
+    ``LogRefused`` (one line) if the log on disk is corrupted or from an older
+    version.
+    """
+
+    def __init__(self, config: NodeConfig, holder: StateHolder, incarnation: str,
+                 guard: IncarnationGuard | None = None, *, auto_tick: bool = True,
+                 on_fsync: SyncObserver | None = None,
+                 on_log_failure: Callable[[LogWriteFailed], None] | None = None) -> None:
+        self._core = _SyncObjCore(config, holder, incarnation, guard, auto_tick=auto_tick, on_fsync=on_fsync,
+                                  on_log_failure=on_log_failure)
+        #: The Raft log on disk and the gate every Raft message leaves through.
+        self.wal: RaftLog = self._core.wal
+        self.send_gate: SendGate = self._core.send_gate
+
+    # -- proposals and applied batches ----------------------------------------------
+
+    def submit(self, batch: bytes, done: Callable[[Any, int], None]) -> None:
+        """Queue one batch; ``done(outcomes, fail_reason)`` runs in the Raft thread."""
+        self._core.apply_batch(batch, callback=done)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Called in the Raft thread after each applied batch (see ``Listener``)."""
+        self._core.add_listener(listener)
+
+    def add_restore_hook(self, hook: Callable[[], None]) -> None:
+        """Called in the Raft thread after a snapshot replaced the state."""
+        self._core.add_restore_hook(hook)
+
+    def snapshot_soon(self) -> None:
+        """Snapshot the state and compact the log at the next chance (a seeded data dir)."""
+        self._core.forceLogCompaction()
+
+    # -- leadership and status (any thread: racy reads of single attributes) --------
+
+    def is_leader(self) -> bool:
+        return bool(self._core._isLeader())
+
+    def term(self) -> int:
+        return int(self._core.raftCurrentTerm)
+
+    def raft_status(self) -> RaftStatus:
+        return self._core.raft_status()
+
+    def status_raw(self) -> dict[str, Any]:
+        """pysyncobj's own status map (match indexes and the like, for the member list)."""
+        raw: dict[str, Any] = self._core.getStatus()
+        return raw
+
+    def self_id(self) -> str:
+        return str(self._core.selfNode.id)
+
+    def peer_ids(self) -> list[str]:
+        """The other members' Raft addresses, sorted."""
+        return sorted(str(node.id) for node in self._core.otherNodes)
+
+    def leader_contact_age_s(self) -> float:
+        return self._core.leader_contact_age_s()
+
+    @property
+    def leader_changes(self) -> int:
+        return self._core.leader_changes
+
+    @property
+    def messages_sent(self) -> int:
+        return self._core.messages_sent
+
+    # -- membership (leader only; ``done(result, fail_reason)`` runs in the Raft thread) --
+
+    def add_member(self, raft_addr: str, done: Callable[[Any, int], None]) -> None:
+        self._core.addNodeToCluster(raft_addr, callback=done)
+
+    def remove_member(self, raft_addr: str, done: Callable[[Any, int], None]) -> None:
+        self._core.removeNodeFromCluster(raft_addr, callback=done)
+
+    def transfer_leadership(self, target: str | None, done: Callable[[Any, int], None]) -> None:
+        """To ``target``, or the most caught-up follower if None.  Call it in the Raft thread
+        (``on_tick``): it reads pysyncobj's match indexes."""
+        self._core.transferLeadership(target, callback=done)
+
+    def on_tick(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` in the Raft thread at the end of every tick."""
+        self._core.addOnTickCallback(callback)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def tick(self, timeout_s: float = 0.0) -> None:
+        """One Raft tick, waiting up to ``timeout_s`` for events (only with ``auto_tick=False``)."""
+        self._core._onTick(timeout_s)
+
+    def stop(self) -> None:
+        """Stop the Raft thread and close the log."""
+        self._core.destroy()

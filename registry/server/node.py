@@ -236,7 +236,7 @@ def build_node(config: NodeConfig) -> Node:
     if seed is not None:
         # Make our own snapshot (which includes the seed) soon, so nodes
         # that join later receive the seeded state, not an empty log.
-        raft.forceLogCompaction()
+        raft.snapshot_soon()
 
     node: Node | None = None
 

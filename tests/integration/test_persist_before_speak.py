@@ -69,14 +69,14 @@ def nodes(tmp_path: Path) -> Iterator[list[RaftNode]]:
         yield built
     finally:
         for node in built:
-            node.destroy()
+            node.stop()
 
 
 def _tick(nodes: list[RaftNode], seconds: float) -> None:
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         for node in nodes:
-            node._onTick(0.002)
+            node.tick(0.002)
 
 
 def test_no_message_leaves_before_the_log_records_it_relies_on_are_synced(nodes: list[RaftNode]) -> None:

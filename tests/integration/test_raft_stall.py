@@ -50,14 +50,14 @@ def nodes(tmp_path: Path) -> Iterator[list[RaftNode]]:
         yield built
     finally:
         for node in built:
-            node.destroy()
+            node.stop()
 
 
 def _tick(nodes: list[RaftNode], seconds: float) -> None:
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         for node in nodes:
-            node._onTick(0.002)
+            node.tick(0.002)
 
 
 def _leader(nodes: list[RaftNode], timeout_s: float = 20.0) -> RaftNode:
@@ -79,7 +79,7 @@ def test_a_follower_back_from_a_long_tick_reads_the_heartbeats_before_it_elects(
     _tick(nodes, 0.3)
     term = stalled.raft_status().term
     _tick(others, TIMING.election_timeout_max_s + 0.4)
-    stalled._onTick(0.0)
+    stalled.tick(0.0)
     after = stalled.raft_status()
     assert after.role == "follower", f"the stalled follower became a {after.role}"
     assert after.term == term

@@ -26,7 +26,7 @@ from registry.protocol import (
     Response,
     StreamEnd,
 )
-from registry.raft.node import RaftNode, StateHolder
+from registry.raft.node import Listener, StateHolder, apply_entry
 from registry.server.api import NodeInfo, RegistryAPI, RevisionWaiters
 from registry.server.metrics import NodeMetrics
 from registry.server.proposer import Proposer
@@ -38,12 +38,9 @@ class _Raft:
 
     def __init__(self, holder: StateHolder, loop: asyncio.AbstractEventLoop) -> None:
         self._holder = holder
-        self._listeners: list[Callable[[int, list[dict[str, Any]]], None]] = []
+        self._listeners: list[Listener] = []
         self.loop = loop
         self.queued: list[tuple[bytes, Callable[[Any, int], None]]] = []
-
-    def _applying_entry_term(self) -> int:
-        return 1
 
     def submit(self, batch: bytes, done: Callable[[Any, int], None]) -> None:
         self.queued.append((batch, done))
@@ -51,7 +48,7 @@ class _Raft:
     def commit(self) -> None:
         queued, self.queued = self.queued, []
         for batch, done in queued:
-            done(RaftNode._apply_batch(self, batch), 0)  # type: ignore[arg-type]
+            done(apply_entry(self._holder, batch, lambda: 1, self._listeners), 0)
 
 
 class _Transport:
