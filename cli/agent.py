@@ -78,6 +78,7 @@ def agent(obj: Ctx, config_file: Path | None, service: str | None, instance_id: 
             address=address, weight=weight, tags=tags, meta=meta, ttl=ttl, check=check,
             check_interval=check_interval, check_timeout=check_timeout, rise=rise, fall=fall, upstreams=upstreams,
             http=http, access_log=access_log, name=name, seed=seed, log_format=log_format, log_level=log_level,
+            tls_ca=obj.tls_ca, tls_cert=obj.tls_cert, tls_key=obj.tls_key,
         )
         run_agent(config)
     except ConfigError as err:

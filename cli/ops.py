@@ -107,7 +107,9 @@ def member_list(obj: Ctx) -> None:
         apis = [str(m["api"]) for m in body["members"] if m.get("api")]
         ids: dict[str, str] = {}
         if apis:
-            with SyncClient(apis, token=obj.token, timeout_s=obj.timeout_s,
+            # These addresses are read from the cluster (keys clients can write): status needs no token,
+            # so none is sent there.
+            with SyncClient(apis, token=None, timeout_s=obj.timeout_s,
                             ssl_context=obj.ssl_context()) as members_client:
                 for s in members_client.cluster_status():
                     if s.get("reachable") and s.get("raft"):
@@ -133,7 +135,12 @@ def _change_membership(obj: Ctx, op: str, args: dict[str, str]) -> int:
             if not err.hint:
                 raise
             hint = err.hint
-    with SyncClient([hint], token=obj.token, timeout_s=obj.timeout_s) as leader_client:
+    if hint not in obj.endpoints:
+        # The hint is read from the cluster (--peer-api, or keys under _cluster/ that clients can
+        # write): the token is never sent to an address it names, only to the ones given here.
+        raise click.ClickException(f"the leader's API is {hint}, which is not among --endpoints; if you trust "
+                                   f"that address, run again with --endpoints {hint}")
+    with SyncClient([hint], token=obj.token, timeout_s=obj.timeout_s, ssl_context=obj.ssl_context()) as leader_client:
         revision, _ = leader_client.call(op, args, retry=False)
         return revision
 

@@ -130,6 +130,10 @@ class Upstream:
 class AgentConfig:
     endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
     token: str | None = None
+    #: TLS to the registry (the CLI's --tls-ca/--tls-cert/--tls-key): CA file, client certificate and key.
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     services: tuple[LocalService, ...] = ()
     upstreams: tuple[Upstream, ...] = ()
     #: Lease TTL of the local instances; renewed every third of it.
@@ -408,6 +412,9 @@ def build_config(
     seed: int | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> AgentConfig:
     """The validated config from a file (optional) plus flags (raw strings, as given on the command line)."""
     cfg = load_file(file) if file is not None else AgentConfig()
@@ -415,6 +422,8 @@ def build_config(
         cfg = cfg.replace(endpoints=tuple(endpoints))
     if token is not None:
         cfg = cfg.replace(token=token)
+    if tls_ca is not None or tls_cert is not None:
+        cfg = cfg.replace(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
     if ttl is not None:
         cfg = cfg.replace(ttl_ms=round(parse_duration_s(ttl, "--ttl") * 1000))
     if service is None:

@@ -55,7 +55,7 @@ from registry.agent.metrics import AgentMetrics
 from registry.agent.policies import make_policy
 from registry.agent.proxy import AccessLog, Intentions, UpstreamProxy, allow_all, os_reason
 from registry.agent.table import EndpointTable
-from registry.client import Client
+from registry.client import Client, client_ssl_context
 from registry.errors import NotFound, RegistryError, Unavailable
 from registry.fsm.model import NOTE_CHARS_MAX
 
@@ -105,8 +105,15 @@ class Agent:
         config.validate()
         self.config = config
         self.metrics = AgentMetrics()
+        ssl_context = None
+        if config.tls_ca is not None or config.tls_cert is not None:
+            # The token travels in every hello: with --tls-* it goes over TLS like any regctl command's.
+            try:
+                ssl_context = client_ssl_context(config.tls_ca, config.tls_cert, config.tls_key)
+            except OSError as err:  # a missing file, or ssl.SSLError (an OSError) for a bad PEM
+                raise ConfigError(f"cannot load TLS files (--tls-ca/--tls-cert/--tls-key): {err}") from None
         self.client = Client(list(config.endpoints), token=config.token, client_name="regctl-agent",
-                             timeout_s=5.0, connect_timeout_s=0.5, shuffle=True)
+                             timeout_s=5.0, connect_timeout_s=0.5, shuffle=True, ssl_context=ssl_context)
         self.access_log: AccessLog | None = None
         self.locals = [_Local(svc) for svc in config.services]
         self.lease: int | None = None

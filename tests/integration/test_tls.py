@@ -13,7 +13,7 @@ import pytest
 
 from registry.client import SyncClient, client_ssl_context
 from registry.errors import RegistryError
-from tests.support.agents import free_ports
+from registry.server.ports import free_ports
 from tests.support.cluster import regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration
@@ -116,3 +116,29 @@ def test_unreadable_or_bad_tls_files_are_usage_errors(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
+def test_the_agent_talks_to_the_registry_over_tls(tls_node: tuple[str, Path, Path, Path], tmp_path: Path) -> None:
+    # Issue #20, finding 6. Before, `regctl agent` ignored --tls-*: against a TLS-only node it never registered (and
+    # against a plaintext one it sent its token in clear).
+    endpoint, ca, cert, key = tls_node
+    good = client_ssl_context(str(ca), str(cert), str(key))
+    backend_port, http_port = free_ports(2)
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen(
+            [regctl_executable(), "--endpoints", endpoint, "--tls-ca", str(ca), "--tls-cert", str(cert),
+             "--tls-key", str(key), "agent", "--service", "web", "--id", "w1", "--address",
+             f"127.0.0.1:{backend_port}", "--ttl", "5s", "--http", f"127.0.0.1:{http_port}"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        def registered() -> bool:
+            with SyncClient([endpoint], timeout_s=2.0, connect_timeout_s=1.0, ssl_context=good) as c:
+                _, service = c.get_service("web")
+                return [i["id"] for i in service["instances"]] == ["w1"]
+
+        wait_until(registered, 30, "the agent to register over TLS")
+    finally:
+        agent.kill()
+        agent.wait()
+        gc.collect()  # the half-open sockets of attempts before the node listened: closed under the filter
