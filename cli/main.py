@@ -445,11 +445,14 @@ def service_get(obj: Ctx, name: str, consistency: str, min_revision: int | None)
         revision, body = client.get_service(name, consistency=consistency, min_revision=min_revision)
     rows = [
         [i["id"], i["address"], i["port"], i["status"], i["weight"], ",".join(i.get("tags", [])),
-         ",".join(f"{k}={v}" for k, v in sorted(i.get("meta", {}).items()))]
+         ",".join(f"{k}={v}" for k, v in sorted(i.get("meta", {}).items())),
+         # The note of the last status change (check output); last, as it may hold spaces.
+         " ".join(i.get("note", "").split())]
         for i in body["instances"]
     ]
     emit(obj.output, {"revision": revision, **body},
-         table(rows, ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META"]) + f"\nrevision: {revision}")
+         table(rows, ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META", "NOTE"])
+         + f"\nrevision: {revision}")
 
 
 from . import acl, agent, demo, leases, ops  # noqa: E402,F401  (register agent, demo, lease, lock, watch, ... commands)

@@ -142,8 +142,8 @@ TAG_CHARS_MAX: Final = 512
 STATUSES: Final = ("passing", "warning", "critical")
 STATUS_DEFAULT: Final = "passing"
 
-#: set_status note (health-check output): only travels in the status event, so
-#: it is bounded to keep one event small.
+#: set_status note (health-check output): kept in the instance record of the
+#: last status change and sent in its event, so it is bounded to keep both small.
 NOTE_CHARS_MAX: Final = 1024
 
 #: Lease TTL: below 1 s the leader's expiry loop and Raft commit latency would
@@ -555,15 +555,13 @@ def parse_service_record(obj: Any) -> Record:
 
 def parse_instance_record(obj: Any) -> Record:
     kind = "instance"
-    o = _fields(
-        obj,
-        kind,
-        (
-            "service", "id", "address", "port", "meta", "tags", "weight", "status", "lease",
-            "create_revision", "mod_revision",
-        ),
+    keys = (
+        "service", "id", "address", "port", "meta", "tags", "weight", "status", "lease",
+        "create_revision", "mod_revision",
     )  # fmt: skip
-    return instance_record(
+    # "note" is there only while the last status change carried one (see RegistryState._op_set_status).
+    o = _fields(obj, kind, (*keys, "note") if isinstance(obj, dict) and "note" in obj else keys)
+    record = instance_record(
         check_name("service", _str(kind, o, "service")),
         check_name("id", _str(kind, o, "id")),
         check_address("address", _str(kind, o, "address")),
@@ -575,6 +573,12 @@ def parse_instance_record(obj: Any) -> Record:
         _opt_lease(kind, o),
         *_revisions(kind, o),
     )
+    if "note" in o:
+        note = check_note("note", _str(kind, o, "note"))
+        if not note:
+            raise BadRequest(f"{kind} record: an empty 'note' is left out, not stored")
+        record["note"] = note
+    return record
 
 
 def parse_lease_record(obj: Any) -> Record:

@@ -596,11 +596,18 @@ class RegistryState:
             return {"revision": self._revision, "changed": False}, []
         rev = self._bump()
         new = {**old, "status": status, "mod_revision": rev}
+        # The note (check output) of the last status change is kept with the record, so `service get`
+        # shows why an instance is critical; only while there is one: most records carry none.
+        # A repeat of the same status changes nothing (above), so a check whose output varies
+        # costs no write for it.
+        if cmd["note"]:
+            new["note"] = cmd["note"]
+        else:
+            new.pop("note", None)
         insts[iid] = new
         # Accounted but never refused: a health change must always get through, and a note is bounded.
         self._bytes += _record_bytes(new) - _record_bytes(old)
         event = _event(rev, "status", "instance", svc, iid, old, new)
-        # The note (check output) is not part of the record: it only travels here.
         event["note"] = cmd["note"]
         return {"revision": rev, "changed": True}, [event]
 

@@ -106,7 +106,7 @@ def test_service_register_get_list_deregister_table_and_json(cluster: Cluster) -
 
     text = ok_table("service", "get", "web", endpoints=eps)
     header, *rows = text.strip().splitlines()
-    assert header.split() == ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META"]
+    assert header.split() == ["ID", "ADDRESS", "PORT", "STATUS", "WEIGHT", "TAGS", "META", "NOTE"]
     assert any(r.split()[:5] == ["web-10.1.0.1-8080", "10.1.0.1", "8080", "passing", "5"] for r in rows)
     assert rows[-1] == f"revision: {got['revision']}"
 
@@ -138,6 +138,11 @@ def test_service_status_check_in_and_bad_input(cluster: Cluster) -> None:
     assert set_crit["changed"] is True and set_crit["status"] == "critical"
     got = ok_json("service", "get", "chk", endpoints=eps)
     assert got["instances"][0]["status"] == "critical" and got["revision"] >= set_crit["revision"]
+    # The note of the status change shows in service get, JSON and table.
+    assert got["instances"][0]["note"] == "disk full"
+    header, row = ok_table("service", "get", "chk", endpoints=eps).strip().splitlines()[:2]
+    assert header.split()[3] == "STATUS" and header.split()[-1] == "NOTE"
+    assert row.split()[3] == "critical" and row.endswith("disk full"), row
     listed = {s["name"]: s for s in ok_json("service", "list", endpoints=eps)["services"]}
     assert listed["chk"]["passing"] == 0
 
@@ -154,6 +159,8 @@ def test_service_status_check_in_and_bad_input(cluster: Cluster) -> None:
 
     back = ok_json("service", "status", "chk", "c1", "passing", endpoints=eps)
     assert back["changed"] is True and back["revision"] > set_crit["revision"]
+    # A change without a note clears the old one.
+    assert "note" not in ok_json("service", "get", "chk", endpoints=eps)["instances"][0]
 
 
 # -- exit codes ------------------------------------------------------------------------------

@@ -981,6 +981,30 @@ def test_snapshot_round_trip() -> None:
     assert RegistryState.restore(RegistryState().snapshot()).snapshot() == RegistryState().snapshot()
 
 
+def test_the_note_of_the_last_status_change_is_kept_with_the_instance() -> None:
+    st = state_with(reg("web", "w1"), reg("web", "w2"))
+    assert "note" not in st.get_instance("web", "w1")  # a record carries a note only while it has one
+    st.apply({"op": "set_status", "service": "web", "id": "w1", "status": "critical", "note": "disk full"})
+    assert st.get_instance("web", "w1")["note"] == "disk full"
+    rev = st.revision
+    # The same status again changes nothing, its note included: a check's varying output costs no write.
+    out = st.apply({"op": "set_status", "service": "web", "id": "w1", "status": "critical", "note": "disk fuller"})
+    assert out.result["changed"] is False and st.revision == rev
+    assert st.get_instance("web", "w1")["note"] == "disk full"
+    # It survives a snapshot, and a bad one is refused on restore.
+    snap = st.snapshot()
+    assert RegistryState.restore(snap).get_instance("web", "w1")["note"] == "disk full"
+    decoded = msgpack.unpackb(snap, raw=False)
+    for bad in ("", 5, "x" * (model.NOTE_CHARS_MAX + 1)):
+        broken = copy.deepcopy(decoded)
+        next(i for i in broken["instances"] if i["id"] == "w1")["note"] = bad
+        with pytest.raises(BadRequest):
+            RegistryState.restore(msgpack.packb(broken, use_bin_type=True))
+    # A change without a note clears it.
+    st.apply({"op": "set_status", "service": "web", "id": "w1", "status": "passing"})
+    assert "note" not in st.get_instance("web", "w1")
+
+
 def test_snapshot_is_canonical() -> None:
     a = state_with({"op": "service_put", "name": "b"}, {"op": "service_put", "name": "a"})
     b = state_with({"op": "service_put", "name": "a"}, {"op": "service_put", "name": "b"})
