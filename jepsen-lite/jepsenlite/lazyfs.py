@@ -43,9 +43,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -58,12 +60,18 @@ __all__ = [
     "config_toml",
     "mounted_paths",
     "unavailable_reason",
+    "unsynced_bytes",
+    "unsynced_reports",
     "why_lazyfs_unavailable",
 ]
 
 #: Where ``.ci/run`` builds LazyFS (``shared/tools/lazyfs/build.sh /opt/lazyfs``).
 LAZYFS_BIN_DEFAULT = Path("/opt/lazyfs/lazyfs")
 CLEAR_CACHE_COMMAND = b"lazyfs::clear-cache\n"
+UNSYNCED_REPORT_COMMAND = b"lazyfs::unsynced-data-report\n"
+#: How LazyFS ends an unsynced-data report: nothing unsynced, or a total.  It counts the byte ranges of dirty
+#: blocks, so a block that was partly fsynced counts whole: an upper bound of what a clear drops.
+_REPORT_END = re.compile(r"report: all data blocks are synced!|report: total number of bytes un-fsynced: (\d+) bytes")
 #: What LazyFS logs (at warning level, flushed at once) when a clear-cache has finished.
 CLEARED_MARK = "cache is cleared"
 #: What LazyFS logs once its command reader has opened the FIFO.
@@ -144,6 +152,11 @@ def cleared_count(log_text: str) -> int:
     return log_text.count(CLEARED_MARK)
 
 
+def unsynced_reports(log_text: str) -> list[int]:
+    """The totals of every unsynced-data report in LazyFS's log, in order (0: all synced).  Pure."""
+    return [int(m.group(1) or 0) for m in _REPORT_END.finditer(log_text)]
+
+
 def _unescape_mountinfo(field: str) -> str:
     # The kernel writes space, tab, newline and backslash in mount points as 3-digit octal escapes.
     out, i = [], 0
@@ -183,30 +196,45 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def clear_cache(fifo: Path, logfile: Path, deadline_s: float = CLEAR_DEADLINE_S) -> None:
-    """Drop every unsynced byte on one LazyFS mount; return once LazyFS's log says it is done.
+def _command(fifo: Path, logfile: Path, command: bytes, count: Callable[[str], int], deadline_s: float) -> str:
+    """Send one command and wait until ``count(log)`` grows (LazyFS logged the answer); return the log.
 
     Any process may call this while the mount's owner holds its writer open.
     Callers must not send commands to one mount concurrently (see the module
     docstring: LazyFS can read two commands as one).
     """
-    before = cleared_count(_read_text(logfile))
+    before = count(_read_text(logfile))
+    name = command.decode().strip()
     try:
         # Non-blocking: with no reader (LazyFS gone), open fails at once with ENXIO instead of hanging.
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
     except OSError as err:
         reason = "LazyFS is not running" if err.errno == errno.ENXIO else err.strerror
-        raise LazyFSError(f"cannot send clear-cache to {fifo}: {reason}") from None
+        raise LazyFSError(f"cannot send {name} to {fifo}: {reason}") from None
     try:
-        os.write(fd, CLEAR_CACHE_COMMAND)
+        os.write(fd, command)
     finally:
         os.close(fd)
     end = time.monotonic() + deadline_s
-    while cleared_count(_read_text(logfile)) <= before:
+    while True:
+        text = _read_text(logfile)
+        if count(text) > before:
+            return text
         if time.monotonic() > end:
-            raise LazyFSError(f"LazyFS did not report the cache cleared within {deadline_s:g}s "
-                              f"(log {logfile}: {_read_text(logfile)[-LOG_TAIL_CHARS:]!r})")
+            raise LazyFSError(f"LazyFS did not answer {name} within {deadline_s:g}s "
+                              f"(log {logfile}: {text[-LOG_TAIL_CHARS:]!r})")
         time.sleep(POLL_S)
+
+
+def clear_cache(fifo: Path, logfile: Path, deadline_s: float = CLEAR_DEADLINE_S) -> None:
+    """Drop every unsynced byte on one LazyFS mount; return once LazyFS's log says it is done."""
+    _command(fifo, logfile, CLEAR_CACHE_COMMAND, cleared_count, deadline_s)
+
+
+def unsynced_bytes(fifo: Path, logfile: Path, deadline_s: float = CLEAR_DEADLINE_S) -> int:
+    """How many bytes a clear would drop now, as LazyFS counts them (whole dirty blocks)."""
+    text = _command(fifo, logfile, UNSYNCED_REPORT_COMMAND, lambda t: len(unsynced_reports(t)), deadline_s)
+    return unsynced_reports(text)[-1]
 
 
 class LazyFSMount:
@@ -285,6 +313,11 @@ class LazyFSMount:
         if self._writer is None:
             raise LazyFSError(f"{self.mnt} is not mounted")
         clear_cache(self.fifo, self.log, deadline_s)
+
+    def unsynced_bytes(self, deadline_s: float = CLEAR_DEADLINE_S) -> int:
+        if self._writer is None:
+            raise LazyFSError(f"{self.mnt} is not mounted")
+        return unsynced_bytes(self.fifo, self.log, deadline_s)
 
     def unmount(self, deadline_s: float = UNMOUNT_DEADLINE_S) -> list[str]:
         """Unmount and reap LazyFS; return what did not go cleanly (empty when all did).  Idempotent.

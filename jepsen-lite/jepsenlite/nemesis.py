@@ -231,7 +231,7 @@ class Nemesis:
             victims = power_victims(fault.target, self._node_ids(), fault.pick)
             window["nodes"] = victims
             try:
-                await asyncio.to_thread(cluster.power_off, victims)
+                window["unsynced_bytes"] = await asyncio.to_thread(cluster.power_off, victims)
             except RuntimeError as err:
                 # The nodes are down but maybe with their unsynced data: the run did not test what it says.
                 window["error"] = str(err)

@@ -42,7 +42,7 @@ from registry.client import Client
 from registry.errors import Conflict, NotFound, RegistryError
 from registry.server.ports import ports_free
 
-from .lazyfs import clear_cache
+from .lazyfs import clear_cache, unsynced_bytes
 
 __all__ = [
     "NodeSpec",
@@ -367,22 +367,26 @@ class Cluster:
             node.proc.wait()
         node.paused = False
 
-    def power_off(self, node_ids: list[str]) -> None:
+    def power_off(self, node_ids: list[str]) -> dict[str, int]:
         """A power cut: kill -9 every node given, then drop every byte their disks had not fsynced.
 
         All are killed before any disk is cleared, so none of them writes
-        after another one lost its data.  Blocks (a clear waits for LazyFS to
-        confirm it): call from a thread in async code.
+        after another one lost its data.  Returns, per node, how many bytes
+        its disk dropped (LazyFS's count, whole dirty blocks).  Blocks (each
+        command waits for LazyFS to answer): call from a thread in async code.
         """
         for node_id in node_ids:
             if self._proc(node_id).spec.disk_fifo is None:
                 raise RuntimeError(f"node {node_id} has no LazyFS disk: a power cut needs the power nemesis's disks")
         for node_id in node_ids:
             self.kill(node_id)
+        dropped: dict[str, int] = {}
         for node_id in node_ids:
             spec = self._proc(node_id).spec
             assert spec.disk_fifo is not None and spec.disk_log is not None
+            dropped[node_id] = unsynced_bytes(Path(spec.disk_fifo), Path(spec.disk_log))
             clear_cache(Path(spec.disk_fifo), Path(spec.disk_log))
+        return dropped
 
     def pause(self, node_id: str) -> None:
         node = self._proc(node_id)

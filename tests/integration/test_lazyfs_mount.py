@@ -70,7 +70,11 @@ def test_power_cut_keeps_exactly_the_fsynced_bytes(mount: LazyFSMount) -> None:
     # Before the cut the unsynced bytes are there (from LazyFS's cache): the clear is what takes them.
     assert (mount.mnt / "log").read_bytes() == b"durable-" * 64 + b"volatile" * 64
     assert (mount.mnt / "never-synced").read_bytes() == b"gone" * 100
+    # LazyFS counts whole dirty blocks: the log's one block (the volatile bytes and the durable ones before them)
+    # and never-synced's.
+    assert mount.unsynced_bytes() == len(b"durable-" * 64 + b"volatile" * 64) + len(b"gone" * 100)
     mount.clear_cache()
+    assert mount.unsynced_bytes() == 0
     assert (mount.mnt / "log").read_bytes() == b"durable-" * 64
     assert (mount.mnt / "never-synced").read_bytes() == b""
     # The backing folder holds what survived, nothing more.

@@ -101,6 +101,7 @@ def test_power_cuts_lose_nothing_acknowledged(tmp_path: Path) -> None:
     assert len(cuts[0]["nodes"]) == 3 and len(cuts[1]["nodes"]) == 2
     assert results["checkers"]["set"]["counts"]["adds_ok"] > 0
     assert results["checkers"]["watch"]["valid"] is True
+    assert all(set(c["unsynced_bytes"]) == set(c["nodes"]) for c in cuts)
     _no_mount_left(out)
 
 
@@ -109,7 +110,9 @@ def test_power_cuts_catch_nodes_that_never_fsync(tmp_path: Path) -> None:
     code, results, stderr = jepsen(out, *SCHEDULE, "--workload", "register,set,watch", "--unsafe", "no-fsync")
     assert code == 1, stderr[-3000:]
     assert results["valid"] is False and results["unsafe"] == "no-fsync"
-    assert [c["target"] for c in _power_cuts(results)] == ["all", "majority"]
+    cuts = _power_cuts(results)
+    assert [c["target"] for c in cuts] == ["all", "majority"]
+    assert all(dropped > 0 for dropped in cuts[0]["unsynced_bytes"].values()), cuts[0]
     # Everything acknowledged before the first cut was only in LazyFS's cache: gone, and the cluster starts over.
     assert results["checkers"]["set"]["valid"] is False
     assert results["checkers"]["set"]["lost"]["count"] > 0

@@ -13,7 +13,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jepsen-lite"))
 
 from jepsenlite.disks import NodeDisks
-from jepsenlite.lazyfs import LazyFSError, cleared_count, config_toml, mounted_paths, unavailable_reason
+from jepsenlite.lazyfs import (
+    LazyFSError,
+    cleared_count,
+    config_toml,
+    mounted_paths,
+    unavailable_reason,
+    unsynced_reports,
+)
 from jepsenlite.nemesis import ALL_KINDS, KINDS, plan, power_victims
 from jepsenlite.runner import Topology, local_topology
 
@@ -76,6 +83,19 @@ def test_config_refuses_what_lazyfs_would_misread(fifo: str, log: str, cache_mb:
 ])
 def test_cleared_count(log: str, count: int) -> None:
     assert cleared_count(log) == count
+
+
+@pytest.mark.parametrize(("log", "totals"), [
+    ("", []),
+    ("[warning] [lazyfs.cmds]: report request submitted...\n[warning] [lazyfs.cmds]: report generated.\n", []),
+    ("[info] [lazyfs.cmds]: report: all data blocks are synced!\n", [0]),
+    ("[info] [lazyfs.cmds]: report: [inode 7] info: (block 0) to (block 1) [byte index 0 to index 5099]\n"
+     "[info] [lazyfs.cmds]: report: total number of bytes un-fsynced: 5110 bytes.\n\n"
+     "[info] [lazyfs.cmds]: report: all data blocks are synced!\n"
+     "[info] [lazyfs.cmds]: report: total number of bytes un-fsynced: 12 bytes.\n", [5110, 0, 12]),
+])
+def test_unsynced_reports(log: str, totals: list[int]) -> None:
+    assert unsynced_reports(log) == totals
 
 
 MOUNTINFO = """\
