@@ -148,6 +148,11 @@ def cli(ctx: click.Context, endpoints: str, output: str, token: str | None, time
               help="Private key of --tls-cert (PEM).")
 @click.option("--tls-client-ca", "tls_client_ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Require client certificates signed by this CA.")
+@click.option("--http-tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Serve the HTTP endpoints (--http) over TLS with this certificate chain (PEM): they take "
+                   "Bearer tokens.")
+@click.option("--http-tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Private key of --http-tls-cert (PEM).")
 @click.option("--dns", "dns_addr", default=None,
               help="Answer DNS for services (A, AAAA, SRV) on this HOST:PORT, UDP and TCP (docs/dns.md).")
 @click.option("--dns-domain", default="consul.", show_default=True, help="The DNS domain answered for.")
@@ -166,10 +171,10 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None, dns_addr: str | None, dns_domain: str, dns_ttl_s: int,
            dns_token_file: Path | None, consul_http_addrs: tuple[str, ...], unsafe_no_fsync: bool,
-           state_bytes_max: int | None) -> None:
+           state_bytes_max: int | None, http_tls_cert: Path | None, http_tls_key: Path | None) -> None:
     """Run one registry node in the foreground."""
     from registry.raft.incarnation import load_or_create
-    from registry.server.node import run_node, server_ssl_context
+    from registry.server.node import http_ssl_context, run_node, server_ssl_context
 
     key: str | None = None
     if cluster_key_file is not None:
@@ -210,6 +215,7 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         config = config.replace(watch_limits=limits, dns=_dns_settings(dns_addr, dns_domain, dns_ttl_s, dns_token_file))
         if state_bytes_max is not None:
             config = config.replace(state_bytes_max=state_bytes_max)
+        config = config.replace(http_tls_cert=http_tls_cert, http_tls_key=http_tls_key)
         if consul_http_addrs:
             config = config.replace(consul_http=tuple(parse_hostport(a, what="--consul-http")
                                                       for a in consul_http_addrs))
@@ -220,6 +226,10 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         server_ssl_context(config)  # load once here: a bad file is a usage error, not a traceback at bind time
     except OSError as err:  # a missing file, or ssl.SSLError (an OSError) for a bad PEM
         raise click.UsageError(f"cannot load TLS files (--tls-cert/--tls-key/--tls-client-ca): {err}") from None
+    try:
+        http_ssl_context(config)
+    except OSError as err:
+        raise click.UsageError(f"cannot load TLS files (--http-tls-cert/--http-tls-key): {err}") from None
     try:
         # The data directory's identity (made on first use); a corrupt one is a usage error, not a traceback.
         load_or_create(Path(config.data_dir))

@@ -176,6 +176,9 @@ class NodeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    #: HTTP endpoints (/metrics, JSON, Bearer tokens) over TLS: certificate chain and key.
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
     #: DNS for services (A, AAAA, SRV) on UDP and TCP; None: off.
     dns: DnsSettings | None = None
     #: Faults for tests (registry.failpoints); a node with any on refuses to start without ``dev``.
@@ -235,6 +238,8 @@ class NodeConfig:
             raise InvalidArgument("batch_bytes_max must be at least frame_bytes_max and at most 128 MiB")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgument("--tls-cert and --tls-key go together")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise InvalidArgument("--http-tls-cert and --http-tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key")
         if self.log_format not in ("text", "json"):

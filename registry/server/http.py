@@ -15,6 +15,7 @@ the two can never disagree; errors map to HTTP statuses by error code.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -146,10 +147,10 @@ class HTTPServer:
     async def _get_sd(self, request: web.Request) -> web.Response:
         return await self._call(request, "service_dump", {}, sd_targets)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
 
     async def stop(self) -> None:

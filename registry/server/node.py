@@ -93,7 +93,7 @@ class Node:
         self.leases.start()
         self._recorder.start()
         await self._server.start(config.api_host, config.api_port)
-        await self._http.start(config.http_host, config.http_port)
+        await self._http.start(config.http_host, config.http_port, ssl_context=http_ssl_context(config))
         self._dns = await start_dns(config.dns, self.holder, self.dns_stats, acl=config.acl)
         if self.consul is not None:
             await self.consul.start(config.consul_http)
@@ -359,6 +359,16 @@ def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
     if config.tls_client_ca is not None:
         ctx.load_verify_locations(str(config.tls_client_ca))
         ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def http_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
+    """TLS for the HTTP endpoints when --http-tls-cert is given: they accept Bearer tokens."""
+    if config.http_tls_cert is None or config.http_tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(config.http_tls_cert), str(config.http_tls_key))
     return ctx
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import ssl
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +144,29 @@ def test_the_agent_talks_to_the_registry_over_tls(tls_node: tuple[str, Path, Pat
         agent.kill()
         agent.wait()
         gc.collect()  # the half-open sockets of attempts before the node listened: closed under the filter
+
+
+def test_http_endpoints_serve_tls_with_their_own_certificate(tmp_path: Path) -> None:
+    # Issue #20, finding 6: the HTTP endpoints take Bearer tokens but could not serve TLS.
+    cert, key = make_cert(tmp_path, "http")
+    api, raft, http = free_ports(3)
+    with open(tmp_path / "node.log", "wb") as log:
+        proc = subprocess.Popen(
+            [regctl_executable(), "server", "--id", "t1", "--data-dir", str(tmp_path / "data"), "--raft",
+             f"127.0.0.1:{raft}", "--api", f"127.0.0.1:{api}", "--http", f"127.0.0.1:{http}", "--dev",
+             "--http-tls-cert", str(cert), "--http-tls-key", str(key)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        trusted = ssl.create_default_context(cafile=str(cert))
+
+        def metrics_over_tls() -> bool:
+            with urllib.request.urlopen(f"https://127.0.0.1:{http}/metrics", timeout=2, context=trusted) as r:
+                return b"regctl_revision" in r.read()
+
+        wait_until(metrics_over_tls, 20, "/metrics over TLS")
+        with pytest.raises(OSError):  # plaintext HTTP is not served on that port
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=2).read()
+    finally:
+        proc.kill()
+        proc.wait()
