@@ -6,7 +6,7 @@ the extension modules.  The compiled build and the pure one behave the same
 interpreter out of a write's ~20 small costs at once.
 
 * ``REGISTRY_NO_MYPYC=1`` builds the pure-Python package.
-* No C compiler (or no mypyc): the pure-Python package, with a note on stderr.
+* No C compiler, no Python headers or no mypyc: the pure-Python package, with a note on stderr.
 * ``pip install -e`` (editable): pure Python too, so edits take effect.
 * The ``.py`` sources ship beside the extensions either way.
 """
@@ -43,8 +43,10 @@ HOT_MODULES = [
 
 
 def _compiler_present() -> bool:
+    """A C compiler and Python's headers (Debian ships them apart, in python3-dev)."""
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return shutil.which(shlex.split(cc)[0]) is not None
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    return shutil.which(shlex.split(cc)[0]) is not None and os.path.exists(headers)
 
 
 def _editable() -> bool:
@@ -60,7 +62,7 @@ def _ext_modules() -> list[Any]:
         print("raft-registry: editable install, building the pure-Python package", file=sys.stderr)
         return []
     if not _compiler_present():
-        print("raft-registry: no C compiler found, building the pure-Python package", file=sys.stderr)
+        print("raft-registry: no C compiler or no Python.h, building the pure-Python package", file=sys.stderr)
         return []
     try:
         from mypyc.build import mypycify
