@@ -33,8 +33,8 @@ from typing import Any, cast
 
 import msgpack
 
-from registry.client.wrong_port import SILENT, what_answered, wrong_port_message
 from registry.client.calls import AsyncCalls, SyncCalls
+from registry.client.wrong_port import SILENT, what_answered, wrong_port_message
 from registry.config import parse_hostport
 from registry.errors import ProtocolError, RegistryError, Timeout, Unavailable
 from registry.fsm.model import LEASE_KEEPALIVE_IDS_MAX
@@ -114,6 +114,16 @@ def _for_caller(op: str, err: RegistryError) -> RegistryError:
     if op in _WRITES or not isinstance(err, Timeout) or "outcome unknown" not in err.message:
         return err
     return Timeout(f"{op} timed out: the node could not confirm it is up to date in time; retry", hint=err.hint)
+
+
+def _unknown_if(maybe_applied: bool, err: RegistryError) -> RegistryError:
+    """``err``, saying so when a write it ends had gone out on a connection that then broke."""
+    if not maybe_applied or not isinstance(err, ConnectionFailed):
+        return err
+    unknown = ConnectionFailed(f"{err.message}; the write was sent before the connection broke: outcome "
+                               "unknown (retrying it is safe: it carries a request id)", hint=err.hint)
+    unknown.nothing_listens, unknown.wrong_ports = err.nothing_listens, err.wrong_ports
+    return unknown
 
 
 class _Stream:
@@ -559,10 +569,12 @@ class Client(AsyncCalls):
         last: RegistryError | None = None
         #: Since when every endpoint has refused the connection (or is not an API port), or None.
         nothing_listens_since: float | None = None
+        #: A write that went out on a connection that then failed may have applied.
+        maybe_applied = False
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _for_caller(op, last or Timeout(f"{op} timed out"))
+                raise _unknown_if(maybe_applied, _for_caller(op, last or Timeout(f"{op} timed out")))
             conn: _Connection | None = None
             try:
                 live = self._conn
@@ -592,13 +604,14 @@ class Client(AsyncCalls):
                 last = err if isinstance(err, RegistryError) else ConnectionFailed(str(err))
                 if conn is not None:
                     self._drop(conn)
+                    maybe_applied = maybe_applied or op in _WRITES
                 if not retry:
-                    raise last from None
+                    raise _unknown_if(maybe_applied, last) from None
                 if isinstance(err, ConnectionFailed) and err.nothing_listens:
                     now = time.monotonic()
                     nothing_listens_since = nothing_listens_since or now
                     if now - nothing_listens_since >= self.refused_grace_s:
-                        raise last from None
+                        raise _unknown_if(maybe_applied, last) from None
                 else:
                     nothing_listens_since = None
                 await asyncio.sleep(min(backoff_s, max(0.0, deadline - time.monotonic())))

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from registry.client import Client
+from registry.client import Client, ConnectionFailed
 from registry.errors import Timeout
 from registry.protocol import (
     PROTOCOL_VERSION,
@@ -188,3 +188,21 @@ async def test_many_requests_in_flight_each_get_their_own_answer() -> None:
     async with scripted(lambda req: {"echo": req.args["n"]}, timeout_s=5.0) as (_, client):
         results = await asyncio.gather(*(client.call("echo", {"n": i}) for i in range(500)))
         assert [body["echo"] for _, body in results] == list(range(500))
+
+
+@_run
+async def test_a_write_sent_before_every_node_went_away_says_its_outcome_is_unknown() -> None:
+    async with scripted(lambda req: None, timeout_s=30.0, probe_after_s=10.0) as (node, client):
+        call = asyncio.ensure_future(client.call("register", {"name": "web"}))
+        await _until(lambda: bool(node.requests))  # the write reached the node
+        await node.stop()  # its connection breaks and its port refuses from now on
+        began = time.monotonic()
+        with pytest.raises(ConnectionFailed, match="no node listens there; the write was sent before the "
+                                                   "connection broke: outcome unknown"):
+            await call
+        # Nothing listens: no waiting for the 30 s deadline (the bound only says it did not).
+        assert time.monotonic() - began < 15.0
+        # A read in the same situation has no outcome to be unknown.
+        with pytest.raises(ConnectionFailed) as refused:
+            await client.call("service_get", {"name": "web"})
+        assert "outcome unknown" not in refused.value.message
