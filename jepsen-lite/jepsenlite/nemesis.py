@@ -230,8 +230,14 @@ class Nemesis:
         elif fault.kind == "power":
             victims = power_victims(fault.target, self._node_ids(), fault.pick)
             window["nodes"] = victims
+            cut = asyncio.ensure_future(asyncio.to_thread(cluster.power_off, victims))
             try:
-                window["unsynced_bytes"] = await asyncio.to_thread(cluster.power_off, victims)
+                window["unsynced_bytes"] = await asyncio.shield(cut)
+            except asyncio.CancelledError:
+                # Finish the cut before anyone (heal_all) restarts these nodes: a clear under a running node
+                # would take bytes it is about to fsync, and the run would blame the registry.
+                await asyncio.wait({cut})
+                raise
             except RuntimeError as err:
                 # The nodes are down but maybe with their unsynced data: the run did not test what it says.
                 window["error"] = str(err)
