@@ -58,7 +58,9 @@ __all__ = [
     "clear_cache",
     "cleared_count",
     "config_toml",
+    "lazyfs_mount_points",
     "mounted_paths",
+    "remove_dead_mounts",
     "unavailable_reason",
     "unsynced_bytes",
     "unsynced_reports",
@@ -179,6 +181,36 @@ def mounted_paths(mountinfo: str) -> set[str]:
         if len(fields) > 4:
             paths.add(_unescape_mountinfo(fields[4]))
     return paths
+
+
+def lazyfs_mount_points(mountinfo: str) -> list[str]:
+    """Mount points of LazyFS file systems (type ``fuse.lazyfs``) in a mountinfo text.  Pure."""
+    points = []
+    for line in mountinfo.splitlines():
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split(" ")
+        if len(parts) > 4 and rest.split(" ")[0] == "fuse.lazyfs":
+            points.append(_unescape_mountinfo(parts[4]))
+    return points
+
+
+def remove_dead_mounts() -> list[str]:
+    """Detach LazyFS mounts whose LazyFS is gone (a run killed with kill -9); return their mount points.
+
+    Such a mount answers every access with ENOTCONN and keeps its folder from
+    being removed.  Live mounts (of runs still going) are left alone.
+    """
+    removed = []
+    for point in lazyfs_mount_points(_read_text(Path("/proc/self/mountinfo"))):
+        try:
+            os.stat(point)
+            continue
+        except OSError as err:
+            if err.errno != errno.ENOTCONN:
+                continue
+        subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, timeout=UNMOUNT_DEADLINE_S)
+        removed.append(point)
+    return removed
 
 
 def _is_mounted(path: Path) -> bool:

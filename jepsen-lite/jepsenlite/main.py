@@ -24,7 +24,7 @@ from .compose import ComposeProject
 from .compose import check_usable as compose_check_usable
 from .disks import NodeDisks
 from .history import pair, read_jsonl
-from .lazyfs import LAZYFS_BIN_DEFAULT, LazyFSError, why_lazyfs_unavailable
+from .lazyfs import LAZYFS_BIN_DEFAULT, LazyFSError, remove_dead_mounts, why_lazyfs_unavailable
 from .nemesis import ALL_KINDS, KINDS, plan
 from .report import count_ops, latency_summary, unavailability, write_html, write_results, write_summary, write_timeline
 from .runner import NetnsNetwork, Topology, faketime_library, iptables_available, local_topology, write_json
@@ -269,6 +269,9 @@ def _main(args: argparse.Namespace) -> int:
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if disks is not None else None
     try:
         if disks is not None:
+            dead = remove_dead_mounts()
+            if dead:
+                print(f"detached {len(dead)} LazyFS mount(s) of earlier runs whose LazyFS was gone", file=sys.stderr)
             disks.mount_all()
         if args.target == "local":
             spec.topology = local_topology(cluster_root, args.nodes, spares)

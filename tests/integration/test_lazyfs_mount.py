@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from jepsenlite.lazyfs import (
     LazyFSMount,
     clear_cache,
     cleared_count,
+    remove_dead_mounts,
     why_lazyfs_unavailable,
 )
 
@@ -138,3 +140,20 @@ def test_mounting_twice_is_refused(mount: LazyFSMount) -> None:
         other.mount()
     assert mount.mounted
     assert os.listdir(mount.mnt) == []
+
+
+def test_mounts_of_a_killed_lazyfs_are_detached_and_live_ones_kept(tmp_path: Path, mount: LazyFSMount) -> None:
+    dead = LazyFSMount(tmp_path / "dead", cache_mb=16)
+    dead.mount()
+    try:
+        assert dead._proc is not None
+        dead._proc.kill()  # what a runner killed with kill -9 leaves: a mount nobody serves
+        dead._proc.wait()
+        with pytest.raises(OSError) as err:
+            os.stat(dead.mnt)
+        assert err.value.errno == errno.ENOTCONN
+        assert str(dead.mnt) in remove_dead_mounts()
+        assert not dead.mounted
+        assert mount.mounted and str(mount.mnt) not in remove_dead_mounts()
+    finally:
+        dead.unmount()

@@ -17,6 +17,7 @@ from jepsenlite.lazyfs import (
     LazyFSError,
     cleared_count,
     config_toml,
+    lazyfs_mount_points,
     mounted_paths,
     unavailable_reason,
     unsynced_reports,
@@ -104,6 +105,11 @@ MOUNTINFO = """\
 99 22 0:46 / /tmp/back\\134slash rw - fuse.lazyfs lazyfs rw
 100 22 0:47 / /tmp/not\\99octal rw - tmpfs tmpfs rw
 """
+
+
+def test_lazyfs_mount_points_are_the_fuse_lazyfs_ones() -> None:
+    assert lazyfs_mount_points(MOUNTINFO) == ["/tmp/run 1/n1/mnt", "/tmp/back\\slash"]
+    assert lazyfs_mount_points("") == []
 
 
 def test_mounted_paths_unescapes_the_kernels_octal() -> None:
