@@ -10,7 +10,6 @@ shows this test can fail.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import subprocess
@@ -21,25 +20,12 @@ from typing import Any
 
 import pytest
 
-from registry.config import NodeConfig
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jepsen-lite"))
 
 from jepsenlite.lazyfs import LAZYFS_BIN_DEFAULT, mounted_paths, why_lazyfs_unavailable
 
-
-def _why_skip() -> str | None:
-    why = why_lazyfs_unavailable(LAZYFS_BIN_DEFAULT)
-    if why is not None:
-        return f"LazyFS: {why}"
-    if "unsafe_no_fsync" not in {f.name for f in dataclasses.fields(NodeConfig)}:
-        # pysyncobj's mmap journal cannot run on LazyFS (direct_io: mmap fails with ENODEV).
-        return "nodes need the fsynced Raft log (registry/raft/log.py, --unsafe-no-fsync) to run on LazyFS"
-    return None
-
-
-REASON = _why_skip()
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
+REASON = why_lazyfs_unavailable(LAZYFS_BIN_DEFAULT)
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=f"LazyFS: {REASON}")]
 
 RUN = Path(__file__).resolve().parents[2] / "jepsen-lite" / "run"
 #: After an interrupt, how long a run gets to stop its nodes and unmount.
