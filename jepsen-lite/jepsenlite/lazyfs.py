@@ -20,10 +20,11 @@ machine, see ``shared/tools/lazyfs/README.md``):
   later by another process (``clear_cache``) is still read.
 * LazyFS reads at most 100 bytes per ``read`` and takes the whole read as
   one command, so two commands written back to back can arrive glued
-  together and be ignored.  ``clear_cache`` therefore sends one command and
-  waits, with a deadline, until LazyFS's log says the cache is cleared,
-  before anyone sends the next.  (LazyFS's "completed" FIFO would say so
-  too, but it blocks LazyFS until someone reads it: not used.)
+  together and be ignored.  So each command (``clear_cache``,
+  ``unsynced_bytes``) is sent alone, and its sender waits, with a deadline,
+  until LazyFS's log shows the answer before anyone sends the next.
+  (LazyFS's "completed" FIFO would say when a clear is done too, but it
+  blocks LazyFS until someone reads it: not used.)
 * The config file is named relative to LazyFS's working directory: LazyFS
   ignores a ``--config-path`` that contains ``-o`` anywhere, in any case
   (it takes it for the next option), and pytest's folders are named
