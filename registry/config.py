@@ -122,6 +122,47 @@ class RaftTiming:
 
 
 @dataclass(frozen=True, slots=True)
+class RaftWireLimits:
+    """Bounds on what the Raft port accepts from a connection (enforced in ``registry/raft/tcp.py``)."""
+
+    #: Largest frame before the connection's first authenticated message: the
+    #: handshake is a 32-byte random key and a Raft address (255 bytes at most)
+    #: inside the cipher's ~300-byte header.
+    handshake_message_bytes_max: int = 4096
+    #: Largest frame after it: one AppendEntries carries at least one whole log
+    #: entry, and an entry is one proposer batch (``NodeConfig.batch_bytes_max``).
+    message_bytes_max: int = 256 << 20
+    #: A connection that has not authenticated by then is closed (a slow drip
+    #: keeps pysyncobj's idle timer alive forever).
+    handshake_deadline_s: float = 5.0
+    #: Accepted connections still in their handshake, at most; the oldest is
+    #: closed to make room, so a flood delays a peer's reconnect by at most
+    #: its own handshake's round trip.
+    unauthenticated_connections_max: int = 64
+    #: Bytes read from one connection per poller event, so one fast sender
+    #: cannot keep the Raft thread in its read loop (the poller is level-
+    #: triggered: what is left is read on the next pass).
+    read_bytes_per_event_max: int = 4 << 20
+    #: After an accept error such as EMFILE the listener stops polling this long
+    #: (a level-triggered poller would otherwise spin on it), then resumes.
+    accept_pause_s: float = 0.2
+
+    def validate(self) -> None:
+        if not 512 <= self.handshake_message_bytes_max <= 1 << 20:
+            raise InvalidArgument("handshake_message_bytes_max must be 512 B..1 MiB")
+        if not self.handshake_message_bytes_max <= self.message_bytes_max <= (1 << 31) - 1:
+            raise InvalidArgument("message_bytes_max must be at least handshake_message_bytes_max and under 2 GiB")
+        if not 0 < self.handshake_deadline_s <= 60:
+            raise InvalidArgument("handshake_deadline_s must be in (0, 60]")
+        if not 1 <= self.unauthenticated_connections_max <= 10_000:
+            raise InvalidArgument("unauthenticated_connections_max must be 1..10000")
+        if not 64 << 10 <= self.read_bytes_per_event_max <= 256 << 20:
+            raise InvalidArgument("read_bytes_per_event_max must be 64 KiB..256 MiB")
+        if not 0 < self.accept_pause_s <= 10:
+            raise InvalidArgument("accept_pause_s must be in (0, 10]")
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     node_id: str
     data_dir: Path
@@ -141,6 +182,8 @@ class NodeConfig:
     peer_apis: tuple[tuple[str, str], ...] = ()
     dev: bool = False
     raft: RaftTiming = field(default_factory=RaftTiming)
+    #: What the Raft port accepts from a connection before and after it authenticates.
+    raft_wire: RaftWireLimits = field(default_factory=RaftWireLimits)
     #: Group commit: at most this many commands in one Raft entry, and at most
     #: this many entries in flight; the next batch forms while these commit.
     batch_commands_max: int = 2048
@@ -181,7 +224,7 @@ class NodeConfig:
     http_tls_key: Path | None = None
     #: DNS for services (A, AAAA, SRV) on UDP and TCP; None: off.
     dns: DnsSettings | None = None
-    #: Faults for tests (registry.failpoints); a node with any on refuses to start without ``dev``.
+    #: Faults for tests (registry.failpoints); a node with any on says so loudly at start and in its status.
     failpoints: Failpoints = field(default_factory=Failpoints)
     #: ``--unsafe-no-fsync``: the Raft log is written but never fsynced, so a power loss can lose
     #: acknowledged writes (registry/raft/log.py).  For tests and benchmarks only; every default is durable.
@@ -189,6 +232,7 @@ class NodeConfig:
 
     def validate(self) -> None:
         self.raft.validate()
+        self.raft_wire.validate()
         self.watch_limits.validate()
         if not self.node_id or len(self.node_id) > 64:
             raise InvalidArgument("node id must be 1..64 characters")
@@ -212,8 +256,6 @@ class NodeConfig:
                 "a cluster key is required (--cluster-key-file or REGCTL_CLUSTER_KEY); "
                 "only --dev runs without one, and then anyone who can reach the Raft port can run code"
             )
-        if self.failpoints.active and not self.dev:
-            raise InvalidArgument(f"failpoints {', '.join(self.failpoints.active)} are for tests and need --dev")
         if self.cluster_key is not None and len(self.cluster_key) < 16:
             raise InvalidArgument("cluster key must be at least 16 characters")
         if self.request_timeout_s <= self.raft.election_timeout_max_s:
@@ -236,6 +278,9 @@ class NodeConfig:
             raise InvalidArgument("hello_bytes_max must be at least 1 KiB and at most frame_bytes_max")
         if not self.frame_bytes_max <= self.batch_bytes_max <= 128 << 20:
             raise InvalidArgument("batch_bytes_max must be at least frame_bytes_max and at most 128 MiB")
+        if self.batch_bytes_max + (1 << 20) > self.raft_wire.message_bytes_max:
+            # An entry travels in one Raft message with its framing and the cipher's header.
+            raise InvalidArgument("raft_wire.message_bytes_max must exceed batch_bytes_max by at least 1 MiB")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgument("--tls-cert and --tls-key go together")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):

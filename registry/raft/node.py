@@ -267,6 +267,8 @@ class _SyncObjCore(SyncObj):  # type: ignore[misc]
         # sender's identity (under a well-known key: authenticates nothing).
         self._cipher = RaftCipher(config.cluster_key or DEV_MODE_KEY, config.raft_addr, incarnation,
                                   guard.check if guard is not None else None)
+        #: What the Raft port accepts (read by RaftTransport, which pysyncobj builds in SyncObj.__init__).
+        self.wire_limits = config.raft_wire
         self._listeners: list[Listener] = []
         self._on_restore: list[Callable[[], None]] = []
         #: See _onTick: AppendEntries rounds asked for during a tick, sent once at its end.

@@ -43,7 +43,6 @@ import socket
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pysyncobj import pickle as raft_pickle
@@ -53,7 +52,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 from pysyncobj.tcp_server import TcpServer
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
-from registry.errors import InvalidArgument
+from registry.config import RaftWireLimits
 
 __all__ = ["RaftWireLimits", "FrameRefused", "frame_length", "accept_error_action", "GuardedTcpConnection",
            "GuardedTcpServer", "WireCounters"]
@@ -65,47 +64,6 @@ log = logging.getLogger("registry.raft.tcp")
 
 #: pysyncobj's frame prefix: a native signed 32-bit length (``struct.pack('i', ...)``).
 _PREFIX = struct.Struct("i")
-
-
-@dataclass(frozen=True, slots=True)
-class RaftWireLimits:
-    """Bounds on what the Raft port accepts from a connection."""
-
-    #: Largest frame before the connection's first authenticated message: the
-    #: handshake is a 32-byte random key and a Raft address (255 bytes at most)
-    #: inside the cipher's ~300-byte header.
-    handshake_message_bytes_max: int = 4096
-    #: Largest frame after it: one AppendEntries carries at least one whole log
-    #: entry, and an entry is one proposer batch (``NodeConfig.batch_bytes_max``).
-    message_bytes_max: int = 256 << 20
-    #: A connection that has not authenticated by then is closed (a slow drip
-    #: keeps pysyncobj's idle timer alive forever).
-    handshake_deadline_s: float = 5.0
-    #: Accepted connections still in their handshake, at most; the oldest is
-    #: closed to make room, so a flood delays a peer's reconnect by at most
-    #: its own handshake's round trip.
-    unauthenticated_connections_max: int = 64
-    #: Bytes read from one connection per poller event, so one fast sender
-    #: cannot keep the Raft thread in its read loop (the poller is level-
-    #: triggered: what is left is read on the next pass).
-    read_bytes_per_event_max: int = 4 << 20
-    #: After an accept error such as EMFILE the listener stops polling this long
-    #: (a level-triggered poller would otherwise spin on it), then resumes.
-    accept_pause_s: float = 0.2
-
-    def validate(self) -> None:
-        if not 512 <= self.handshake_message_bytes_max <= 1 << 20:
-            raise InvalidArgument("handshake_message_bytes_max must be 512 B..1 MiB")
-        if not self.handshake_message_bytes_max <= self.message_bytes_max <= (1 << 31) - 1:
-            raise InvalidArgument("message_bytes_max must be at least handshake_message_bytes_max and under 2 GiB")
-        if not 0 < self.handshake_deadline_s <= 60:
-            raise InvalidArgument("handshake_deadline_s must be in (0, 60]")
-        if not 1 <= self.unauthenticated_connections_max <= 10_000:
-            raise InvalidArgument("unauthenticated_connections_max must be 1..10000")
-        if not 64 << 10 <= self.read_bytes_per_event_max <= 256 << 20:
-            raise InvalidArgument("read_bytes_per_event_max must be 64 KiB..256 MiB")
-        if not 0 < self.accept_pause_s <= 10:
-            raise InvalidArgument("accept_pause_s must be in (0, 10]")
 
 
 class FrameRefused(Exception):

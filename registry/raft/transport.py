@@ -14,8 +14,8 @@ from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
-from registry.config import parse_hostport
-from registry.raft.tcp import GuardedTcpConnection, GuardedTcpServer, RaftWireLimits, WireCounters
+from registry.config import RaftWireLimits, parse_hostport
+from registry.raft.tcp import GuardedTcpConnection, GuardedTcpServer, WireCounters
 
 __all__ = ["RaftTransport", "zlib_stored"]
 
@@ -68,8 +68,10 @@ class RaftTransport(TCPTransport):  # type: ignore[misc]
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         # Set before TCPTransport.__init__, which creates the listener and the outgoing connections.
-        # The defaults: no flag sets them yet (pysyncobj builds the transport, so they would come via the node).
-        self.wire_limits = RaftWireLimits()
+        # pysyncobj builds the transport itself, so the node's limits (NodeConfig.raft_wire) come
+        # through the node; the defaults when it has none (a bare SyncObj in a test).
+        limits = getattr(syncObj, "wire_limits", None)
+        self.wire_limits = limits if isinstance(limits, RaftWireLimits) else RaftWireLimits()
         self.wire_counters = WireCounters()
         super().__init__(syncObj, selfNode, otherNodes)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import struct
+from pathlib import Path
 
 import pytest
 
+from registry.config import NodeConfig
 from registry.errors import InvalidArgument
 from registry.raft.tcp import (
     ACCEPT_PAUSE,
@@ -94,3 +96,24 @@ def test_limits_validate(changes: dict[str, float], ok: bool) -> None:
     else:
         with pytest.raises(InvalidArgument):
             limits.validate()
+
+
+@pytest.mark.parametrize(
+    ("batch_bytes_max", "message_bytes_max", "ok"),
+    [
+        (16 << 20, 256 << 20, True),
+        (16 << 20, 17 << 20, True),
+        (16 << 20, (17 << 20) - 1, False),  # an entry plus its framing must fit one message
+        (128 << 20, 128 << 20, False),
+    ],
+)
+def test_node_config_keeps_an_entry_inside_one_raft_message(batch_bytes_max: int, message_bytes_max: int,
+                                                            ok: bool) -> None:
+    config = NodeConfig(node_id="n1", data_dir=Path("/nonexistent"), raft_addr="127.0.0.1:7101", peers=(),
+                        dev=True, batch_bytes_max=batch_bytes_max,
+                        raft_wire=RaftWireLimits(message_bytes_max=message_bytes_max))
+    if ok:
+        config.validate()
+    else:
+        with pytest.raises(InvalidArgument, match="message_bytes_max"):
+            config.validate()
