@@ -2,8 +2,11 @@
 
 They are read once, at the edge (``regctl server`` reads ``REGCTL_FAILPOINTS``),
 into one frozen value passed down in ``NodeConfig``; nothing below the CLI
-reads the environment.  A node refuses to start with any failpoint on unless
-it runs with ``--dev``, so a production node can never be talked into one.
+reads the environment.  Only whoever starts the node process sets them, and
+a node with any on logs a warning at start and lists them in its status
+(``regctl status -o json``: ``failpoints``), so one cannot go unnoticed.
+They do not need ``--dev``: jepsen-lite runs them on network namespaces,
+where ``--dev`` (loopback only) cannot go.
 
 ``REGCTL_FAILPOINTS`` is a comma-separated list of names:
 

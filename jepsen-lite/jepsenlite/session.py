@@ -229,9 +229,8 @@ async def run_session(spec: SessionSpec) -> dict[str, Any]:
     recorder = Recorder()
     cluster = make_cluster(spec.topology, faketime_lib=spec.faketime_lib)
     if spec.unsafe == "local-reads":
-        # registry.failpoints: a node refuses any failpoint unless started with --dev.
+        # registry.failpoints, read by regctl server at start (loudly logged and shown in its status).
         cluster.node_env["REGCTL_FAILPOINTS"] = "unsafe-local-reads"
-        cluster.node_args.append("--dev")
     elif spec.unsafe == "no-fsync":
         # Everything is written, nothing is fsynced: a power cut (--nemesis power) loses acknowledged writes.
         cluster.node_args.append("--unsafe-no-fsync")

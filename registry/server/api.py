@@ -175,7 +175,7 @@ class RegistryAPI:
         self._timeout_s = request_timeout_s
         #: Extra live numbers for status (requests, leases, watchers), set by the node.
         self.extra_status: Callable[[], dict[str, Any]] = dict
-        #: Testing only (the unsafe-local-reads failpoint, registry.failpoints; needs --dev): no read barrier.
+        #: Testing only (the unsafe-local-reads failpoint, registry.failpoints): no read barrier.
         self.unsafe_local_reads = False
         #: op -> (read function, allowed argument names) of the built-in reads.
         self._read_fns: dict[str, tuple[ReadFn, set[str]]] = {

@@ -127,6 +127,8 @@ class Node:
             "watchers": self.watches.hub.watchers,
             "pending_proposals": self._proposer.pending,
             "incarnation": self.incarnation,
+            # Faults switched on for tests (registry.failpoints): never silent.
+            "failpoints": self.config.failpoints.active,
             # Whether this node's applied state records this data directory for its Raft address: false on a
             # new member until the leader records it, and on a wiped node its peers refuse.
             "incarnation_recorded": self.holder.state.identity(self.config.raft_addr) == self.incarnation,
@@ -286,9 +288,12 @@ def build_node(config: NodeConfig) -> Node:
         return _leader_api(config, raft, holder)
 
     api = RegistryAPI(info, holder, raft, proposer, waiters, config.request_timeout_s)
+    if config.failpoints.active:
+        log.warning("UNSAFE: failpoints on (%s): this node misbehaves on purpose, for tests only",
+                    ", ".join(config.failpoints.active))
     if config.failpoints.unsafe_local_reads:
         log.warning("UNSAFE: linearizable reads are served locally without the read barrier (failpoint "
-                    "unsafe-local-reads, dev mode); only for jepsen-lite's self-test")
+                    "unsafe-local-reads); only for jepsen-lite's self-test")
         api.unsafe_local_reads = True
     # A cut-off leader answers keepalives until it steps down (leader
     # fallback) plus a heartbeat; a new leader's countdowns start that late.
