@@ -165,12 +165,37 @@ def _exit_on_log_failure(exc: LogWriteFailed) -> None:
     os._exit(EXIT_LOG_FAILED)
 
 
+#: Exit status of a node whose state machine raised something other than a RegistryError (EX_SOFTWARE).
+EXIT_APPLY_BUG = 70
+
+
+def _stop_on_apply_bug(command: Any, exc: BaseException) -> None:
+    """Stop the process: a replica that skips a command it could not apply has diverged from the others.
+
+    ``apply`` is deterministic, so a registry error (a refused command) is an
+    outcome every replica reaches; anything else is a bug in this process
+    (or a half-deployed upgrade) and continuing would serve a state no other
+    replica has.  So the node stops, loudly, as etcd panics; restarted, it
+    replays the same entry and stops again until the bug is fixed.
+    """
+    op = command.get("op") if isinstance(command, dict) else None
+    log.critical("state machine bug applying op=%r rid=%r: %s: %s; stopping this node rather than diverge "
+                 "from its peers", op, command.get("rid") if isinstance(command, dict) else None,
+                 type(exc).__name__, exc, exc_info=exc)
+    logging.shutdown()
+    os._exit(EXIT_APPLY_BUG)
+
+
 def apply_entry(holder: StateHolder, batch: bytes, entry_term_of: Callable[[], int],
-                listeners: Sequence[Listener]) -> BatchOutcome:
+                listeners: Sequence[Listener],
+                on_bug: Callable[[Any, BaseException], None] = _stop_on_apply_bug) -> BatchOutcome:
     """Apply one Raft entry (a msgpack list of commands) to the state, then tell ``listeners``.
 
     ``entry_term_of``: the term of the entry being applied, asked only if a
-    command needs it (lease expiries).  Runs in the Raft thread.
+    command needs it (lease expiries).  ``on_bug``: called with the command
+    and the error if the state machine raises anything but a RegistryError
+    (the default stops the process, see ``_stop_on_apply_bug``).  Runs in the
+    Raft thread.
     """
     try:
         commands = msgpack.unpackb(batch, raw=False)
@@ -197,7 +222,8 @@ def apply_entry(holder: StateHolder, batch: bytes, entry_term_of: Callable[[], i
                 outcomes.append((False, err.code, err.message))
                 continue
             except Exception as err:
-                log.exception("state machine raised a non-registry error")
+                on_bug(command, err)
+                # Only a test's on_bug returns: answer the command as failed and go on.
                 outcomes.append((False, Internal.code, f"internal error: {type(err).__name__}"))
                 continue
             outcomes.append((True, applied.result))
