@@ -66,8 +66,13 @@ _PW_HASH_RE: Final = re.compile(r"scrypt\$[0-9]+\$[0-9]+\$[0-9]+\$[0-9a-f]{32}\$
 
 
 def hash_secret(secret: str) -> str:
-    """The stored form of a token secret: secrets are 32 random bytes, so a fast hash is right."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    """The stored form of a token secret: secrets are 32 random bytes, so a fast hash is right.
+
+    Any ``str`` hashes, even one with lone surrogates: aiohttp hands over a header's
+    undecodable bytes as surrogates, and a Bearer token of them must be refused as unknown
+    (401), not crash the request (500; found by tests/fuzz/test_fuzz_http.py).
+    """
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # -- command field checks (signature ``(field, value) -> value`` like registry.fsm.model) ----------
