@@ -3,12 +3,13 @@
     python -m bench.compare [--quick] [--out DIR] [--duration S] [--repeats N] [--workloads register:256,watch:1000]
     python -m bench.compare --scale [--quick]     # the scale runs (scale.py)
 
-Starts a three-node cluster of ours (``localcluster``) with ``--unsafe-no-fsync``, a three-node etcd
-cluster with its data on tmpfs (fsync costs nothing there, as with our unfsynced log: like with like)
-and, for the write workloads, a second etcd cluster with its data on disk (etcd's default durability,
-an fsync per WAL batch).  Then, for every workload, runs the same driver (``loadgen.py``; ``watch.py`` for
-watches) against each system in turn, alternating which goes first, for the same duration and
-``--repeats`` times, and reports medians and ratios ours/etcd (etcd = the tmpfs cluster).
+Two pairs, each like with like.  The headline: three nodes of ours with their default durability (the
+Raft log fsynced before anything relies on it) against three etcd members with their data on disk (etcd's
+default: an fsync per WAL batch).  The second: ours with ``--unsafe-no-fsync`` against etcd with its data
+on tmpfs (where an fsync costs nothing).  For every workload the same driver (``loadgen.py``; ``watch.py``
+for watches) runs against each system in turn, alternating the order, for the same duration and
+``--repeats`` times; the report gives medians and, per pair, ratios ours/etcd.  ``--pairs durable`` or
+``--pairs unsafe`` runs one pair only.
 
 Writes DIR/results.json, DIR/results.md, DIR/throughput.png and DIR/latency.png (default
 ``bench/results/compare-<timestamp>``).  Everything runs on 127.0.0.1; every process started here is
@@ -39,16 +40,19 @@ from registry.raft import PYSYNCOBJ_VERSION
 
 BENCH_DIR = Path(__file__).resolve().parent
 
-SYSTEMS = ("ours", "etcd", "etcd_disk")
-LABELS = {"ours": "raft-registry", "etcd": "etcd (tmpfs)", "etcd_disk": "etcd (disk, fsync)"}
+SYSTEMS = ("ours", "etcd_disk", "ours_nofsync", "etcd")
+LABELS = {"ours": "raft-registry", "etcd_disk": "etcd (disk)", "ours_nofsync": "raft-registry --unsafe-no-fsync",
+          "etcd": "etcd (tmpfs)"}
+#: (ours, etcd) of each pair: the headline compares durable with durable, the second unfsynced with tmpfs.
+PAIRS = {"durable": ("ours", "etcd_disk"), "unsafe": ("ours_nofsync", "etcd")}
 DURABILITY = {
-    # Like with like: etcd's fsyncs are free on tmpfs, so ours runs without them.
-    "ours": run.durability(fsync=False),
-    "etcd": "etcd WAL and bbolt on tmpfs (/dev/shm): etcd fsyncs as usual, but an fsync on tmpfs is free, so "
-            "like ours an acknowledged write survives kill -9 of every member, not a power loss. etcd 3.4 has no "
-            "--unsafe-no-fsync; tmpfs is the like-for-like mode, and the ratios use it.",
+    "ours": run.durability(fsync=True),
     "etcd_disk": "etcd with its default durability: data dirs on the disk, WAL fsynced before a write is "
-                 "acknowledged (survives power loss). Shown for the write workloads, for reference.",
+                 "acknowledged (survives power loss).",
+    "ours_nofsync": run.durability(fsync=False),
+    "etcd": "etcd WAL and bbolt on tmpfs (/dev/shm): etcd fsyncs as usual, but an fsync on tmpfs is free, so "
+            "like ours without fsync an acknowledged write survives kill -9 of every member, not a power loss "
+            "(etcd 3.4 has no --unsafe-no-fsync).",
 }
 
 DEFAULT_PLAN: list[tuple[str, int]] = [
@@ -60,22 +64,27 @@ DEFAULT_PLAN: list[tuple[str, int]] = [
     ("watch", 100),
     ("watch", 1000),
 ]
-#: Workloads etcd-on-disk runs too: the ones whose cost is a write (an fsync) per op.
-DISK_WORKLOADS = {"register"}
-
-#: Issue 10's targets, on ratios ours/etcd: (ratio key, "<=" or ">=", value).
-TARGETS: dict[tuple[str, int], tuple[str, str, float]] = {
-    ("register", 256): ("ops_ratio", ">=", 3.0),
-    ("register", 16): ("p99_ratio", "<=", 1.0),
-    ("get_linearizable", 256): ("ops_ratio", ">=", 3.0),
-    ("lease_keepalive", 256): ("ops_ratio", ">=", 5.0),
-    ("watch", 1000): ("ops_ratio", ">=", 3.0),
+#: Targets on each pair's ratios ours/etcd: (ratio key, "<=" or ">=", value).  Durable: issue 18's;
+#: unsafe: issue 10's.
+TARGETS: dict[str, dict[tuple[str, int], tuple[str, str, float]]] = {
+    "durable": {
+        ("register", 256): ("ops_ratio", ">=", 3.0),
+        ("register", 1): ("p50_ratio", "<=", 1.0),
+        ("register", 16): ("p99_ratio", "<=", 1.0),
+    },
+    "unsafe": {
+        ("register", 256): ("ops_ratio", ">=", 3.0),
+        ("register", 16): ("p99_ratio", "<=", 1.0),
+        ("get_linearizable", 256): ("ops_ratio", ">=", 3.0),
+        ("lease_keepalive", 256): ("ops_ratio", ">=", 5.0),
+        ("watch", 1000): ("ops_ratio", ">=", 3.0),
+    },
 }
 
 WATCH_WRITERS = 64
 WATCH_DRAIN_S = 2.0
 _KEYS = ("ops_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_ms_per_op", "server_cores", "driver_cores", "other_cores",
-         "writes_per_s", "delivered_fraction")
+         "writes_per_s", "delivered_fraction", "fsyncs_per_s", "ops_per_fsync")
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -110,16 +119,17 @@ def _os_name() -> str:
     return platform.system()
 
 
-def seed_reads(ours: BenchCluster, etcds: list[EtcdCluster]) -> None:
+def seed_reads(ours: list[BenchCluster], etcds: list[EtcdCluster]) -> None:
     """The 3-instance service the read workload gets, on every system."""
-    with SyncClient(ours.endpoints, timeout_s=10.0) as client:
-        for i in range(3):
-            client.register(READ_SERVICE, f"r{i}", "10.0.0.2", 9000 + i, meta={"zone": "a"}, tags=["bench"])
-    for cluster in etcds:
+    for cluster in ours:
+        with SyncClient(cluster.endpoints, timeout_s=10.0) as client:
+            for i in range(3):
+                client.register(READ_SERVICE, f"r{i}", "10.0.0.2", 9000 + i, meta={"zone": "a"}, tags=["bench"])
+    for etcd in etcds:
         for i in range(3):
             record = {"service": READ_SERVICE, "id": f"r{i}", "address": "10.0.0.2", "port": 9000 + i,
                       "meta": {"zone": "a"}, "tags": ["bench"], "status": "passing"}
-            cluster.post(cluster.endpoints[0], "/v3/kv/put",
+            etcd.post(etcd.endpoints[0], "/v3/kv/put",
                          {"key": etcdload.b64(etcdload.READ_PREFIX + f"r{i}".encode()),
                           "value": etcdload.b64(json.dumps(record).encode())})
 
@@ -161,14 +171,17 @@ def summarize(workload: str, num: int, runs: dict[str, list[dict[str, Any]]]) ->
     for system, rs in runs.items():
         if rs:
             row[system] = medians(rs)
-    ours, etcd = row.get("ours", {}), row.get("etcd", {})
-    row["ops_ratio"] = _ratio(ours.get("ops_per_s"), etcd.get("ops_per_s"))
-    row["p50_ratio"] = _ratio(ours.get("p50_ms"), etcd.get("p50_ms"))
-    row["p99_ratio"] = _ratio(ours.get("p99_ms"), etcd.get("p99_ms"))
-    if "etcd_disk" in row:
-        row["ops_ratio_vs_disk"] = _ratio(ours.get("ops_per_s"), row["etcd_disk"].get("ops_per_s"))
-        row["p99_ratio_vs_disk"] = _ratio(ours.get("p99_ms"), row["etcd_disk"].get("p99_ms"))
-    run.mark_target(row, TARGETS.get((workload, num)))
+    for pair, (ours_name, etcd_name) in PAIRS.items():
+        ours, etcd = row.get(ours_name), row.get(etcd_name)
+        if ours is None or etcd is None:
+            continue
+        ratios: dict[str, Any] = {
+            "ops_ratio": _ratio(ours.get("ops_per_s"), etcd.get("ops_per_s")),
+            "p50_ratio": _ratio(ours.get("p50_ms"), etcd.get("p50_ms")),
+            "p99_ratio": _ratio(ours.get("p99_ms"), etcd.get("p99_ms")),
+        }
+        run.mark_target(ratios, TARGETS[pair].get((workload, num)))
+        row[pair] = ratios
     return row
 
 
@@ -203,27 +216,36 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "- Durability. " + " ".join(f"**{LABELS[s]}**{storage(s)}: {DURABILITY[s]}" for s in meta["durability"]),
         f"- Each workload: {meta['duration_s']:g} s measured (after {meta['warmup_s']:g} s warm-up; watches: "
         f"{WATCH_WRITERS} writers, {meta['watch_drain_s']:g} s drain), {meta['repeats']} repeat(s) alternating the "
-        "systems' order, medians. Ratio = ours / etcd (tmpfs).",
+        "systems' order, medians. Ratio = ours / etcd within each pair.",
         "- Ops: register = one instance registration (etcd: a put of the same JSON record); linearizable read = "
         "a 3-instance service (etcd: a range over 3 keys, default linearizable); lease keepalive over "
         f"{meta['leases']:,} leases, to the leader (etcd: one POST /v3/lease/keepalive each, i.e. one "
         "gateway stream per keepalive, where gRPC clients keep one stream); watch = events delivered per "
         "second summed over the watchers on one follower (etcd: one HTTP connection per watch), latency from "
-        "the write's send to the watcher.",
-        "",
-        "| workload | ours ops/s | etcd ops/s | ratio | ours p50 / p99 ms | etcd p50 / p99 ms | p99 ratio "
-        "| etcd disk ops/s (p99 ms) | target (issue 10) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "the write's send to the watcher. fsyncs/s: our leader's fdatasyncs of its Raft log in the window, "
+        "with client ops per fdatasync.",
     ]
-    for r in rows:
-        ours, etcd, disk = r.get("ours", {}), r.get("etcd", {}), r.get("etcd_disk")
-        target = f"{r['target']}: {'met' if r['target_met'] else 'MISSED'}" if "target" in r else ""
-        disk_cell = "-" if disk is None else f"{_num(disk['ops_per_s'], ',.0f')} ({_num(disk['p99_ms'], '.1f')})"
-        lines.append(
-            f"| {workload_label(r)} | {_num(ours.get('ops_per_s'), ',.0f')} | {_num(etcd.get('ops_per_s'), ',.0f')} "
-            f"| {_num(r['ops_ratio'], '.2f')}x | {_num(ours.get('p50_ms'), '.2f')} / {_num(ours.get('p99_ms'), '.1f')} "
-            f"| {_num(etcd.get('p50_ms'), '.2f')} / {_num(etcd.get('p99_ms'), '.1f')} | {_num(r['p99_ratio'], '.2f')}x "
-            f"| {disk_cell} | {target} |")
+    titles = {"durable": "Durable against durable (the headline): ours fsyncs its Raft log, etcd's data is on disk",
+              "unsafe": "Without fsync: ours with --unsafe-no-fsync, etcd's data on tmpfs"}
+    for pair, (ours_name, etcd_name) in PAIRS.items():
+        pair_rows = [r for r in rows if pair in r]
+        if not pair_rows:
+            continue
+        lines += ["", f"## {titles[pair]}", "",
+                  "| workload | ours ops/s | etcd ops/s | ratio | ours p50 / p99 ms | etcd p50 / p99 ms | p50 ratio "
+                  "| p99 ratio | ours fsyncs/s (ops/fsync) | target |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in pair_rows:
+            ours, etcd, ratios = r[ours_name], r[etcd_name], r[pair]
+            target = f"{ratios['target']}: {'met' if ratios['target_met'] else 'MISSED'}" if "target" in ratios else ""
+            fsyncs = ("-" if ours.get("fsyncs_per_s") is None else
+                      f"{_num(ours['fsyncs_per_s'], ',.0f')} ({_num(ours.get('ops_per_fsync'), '.1f')})")
+            lines.append(
+                f"| {workload_label(r)} | {_num(ours.get('ops_per_s'), ',.0f')} "
+                f"| {_num(etcd.get('ops_per_s'), ',.0f')} | {_num(ratios['ops_ratio'], '.2f')}x "
+                f"| {_num(ours.get('p50_ms'), '.2f')} / {_num(ours.get('p99_ms'), '.1f')} "
+                f"| {_num(etcd.get('p50_ms'), '.2f')} / {_num(etcd.get('p99_ms'), '.1f')} "
+                f"| {_num(ratios['p50_ratio'], '.2f')}x | {_num(ratios['p99_ratio'], '.2f')}x | {fsyncs} | {target} |")
     lines += ["", "CPU per op (ms, all three server processes) and cores used during the window, medians:", "",
               "| workload | system | CPU ms/op | server cores | driver cores | other cores | errors | leader changes |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -263,12 +285,12 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     except ImportError:
         print("note: matplotlib not installed (pip install '.[bench]'); no plots", file=sys.stderr)
         return []
-    colors = {"ours": "#1f77b4", "etcd": "#ff7f0e", "etcd_disk": "#8c564b"}
+    colors = {"ours": "#1f77b4", "etcd_disk": "#8c564b", "ours_nofsync": "#aec7e8", "etcd": "#ff7f0e"}
     labels = [workload_label(r) for r in rows]
-    width = 0.27
+    width = 0.2
     fig, ax = plt.subplots(figsize=(max(8.0, 1.4 * len(rows)), 4.8))
     for i, system in enumerate(SYSTEMS):
-        xs = [j + (i - 1) * width for j, r in enumerate(rows) if r.get(system, {}).get("ops_per_s")]
+        xs = [j + (i - 1.5) * width for j, r in enumerate(rows) if r.get(system, {}).get("ops_per_s")]
         ys = [r[system]["ops_per_s"] for r in rows if r.get(system, {}).get("ops_per_s")]
         if ys:
             ax.bar(xs, ys, width, label=LABELS[system], color=colors[system])
@@ -293,7 +315,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 continue
             pcts = [(name, s[key]) for name, key in (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms"))
                     if s.get(key)]
-            ax.bar([j + (i - 1) * width for j in range(len(pcts))], [v for _, v in pcts], width,
+            ax.bar([j + (i - 1.5) * width for j in range(len(pcts))], [v for _, v in pcts], width,
                    color=colors[system], label=LABELS[system])
             ax.set_xticks(range(len(pcts)), [n for n, _ in pcts])
         ax.set_yscale("log")
@@ -339,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="watcher processes per watch run (default 1). The etcd watch path costs the driver "
                              "~45 us per event (a JSON line per event per watcher) against ~1-2 us for ours: "
                              "check 'driver cores' and raise this if it nears 1")
-    parser.add_argument("--no-etcd-disk", action="store_true", help="skip etcd with its data on disk")
+    parser.add_argument("--pairs", default="durable,unsafe",
+                        help="which pairs to run: durable (ours fsynced vs etcd on disk, the headline), unsafe "
+                             "(ours --unsafe-no-fsync vs etcd on tmpfs); default both")
     parser.add_argument("--wait-quiet", type=float, default=None, metavar="CORES",
                         help="before each run wait (up to --quiet-timeout s) until the machine is busy below CORES")
     parser.add_argument("--quiet-timeout", type=float, default=120.0)
@@ -360,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now()
     out_dir: Path = args.out or BENCH_DIR / "results" / started.strftime("compare-%Y%m%d-%H%M%S")
     plan: list[tuple[str, int]] = args.workloads
-    with_disk = not args.no_etcd_disk and any(w in DISK_WORKLOADS for w, _ in plan)
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    if not pairs or any(p not in PAIRS for p in pairs):
+        parser.error(f"--pairs takes a comma-separated subset of {', '.join(PAIRS)}")
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
@@ -368,30 +394,35 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {key: {s: [] for s in SYSTEMS} for key in plan}
     try:
         # Each cluster's constructor installs/locates etcd and picks ports; start() waits for a leader.
-        clusters["ours"] = BenchCluster(extra_args=run.server_args(fsync=False))
-        clusters["etcd"] = EtcdCluster(durable=False)
-        if with_disk:
+        if "durable" in pairs:
+            clusters["ours"] = BenchCluster(extra_args=run.server_args(fsync=True))
             clusters["etcd_disk"] = EtcdCluster(durable=True)
+        if "unsafe" in pairs:
+            clusters["ours_nofsync"] = BenchCluster(extra_args=run.server_args(fsync=False))
+            clusters["etcd"] = EtcdCluster(durable=False)
         for cluster in clusters.values():  # all at once: their elections overlap instead of queueing
             cluster.launch()
         for name, cluster in clusters.items():
             leader = cluster.wait_leader(60.0)
             print(f"{LABELS[name]} up: leader {leader}, endpoints {','.join(cluster.endpoints)}, data {cluster.root}",
                   file=sys.stderr)
-        seed_reads(clusters["ours"], [c for n, c in clusters.items() if n != "ours"])
+        seed_reads([c for n, c in clusters.items() if n.startswith("ours")],
+                   [c for n, c in clusters.items() if n.startswith("etcd")])
+        etcd_binary = next(c for n, c in clusters.items() if n.startswith("etcd")).binary
         meta: dict[str, Any] = {
             "started": started.isoformat(timespec="seconds"), "machine": machine_info(),
-            "pysyncobj": PYSYNCOBJ_VERSION, "etcd_version": etcd_version(clusters["etcd"].binary),
+            "pysyncobj": PYSYNCOBJ_VERSION, "etcd_version": etcd_version(etcd_binary),
             "duration_s": duration_s, "warmup_s": args.warmup, "repeats": repeats, "leases": leases,
             "drivers": args.drivers, "watch_drivers": args.watch_drivers, "watch_writers": WATCH_WRITERS,
             "watch_drain_s": args.drain,
             "durability": {s: DURABILITY[s] for s in clusters},
-            "etcd_storage": {s: clusters[s].storage for s in clusters if s != "ours"},
-            "ratio": "ours / etcd (tmpfs)",
+            "etcd_storage": {s: clusters[s].storage for s in clusters if s.startswith("etcd")},
+            "pairs": {pair: PAIRS[pair] for pair in pairs},
+            "ratio": "ours / etcd within each pair",
         }
         for rep in range(repeats):
             for workload, num in plan:
-                systems = [s for s in SYSTEMS if s in clusters and (s != "etcd_disk" or workload in DISK_WORKLOADS)]
+                systems = [s for s in SYSTEMS if s in clusters]
                 if rep % 2:
                     systems.reverse()  # alternate who goes first: drift in the machine's load hits both
                 for system in systems:

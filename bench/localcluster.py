@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,24 @@ class BenchCluster(ProcessCluster[BenchNode]):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+
+    def wal_counts(self) -> dict[str, tuple[float, float]]:
+        """Per node: (fdatasyncs of its Raft log, log records they made durable) so far, from its /metrics."""
+        counts: dict[str, tuple[float, float]] = {}
+        for node in self.nodes:
+            try:
+                with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=2.0) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                continue
+            values = dict.fromkeys(("regctl_wal_fsync_duration_seconds_count", "regctl_wal_fsync_records_sum"), 0.0)
+            for line in text.splitlines():
+                name, _, value = line.partition(" ")
+                if name in values:
+                    values[name] = float(value)
+            counts[node.node_id] = (values["regctl_wal_fsync_duration_seconds_count"],
+                                    values["regctl_wal_fsync_records_sum"])
+        return counts
 
     def statuses(self) -> list[dict[str, object]]:
         with SyncClient(self.endpoints, timeout_s=1.0, connect_timeout_s=0.3, token=self.token) as client:

@@ -81,7 +81,7 @@ CLIENTS_MAX = 8
 #: Load runs this long before the measurement window opens.
 WARMUP_S = 1.0
 _MEDIAN_KEYS = ("ops_per_s", "p50_ms", "p99_ms", "p999_ms", "cpu_ms_per_op", "server_cores", "driver_cores",
-                "other_cores")
+                "other_cores", "fsyncs_per_s", "ops_per_fsync")
 
 _live: list[subprocess.Popen[bytes]] = []
 
@@ -192,12 +192,15 @@ def run_once(cluster: LoadTarget, workload: str, concurrency: int, duration_s: f
         profiler = None
         if profile_to is not None and leader_before is not None:
             profiler = _start_profiler(cluster.node(leader_before).pid, duration_s, profile_to)
+        wal_counts = getattr(cluster, "wal_counts", None)  # ours only: the Raft log's fsync counters
+        wal0 = wal_counts() if wal_counts is not None else {}
         cpu0 = cluster.cpu_seconds()
         drv0 = [cpu_seconds(p.pid) for p in procs]
         busy0 = machine_busy_seconds()
         time.sleep(max(0.0, window_start + duration_s - time.monotonic()))
         busy1 = machine_busy_seconds()
         cpu1 = cluster.cpu_seconds()
+        wal1 = wal_counts() if wal_counts is not None else {}
         drv1 = [cpu_seconds(p.pid) for p in procs]
         results = []
         for proc, result_path in spawned:
@@ -239,13 +242,31 @@ def run_once(cluster: LoadTarget, workload: str, concurrency: int, duration_s: f
         "errors": errors,
         "leader": leader_before,
         "leader_changed": leader_before != leader_after,
+        **_fsync_figures(wal0, wal1, leader_before, ops, duration_s),
+    }
+
+
+def _fsync_figures(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]],
+                   leader: str | None, ops: int, duration_s: float) -> dict[str, Any]:
+    """The leader's fdatasyncs per second in the window, and client ops and log records per fdatasync.
+
+    None where unknown (etcd, a node that did not answer /metrics, no fsync at all).
+    """
+    if leader is None or leader not in before or leader not in after:
+        return {"fsyncs_per_s": None, "ops_per_fsync": None, "records_per_fsync": None}
+    fsyncs = after[leader][0] - before[leader][0]
+    records = after[leader][1] - before[leader][1]
+    return {
+        "fsyncs_per_s": fsyncs / duration_s,
+        "ops_per_fsync": ops / fsyncs if fsyncs > 0 else None,
+        "records_per_fsync": records / fsyncs if fsyncs > 0 else None,
     }
 
 
 def summarize(workload: str, concurrency: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {"workload": workload, "concurrency": concurrency, "repeats": len(runs)}
     for key in _MEDIAN_KEYS:
-        values = [r[key] for r in runs if r[key] is not None]
+        values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.median(values) if values else None
     row["errors"] = sum(sum(r["errors"].values()) for r in runs)
     row["leader_changes"] = sum(1 for r in runs if r["leader_changed"])
@@ -281,10 +302,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "- CPU ms/op: utime+stime of the three server processes over the window / ops completed in it. "
         "Cores: CPU seconds per wall second (servers; driver; other = the rest of the machine's busy "
         "time in the window, i.e. anything else running on the host: keep it near 0 for clean numbers).",
+        "- fsyncs/s: the leader's fdatasyncs of its Raft log in the window; ops/fsync: client ops completed "
+        "per leader fdatasync (reads commit a barrier through the log too; keepalives never touch it).",
         "",
         "| workload | conc | ops/s | p50 ms | p99 ms | p99.9 ms | server CPU ms/op | server cores | "
-        "driver cores | other cores | errors | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "driver cores | other cores | fsyncs/s | ops/fsync | errors | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         target = ""
@@ -294,7 +317,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['workload']} | {r['concurrency']} | {num(r['ops_per_s'], ',.0f')} | {num(r['p50_ms'], '.2f')} | "
             f"{num(r['p99_ms'], '.2f')} | {num(r['p999_ms'], '.2f')} | {num(r['cpu_ms_per_op'], '.3f')} | "
             f"{num(r['server_cores'], '.2f')} | {num(r['driver_cores'], '.2f')} | {num(r['other_cores'], '.2f')} | "
-            f"{r['errors']} | {target} |"
+            f"{num(r['fsyncs_per_s'], ',.0f')} | {num(r['ops_per_fsync'], '.1f')} | {r['errors']} | {target} |"
         )
     if any(r["leader_changes"] for r in rows):
         lines += ["", "WARNING: the leader changed during some runs; see results.json."]
