@@ -26,7 +26,7 @@ from registry.failpoints import FAILPOINTS_ENV, Failpoints
 from registry.server.dns.settings import DnsSettings, normalize_domain
 
 from .durations import Duration, LeaseTtl
-from .output import emit, table
+from .output import emit, printable, table
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
@@ -62,7 +62,9 @@ def fail(err: RegistryError) -> None:
         from .wrong_port import api_hint
 
         err.hint = api_hint(err)
-    click.echo(f"error: {err.code}: {err.message}" + (f" (hint: {err.hint})" if err.hint else ""), err=True)
+    # A message can quote names and values others wrote (a lock's holder, a key): escaped (output.printable).
+    click.echo(printable(f"error: {err.code}: {err.message}" + (f" (hint: {err.hint})" if err.hint else ""),
+                         keep="\n"), err=True)
     sys.exit(EXIT_UNAVAILABLE if err.retryable else EXIT_REFUSED)
 
 

@@ -13,7 +13,7 @@ from registry.errors import BadRequest, Internal, NotLeader, RegistryError
 from registry.server.backup import decode_backup, seed_data_dir, write_atomic
 
 from .main import Ctx, cli, handles_errors
-from .output import emit, table
+from .output import emit, printable, table
 
 
 @cli.group()
@@ -138,8 +138,9 @@ def _change_membership(obj: Ctx, op: str, args: dict[str, str]) -> int:
     if hint not in obj.endpoints:
         # The hint is read from the cluster (--peer-api, or keys under _cluster/ that clients can
         # write): the token is never sent to an address it names, only to the ones given here.
-        raise click.ClickException(f"the leader's API is {hint}, which is not among --endpoints; if you trust "
-                                   f"that address, run again with --endpoints {hint}")
+        shown = printable(hint)  # read from the cluster: it could hold anything, terminal escapes included
+        raise click.ClickException(f"the leader's API is {shown}, which is not among --endpoints; if you trust "
+                                   f"that address, run again with --endpoints {shown}")
     with SyncClient([hint], token=obj.token, timeout_s=obj.timeout_s, ssl_context=obj.ssl_context()) as leader_client:
         revision, _ = leader_client.call(op, args, retry=False)
         return revision

@@ -116,3 +116,15 @@ def test_member_commands_do_not_send_the_token_where_cluster_data_points(cluster
         trap.close()
     assert SECRET.encode() not in bytes(trap.received), "the token was sent to an address read from the cluster"
 
+
+
+def test_a_hint_read_from_the_cluster_is_printed_escaped(cluster_without_peer_apis: Cluster) -> None:
+    # The leader's API address comes from a key any client may write: it reaches the terminal escaped.
+    c = cluster_without_peer_apis
+    leader = c.wait_leader()
+    follower = next(n for n in c.nodes if n is not leader)
+    c.client().call("key_put", {"key": MEMBER_KEY_PREFIX + leader.raft, "value": "\x1b]0;pwned\x07"})
+    proc = regctl([follower.api], "member", "add", "127.0.0.1:1")
+    assert proc.returncode != 0
+    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr, proc.stderr
+    assert "\\x1b]0;pwned\\x07" in proc.stderr
