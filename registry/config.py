@@ -200,8 +200,9 @@ class NodeConfig:
     frame_bytes_max: int = 1 << 20
     #: Clients allowed at once; more are closed at accept.
     connections_max: int = 10_000
-    #: Budget of the replicated state (registry.fsm.limits.StateLimits.state_bytes_max).  Replicas
-    #: must refuse the same writes, so every node needs the same value, like the cluster key.
+    #: Budget of the replicated state in bytes (--max-state-bytes).  A leader announces its value with
+    #: its epoch and every replica enforces the announced one, so replicas always refuse the same
+    #: writes; give every node the same value, or the budget changes with the leader.
     state_bytes_max: int = 2 << 30
     #: Clients allowed at once from one address, so one host cannot take every slot.
     connections_per_source_max: int = 1024

@@ -146,7 +146,9 @@ _OP_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
         "leases": _r("list<int>", model.check_lease_list),
         "epoch": _r("int", model.check_epoch),
     },
-    "leader_epoch": {"epoch": _r("int", model.check_epoch)},
+    # state_bytes_max: the announcing leader's --max-state-bytes, which every replica then enforces.
+    "leader_epoch": {"epoch": _r("int", model.check_epoch),
+                     "state_bytes_max": _f("int?", model.check_optional_state_bytes_max)},
     # Member identities (registry.raft.incarnation): proposed by nodes only, never by clients (not in WRITE_OPS).
     "identity_put": {
         "raft": _r("str", model.check_key),

@@ -345,6 +345,18 @@ def check_epoch(field: str, value: int) -> int:
     return _check_int_range(field, value, 0, INT_MAX, "epoch")
 
 
+#: Smallest state byte budget a leader may announce: below it a cluster could hardly hold its own ACLs.
+STATE_BYTES_MAX_MIN: Final = 1 << 20
+
+
+def check_state_bytes_max(field: str, value: int) -> int:
+    return _check_int_range(field, value, STATE_BYTES_MAX_MIN, INT_MAX, "byte budget")
+
+
+def check_optional_state_bytes_max(field: str, value: int | None) -> int | None:
+    return None if value is None else check_state_bytes_max(field, value)
+
+
 _INCARNATION: Final = re.compile(r"[0-9a-f]{32}")
 IDENTITY_MODES: Final = ("create", "replace")
 

@@ -114,7 +114,7 @@ _SNAPSHOT_KEYS: Final = frozenset(
 )
 #: Optional top-level keys: absent in snapshots taken before ACLs existed (or with nothing in them),
 #: and then they mean "empty" -- so a state that never used ACLs snapshots to the same bytes as before.
-_SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl", "identities", "lease_owners"))
+_SNAPSHOT_OPTIONAL_KEYS: Final = frozenset(("acl", "identities", "lease_owners", "state_bytes_max"))
 _ACL_SNAPSHOT_KEYS: Final = frozenset(("bootstrapped", "tokens", "roles", "users", "intentions", "intention_default"))
 ACL_TOKENS_MAX: Final = 100_000
 #: Login tokens one user holds at once, the oldest removed first: every login adds one, and a
@@ -290,6 +290,7 @@ class RegistryState:
         "_acl_tokens",
         "_acl_users",
         "_attached",
+        "_budget_bytes",
         "_bytes",
         "_dedup",
         "_entry_term",
@@ -329,6 +330,10 @@ class RegistryState:
         #: Estimated bytes of services, instances and keys (see ``_record_bytes``), held under
         #: ``limits.state_bytes_max``.
         self._bytes = 0
+        #: The byte budget the newest leader announced (``leader_epoch``); None until one did: then
+        #: ``limits.state_bytes_max``.  Replicated, so every replica refuses the same writes even if
+        #: the nodes' ``--max-state-bytes`` differ.
+        self._budget_bytes: int | None = None
         # OrderedDict, not dict: popitem(last=False) is O(1), whereas evicting
         # the first key of a plain dict degrades to O(n) between resizes.
         #: (caller's token hash or "", rid) -> outcome, oldest first.
@@ -420,10 +425,16 @@ class RegistryState:
         """Estimated bytes of services, instances and keys (the budget ``limits.state_bytes_max`` bounds)."""
         return self._bytes
 
+    @property
+    def state_bytes_budget(self) -> int:
+        """The byte budget in force: the newest leader's announced one, else ``limits.state_bytes_max``."""
+        return self._budget_bytes if self._budget_bytes is not None else self._limits.state_bytes_max
+
     def _check_growth(self, grow_bytes: int, what: str) -> None:
         """Refuse a change that would take the state past its byte budget (shrinking always passes)."""
-        if grow_bytes > 0 and self._bytes + grow_bytes > self._limits.state_bytes_max:
-            raise LimitExceeded(f"{what} would take the state past its budget of {self._limits.state_bytes_max} "
+        budget = self.state_bytes_budget
+        if grow_bytes > 0 and self._bytes + grow_bytes > budget:
+            raise LimitExceeded(f"{what} would take the state past its budget of {budget} "
                                 f"bytes (state_bytes_max; about {self._bytes} used): delete something first")
 
     def _count_bytes(self) -> int:
@@ -690,8 +701,12 @@ class RegistryState:
         return {"revision": rev, "dropped": False, "expired": live}, events
 
     def _op_leader_epoch(self, cmd: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
-        self._epoch = max(self._epoch, cmd["epoch"])
-        return {"revision": self._revision, "epoch": self._epoch}, []
+        epoch, budget = cmd["epoch"], cmd["state_bytes_max"]
+        if budget is not None and epoch >= self._epoch:
+            # The newest leader's budget governs; a stale announcement changes nothing.
+            self._budget_bytes = budget
+        self._epoch = max(self._epoch, epoch)
+        return {"revision": self._revision, "epoch": self._epoch, "state_bytes_max": self.state_bytes_budget}, []
 
     # ------------------------------------------------------------------ member identities
 
@@ -1146,6 +1161,8 @@ class RegistryState:
             obj["identities"] = [[raft, self._identities[raft]] for raft in sorted(self._identities)]
         if self._lease_owners:
             obj["lease_owners"] = [[lease, self._lease_owners[lease]] for lease in sorted(self._lease_owners)]
+        if self._budget_bytes is not None:
+            obj["state_bytes_max"] = self._budget_bytes
         data: bytes = msgpack.packb(obj, use_bin_type=True)
         return data
 
@@ -1192,6 +1209,8 @@ class RegistryState:
         st._revision = revision = snap_int("revision", 0)
         st._epoch = snap_int("epoch", 0)
         st._next_lease = snap_int("next_lease", 1)
+        if "state_bytes_max" in obj:
+            st._budget_bytes = model.check_state_bytes_max("state_bytes_max", snap_int("state_bytes_max", 0))
 
         def check_rev(what: str, rec: Record, key: str = "mod_revision") -> None:
             if rec[key] > revision:

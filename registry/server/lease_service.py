@@ -45,8 +45,12 @@ ANNOUNCE_RETRY_S = 0.2
 
 class LeaseService:
     def __init__(self, raft: RaftNode, holder: StateHolder, proposer: Proposer, metrics: NodeMetrics,
-                 leader_api: Any, guard: StallGuard | None = None, handover_grace_s: float = 0.0) -> None:
+                 leader_api: Any, guard: StallGuard | None = None, handover_grace_s: float = 0.0,
+                 state_bytes_max: int | None = None) -> None:
         self._raft = raft
+        #: This node's --max-state-bytes, announced with its leader epoch: the budget every replica
+        #: enforces while it leads (None: announce none, the state keeps the one it has).
+        self._state_bytes_max = state_bytes_max
         #: Added to every countdown when this node becomes leader: the longest a
         #: cut-off previous leader may have kept acknowledging keepalives.
         self._handover_grace_s = handover_grace_s
@@ -228,7 +232,8 @@ class LeaseService:
         # from a deposed one's: keep trying for as long as this term lasts.
         while self._term == term and self.keeper.active:
             try:
-                await self._proposer.write({"op": "leader_epoch", "epoch": term})
+                await self._proposer.write({"op": "leader_epoch", "epoch": term,
+                                            "state_bytes_max": self._state_bytes_max})
                 return
             except RegistryError as err:
                 log.warning("could not commit leader epoch %d (retrying): %s", term, err.message)

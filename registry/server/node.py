@@ -142,7 +142,7 @@ class Node:
         self.metrics.raft_applied_index.set(st.applied_index)
         self.metrics.revision.set(self.holder.state.revision)
         self.metrics.state_bytes.set(self.holder.state.state_bytes)
-        self.metrics.state_bytes_max.set(self.holder.state.limits.state_bytes_max)
+        self.metrics.state_bytes_max.set(self.holder.state.state_bytes_budget)
         self.metrics.leader_contact_age.set(self.raft.leader_contact_age_s())
         changes = self.raft.leader_changes
         if changes > self._leader_changes_reported:
@@ -217,7 +217,9 @@ def build_node(config: NodeConfig) -> Node:
     metrics.registry.register(consul_stats)
     dns_stats = DnsStats()
     metrics.registry.register(dns_stats)
-    limits = StateLimits(state_bytes_max=config.state_bytes_max)
+    # The same on every replica, whatever each node's flags: --max-state-bytes reaches the state only
+    # through the leader's replicated announcement (LeaseService), never through a local default.
+    limits = StateLimits()
     holder = StateHolder(RegistryState(limits))
     seed = load_seed(Path(config.data_dir), limits)
     if seed is not None:
@@ -298,7 +300,8 @@ def build_node(config: NodeConfig) -> Node:
     # A cut-off leader answers keepalives until it steps down (leader
     # fallback) plus a heartbeat; a new leader's countdowns start that late.
     leases = LeaseService(raft, holder, proposer, metrics, leader_api,
-                          handover_grace_s=config.raft.leader_fallback_s + config.raft.heartbeat_s)
+                          handover_grace_s=config.raft.leader_fallback_s + config.raft.heartbeat_s,
+                          state_bytes_max=config.state_bytes_max)
     api.add_handler("lease_keepalive", leases.keepalive)
     api.add_handler("lease_keepalive_batch", leases.keepalive_batch)
     api.add_handler("lease_ttl", leases.time_to_live)

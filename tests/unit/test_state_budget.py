@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from registry.errors import LimitExceeded
+from registry.errors import InvalidArgument, LimitExceeded
 from registry.fsm.limits import StateLimits
 from registry.fsm.state import RegistryState
 
@@ -99,3 +99,48 @@ def test_a_restored_state_over_its_budget_loads_and_refuses_growth() -> None:
     with pytest.raises(LimitExceeded):
         restored.apply(put("one/more", 1))
     restored.apply({"op": "key_delete", "key": "k/0"})
+
+
+# -- the budget in force is replicated: the newest leader's announcement ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("announcements", "want"),
+    [
+        ([], 2 << 30),  # no leader announced one: StateLimits' default, the same on every replica
+        ([(3, 4 << 20)], 4 << 20),
+        ([(3, 4 << 20), (4, 8 << 20)], 8 << 20),  # a newer leader's value replaces it
+        ([(4, 8 << 20), (3, 4 << 20)], 8 << 20),  # a stale leader's announcement changes nothing
+        ([(3, 4 << 20), (4, None)], 4 << 20),  # a leader announcing none keeps the budget in force
+    ],
+    ids=["default", "announced", "newer-wins", "stale-ignored", "none-keeps"],
+)
+def test_the_newest_leaders_budget_governs(announcements: list[tuple[int, int | None]], want: int) -> None:
+    st = RegistryState()
+    for epoch, budget in announcements:
+        st.apply({"op": "leader_epoch", "epoch": epoch, "state_bytes_max": budget})
+    assert st.state_bytes_budget == want
+    # And a replica restored from a snapshot enforces the same one.
+    assert RegistryState.restore(st.snapshot()).state_bytes_budget == want
+
+
+def test_an_announced_budget_refuses_writes_on_every_replica_alike() -> None:
+    replicas = [RegistryState(), RegistryState(StateLimits(state_bytes_max=1 << 30))]  # local defaults differ
+    value = "x" * 60_000
+    for st in replicas:
+        st.apply({"op": "leader_epoch", "epoch": 1, "state_bytes_max": 1 << 20})
+    outcomes: list[list[str]] = [[], []]
+    for i in range(40):
+        for st, seen in zip(replicas, outcomes, strict=True):
+            try:
+                st.apply({"op": "key_put", "key": f"k{i}", "value": value})
+                seen.append("ok")
+            except LimitExceeded:
+                seen.append("refused")
+    assert outcomes[0] == outcomes[1] and "refused" in outcomes[0]
+
+
+@pytest.mark.parametrize("bad", [0, (1 << 20) - 1, -5])
+def test_a_budget_below_one_mib_is_refused(bad: int) -> None:
+    with pytest.raises(InvalidArgument):
+        RegistryState().apply({"op": "leader_epoch", "epoch": 1, "state_bytes_max": bad})
