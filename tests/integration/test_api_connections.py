@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from registry.config import NodeConfig, parse_hostport
+from registry.protocol import PROTOCOL_VERSION, ClientConnection, Hello
 from tests.support.cluster import Cluster, NodeProc, wait_until
 
 pytestmark = pytest.mark.integration
@@ -87,9 +88,14 @@ def test_one_address_cannot_take_every_connection(cluster: Cluster) -> None:
     node = cluster.nodes[0]
     cap = DEFAULTS.connections_per_source_max
     held: list[socket.socket] = []
+    # Each held connection says hello, so the hello deadline cannot free a slot while the test is
+    # still opening the rest (a thousand connects can take longer than the deadline on a busy machine).
+    hello = ClientConnection().send(Hello(version=PROTOCOL_VERSION, token=None, client="attacker"))
     try:
         for _ in range(cap):
-            held.append(attacker_socket(node))
+            sock = attacker_socket(node)
+            held.append(sock)
+            sock.sendall(hello)
         # One more from the same address is closed at once ...
         with attacker_socket(node) as extra:
             assert closed_within(extra, 3.0), "the per-source cap let one more connection in"
