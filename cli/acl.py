@@ -11,8 +11,8 @@ import click
 from registry.client import SyncClient
 from registry.errors import RegistryError
 
+from .base import Ctx, cli, fail, handles_errors
 from .durations import Duration
-from .main import Ctx, cli, fail, handles_errors
 from .output import emit, table
 
 

@@ -11,7 +11,7 @@ from registry.agent.errors import ConfigError
 from registry.agent.policies import POLICY_NAMES
 from registry.client import DEFAULT_ENDPOINTS
 
-from .main import EXIT_USAGE, Ctx, cli
+from .base import EXIT_USAGE, Ctx, cli
 
 
 def config_error(err: ConfigError) -> None:

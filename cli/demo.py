@@ -31,7 +31,7 @@ from registry.client import SyncClient
 from registry.errors import RegistryError
 from registry.server.ports import ports_free
 
-from .main import cli
+from .base import cli
 from .output import table
 from .up import ensure_cluster_key, node_command, plan
 
@@ -180,7 +180,7 @@ def _run(root: Path, procs: _Procs, phase_s: float) -> None:
 
     def leader() -> bool:
         with SyncClient([m.api for m in members], timeout_s=1.0, connect_timeout_s=0.3) as client:
-            client.call("service_list", {})
+            client.list_services()
             return True
 
     _wait(leader, "a leader")

@@ -14,8 +14,8 @@ import click
 from registry.client import SyncClient
 from registry.errors import NotFound, RegistryError
 
+from .base import EXIT_REFUSED, Ctx, cli, fail, handles_errors
 from .durations import LeaseTtl
-from .main import EXIT_REFUSED, Ctx, cli, fail, handles_errors
 from .output import emit, table
 
 #: `lease list` asks the leader for the remaining time of at most this many leases (one request each).
@@ -149,12 +149,12 @@ def lease_revoke(obj: Ctx, lease_id: int) -> None:
 def lease_list(obj: Ctx) -> None:
     """Every live lease."""
     with obj.client() as client:
-        revision, leases = client.call("lease_list", {})
+        revision, leases = client.lease_list()
         # The countdown lives on the leader (keepalives are leader-local): ask it per lease, as
         # etcd's `lease timetolive` does, for a bounded number of leases.
         for item in leases[:LEASE_LIST_REMAINING_MAX]:
             try:
-                _, ttl = client.call("lease_ttl", {"lease": item["lease"]})
+                _, ttl = client.lease_ttl(item["lease"])
                 item["remaining_ms"] = ttl["remaining_ms"]
             except NotFound:
                 item["remaining_ms"] = 0  # expired or revoked since the listing
@@ -176,7 +176,7 @@ def lease_list(obj: Ctx) -> None:
 def lease_ttl(obj: Ctx, lease_id: int) -> None:
     """Time left on LEASE_ID, and what is attached to it."""
     with obj.client() as client:
-        revision, body = client.call("lease_ttl", {"lease": lease_id})
+        revision, body = client.lease_ttl(lease_id)
     emit(obj.output, {"revision": revision, **body},
          f"lease {lease_id}: {body['remaining_ms'] / 1000:.1f}s of {body['ttl_ms'] / 1000:g}s left")
 
@@ -184,7 +184,7 @@ def lease_ttl(obj: Ctx, lease_id: int) -> None:
 def _lock_holder(client: SyncClient, name: str) -> tuple[str, int] | None:
     """Who holds lock ``name`` and since which revision, or None (released meanwhile)."""
     try:
-        _, record = client.call("lock_get", {"name": name})
+        _, record = client.lock_get(name)
     except NotFound:
         return None
     return str(record.get("holder") or ""), int(record["create_revision"])
@@ -201,7 +201,7 @@ def _hold_lock(obj: Ctx, name: str, ttl: int, holder: str, wait: bool,
             announced: tuple[str, int] | None = None
             while not stopper.stopped:
                 try:
-                    _, body = client.call("lock_acquire", {"name": name, "lease": lease_id, "holder": holder})
+                    _, body = client.lock_acquire(name, lease_id, holder)
                     token = int(body["token"])
                     break
                 except RegistryError as err:

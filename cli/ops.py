@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from registry.client import SyncClient
 from registry.errors import BadRequest, Internal, NotLeader, RegistryError
 from registry.server.backup import decode_backup, seed_data_dir, write_atomic
 
-from .main import Ctx, cli, handles_errors
+from .base import Ctx, cli, handles_errors
 from .output import emit, printable, table
 
 
@@ -96,12 +97,12 @@ def member_list(obj: Ctx) -> None:
             with SyncClient([leader_api], token=obj.token, timeout_s=obj.timeout_s,
                             ssl_context=obj.ssl_context()) as leader_client:
                 try:
-                    _, body = leader_client.call("member_list", {})
+                    _, body = leader_client.member_list()
                 except RegistryError:
                     body = None
         if body is None or not any(m["self"] and m["leader"] for m in body["members"]):
             click.echo("note: the leader did not answer; this is a follower's view (no match indexes)", err=True)
-            _, body = client.call("member_list", {})
+            _, body = client.member_list()
         assert body is not None  # either the leader's answer or the fallback's
         # Node ids (n1, ...) from each member's own status, asked on its API.
         apis = [str(m["api"]) for m in body["members"] if m.get("api")]
@@ -122,15 +123,15 @@ def member_list(obj: Ctx) -> None:
     emit(obj.output, body, table(rows, ["ID", "RAFT", "API", "ROLE", "CONNECTED", "MATCH_INDEX"]))
 
 
-def _change_membership(obj: Ctx, op: str, args: dict[str, str]) -> int:
+def _change_membership(obj: Ctx, change: Callable[[SyncClient], tuple[int, Any]]) -> int:
     """Send a membership change to the leader, which alone makes them (a follower answers NOT_LEADER).
 
     Never retried on its own: a change whose outcome is unknown must not be sent twice.
     """
     with obj.client() as client:
         try:
-            revision, _ = client.call(op, args, retry=False)
-            return revision
+            revision, _ = change(client)  # never retried (the typed member calls send retry=False)
+            return int(revision)
         except NotLeader as err:
             if not err.hint:
                 raise
@@ -142,8 +143,8 @@ def _change_membership(obj: Ctx, op: str, args: dict[str, str]) -> int:
         raise click.ClickException(f"the leader's API is {shown}, which is not among --endpoints; if you trust "
                                    f"that address, run again with --endpoints {shown}")
     with SyncClient([hint], token=obj.token, timeout_s=obj.timeout_s, ssl_context=obj.ssl_context()) as leader_client:
-        revision, _ = leader_client.call(op, args, retry=False)
-        return revision
+        revision, _ = change(leader_client)
+        return int(revision)
 
 
 @member.command("add")
@@ -174,7 +175,7 @@ def member_add(obj: Ctx, raft: str, api: str | None) -> None:
     else:
         click.echo(f"note: without --api, {raft}'s data-directory identity is recorded when it first talks to "
                    "the leader, not before it becomes a member (see README, Day-two operations)", err=True)
-    revision = _change_membership(obj, "member_add", args)
+    revision = _change_membership(obj, lambda c: c.member_add(raft, args.get("api"), args.get("incarnation")))
     emit(obj.output, {"added": raft, "revision": revision}, f"added member {raft}")
 
 
@@ -184,7 +185,7 @@ def member_add(obj: Ctx, raft: str, api: str | None) -> None:
 @handles_errors
 def member_remove(obj: Ctx, raft: str) -> None:
     """Remove the member at Raft address RAFT."""
-    revision = _change_membership(obj, "member_remove", {"raft": raft})
+    revision = _change_membership(obj, lambda c: c.member_remove(raft))
     emit(obj.output, {"removed": raft, "revision": revision}, f"removed member {raft}")
 
 
@@ -197,14 +198,14 @@ def member_transfer_leader(obj: Ctx, raft: str | None) -> None:
     import time
 
     with obj.client() as client:
-        _, before = client.call("member_list", {})
-        client.call("member_transfer_leader", {"raft": raft} if raft else {})
+        _, before = client.member_list()
+        client.member_transfer_leader(raft or None)
         # pysyncobj only promises the request was sent: confirm the outcome.
         deadline = time.monotonic() + 5.0
         leader = before.get("leader")
         while time.monotonic() < deadline:
             try:
-                _, now = client.call("member_list", {})
+                _, now = client.member_list()
                 leader = now.get("leader")
             except RegistryError:
                 leader = None
