@@ -186,13 +186,15 @@ def test_acl_token_in_header_query_or_bearer(tmp_path: Path, request: pytest.Fix
 def test_regctl_up_serves_consul_http_on_base_plus_300(tmp_path: Path) -> None:
     base = free_up_base_port()
     run = UpRun(tmp_path / "up-data", base, tmp_path / "up.log")
+    clients = [consul.Consul(host="127.0.0.1", port=base + 300 + i) for i in range(1, 4)]
     try:
-        clients = [consul.Consul(host="127.0.0.1", port=base + 300 + i) for i in range(1, 4)]
         wait_until(lambda: clients[0].status.leader(), 40, "a leader named on node 1's Consul port")
         assert clients[1].agent.service.register("web", service_id="w1", address="10.0.0.1", port=80)
         assert [e["Service"]["ID"] for e in clients[2].health.service("web")[1]] == ["w1"]
         assert f"http://127.0.0.1:{base + 301}" in run.output()
     finally:
+        for client in clients:
+            client.http.close()
         run.cleanup()
 
 

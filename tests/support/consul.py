@@ -19,6 +19,7 @@ class ConsulCluster(Cluster):
     """A cluster whose node i also serves Consul's HTTP API on base + 300 + i (as ``regctl up`` does)."""
 
     def __init__(self, root: Path, size: int = 3, **kwargs: Any) -> None:
+        self._consul_clients: list[consul.Consul] = []
         for _ in range(20):
             super().__init__(root, size, **kwargs)
             if ports_free([self.consul_port(n) for n in self.nodes]):
@@ -32,7 +33,16 @@ class ConsulCluster(Cluster):
         return [*super().command(node), "--consul-http", f"127.0.0.1:{self.consul_port(node)}"]
 
     def consul(self, node: NodeProc, **kwargs: Any) -> consul.Consul:
-        return consul.Consul(host="127.0.0.1", port=self.consul_port(node), **kwargs)
+        """A py-consul client for ``node``; closed with the cluster (its requests session holds sockets)."""
+        client = consul.Consul(host="127.0.0.1", port=self.consul_port(node), **kwargs)
+        self._consul_clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self._consul_clients:
+            client.http.close()
+        self._consul_clients.clear()
+        super().close()
 
     def url(self, node: NodeProc, path: str) -> str:
         return f"http://127.0.0.1:{self.consul_port(node)}{path}"
