@@ -12,8 +12,6 @@ acknowledged with the leader's log clean.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,19 +20,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from registry.config import NodeConfig
-from registry.raft.node import RaftNode, StateHolder
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+from registry.raft.node import RaftNode
+from tests.support.raftnodes import hand_ticked_nodes, tick
 
 
 class SpeechCheck:
@@ -59,24 +46,8 @@ class SpeechCheck:
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[list[RaftNode]]:
-    addrs = [f"127.0.0.1:{port}" for port in _free_ports(3)]
-    built: list[RaftNode] = []
-    try:
-        for i, addr in enumerate(addrs):
-            config = NodeConfig(node_id=f"n{i + 1}", data_dir=tmp_path / f"n{i + 1}", raft_addr=addr,
-                                peers=tuple(a for a in addrs if a != addr), cluster_key="speak-test-key-0123")
-            built.append(RaftNode(config, StateHolder(), os.urandom(16).hex(), auto_tick=False))
+    with hand_ticked_nodes(tmp_path, "speak-test-key-0123") as built:
         yield built
-    finally:
-        for node in built:
-            node.stop()
-
-
-def _tick(nodes: list[RaftNode], seconds: float) -> None:
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        for node in nodes:
-            node.tick(0.002)
 
 
 def test_no_message_leaves_before_the_log_records_it_relies_on_are_synced(nodes: list[RaftNode]) -> None:
@@ -84,7 +55,7 @@ def test_no_message_leaves_before_the_log_records_it_relies_on_are_synced(nodes:
     deadline = time.monotonic() + 20
     while not any(n.raft_status().role == "leader" for n in nodes):
         assert time.monotonic() < deadline, "no leader elected"
-        _tick(nodes, 0.05)
+        tick(nodes, 0.05)
     leader = next(n for n in nodes if n.raft_status().role == "leader")
     done: list[int] = []
     acked_dirty: list[int] = []
@@ -97,11 +68,11 @@ def test_no_message_leaves_before_the_log_records_it_relies_on_are_synced(nodes:
     for i in range(40):
         leader.submit(msgpack.packb([]), acknowledged)
         if i % 4 == 0:
-            _tick(nodes, 0.01)
+            tick(nodes, 0.01)
     deadline = time.monotonic() + 20
     while len(done) < 40:
         assert time.monotonic() < deadline, f"only {len(done)} of 40 entries committed"
-        _tick(nodes, 0.02)
+        tick(nodes, 0.02)
     assert done == [0] * 40
     assert not acked_dirty, f"writes acknowledged while the leader's log was not durable: {acked_dirty}"
     sent = {kind for check in checks for kind in check.sent}
