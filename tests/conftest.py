@@ -34,6 +34,12 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]
 
 
 @pytest.fixture
+def acl_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The same, with ACLs on (``regctl server --acl``); bootstrap it with ``acl_bootstrap``."""
+    yield from started_cluster(tmp_path, request, extra_args=("--acl",))
+
+
+@pytest.fixture
 def fleet(cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     """Echo backends and agents against ``cluster``; every process killed after the test."""
     f = Fleet(tmp_path / "fleet", cluster.endpoints)

@@ -10,7 +10,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,9 @@ import pytest
 
 from registry.client import SyncClient
 from registry.errors import Conflict, LimitExceeded, PermissionDenied, RegistryError, Unauthenticated
-from tests.conftest import started_cluster
 from tests.support.cluster import Cluster, regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def acl_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    yield from started_cluster(tmp_path, request, extra_args=("--acl",))
 
 
 def regctl(cluster: Cluster, *args: str, token: str | None = None, stdin: str | None = None,

@@ -9,36 +9,18 @@ caller's remembered answer.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from registry.client import Client
 from registry.errors import Conflict, LimitExceeded, RegistryError, Unauthenticated
-from tests.conftest import started_cluster
-from tests.support.cluster import Cluster, NodeProc, regctl_executable
+from tests.support.cluster import Cluster, NodeProc, acl_bootstrap
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def acl_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    yield from started_cluster(tmp_path, request, extra_args=("--acl",))
-
-
-def bootstrap(cluster: Cluster) -> str:
-    proc = subprocess.run([regctl_executable(), "--endpoints", ",".join(cluster.endpoints), "-o", "json", "acl",
-                           "bootstrap"], capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    secret: str = json.loads(proc.stdout)["secret"]
-    return secret
 
 
 def metric(node: NodeProc, name: str) -> float:
@@ -59,7 +41,7 @@ def proposals(node: NodeProc) -> float:
 
 def test_a_stranger_token_proposes_nothing_and_reads_no_one_elses_request_id(acl_cluster: Cluster) -> None:
     c = acl_cluster
-    admin = c.client(token=bootstrap(c))
+    admin = c.client(token=acl_bootstrap(c))
     revision, _ = admin.call("key_put", {"key": "cfg/a", "value": "1", "rid": "owner-rid-1"})
     node = c.nodes[0]
     stranger = c.client([node.api], token="not-a-real-token")
@@ -81,7 +63,7 @@ def test_a_stranger_token_proposes_nothing_and_reads_no_one_elses_request_id(acl
 
 def test_bootstrap_after_the_first_costs_no_raft_entry(acl_cluster: Cluster) -> None:
     c = acl_cluster
-    admin = c.client(token=bootstrap(c))
+    admin = c.client(token=acl_bootstrap(c))
     admin.call("key_put", {"key": "sync", "value": "1"})  # the leader has applied the bootstrap by now
     leader = c.wait_leader()
     anon = c.client([leader.api])
@@ -96,7 +78,7 @@ def test_concurrent_guesses_cannot_bypass_the_login_limit(acl_cluster: Cluster) 
     # Before, the limit was checked before an await and counted after: 64 guesses sent at once on one
     # connection all reached the (slow, on purpose) scrypt check.
     c = acl_cluster
-    secret = bootstrap(c)
+    secret = acl_bootstrap(c)
     admin = c.client(token=secret)
     admin.call("acl_role_put", {"name": "ops", "rules": ["service:*=read"]})
     admin.call("acl_user_put", {"name": "ann", "password": "correct horse battery", "roles": ["ops"]})
@@ -123,7 +105,7 @@ def test_concurrent_guesses_cannot_bypass_the_login_limit(acl_cluster: Cluster) 
 def test_logins_and_expired_tokens_do_not_pile_up(acl_cluster: Cluster) -> None:
     # Before, expired tokens were never removed and every login added one (up to the 100,000 cap).
     c = acl_cluster
-    admin = c.client(token=bootstrap(c))
+    admin = c.client(token=acl_bootstrap(c))
     admin.call("acl_role_put", {"name": "ops", "rules": ["service:*=read"]})
     admin.call("acl_user_put", {"name": "ann", "password": "correct horse battery", "roles": ["ops"]})
     anon = c.client()

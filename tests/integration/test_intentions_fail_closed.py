@@ -10,22 +10,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from registry.server.ports import free_ports
-from tests.conftest import started_cluster
 from tests.support.agents import Proc, agent, ask, backend, port_open, upstream_view
 from tests.support.cluster import Cluster, regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def acl_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    yield from started_cluster(tmp_path, request, extra_args=("--acl",))
 
 
 def refused(port: int) -> bool:

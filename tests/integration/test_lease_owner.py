@@ -8,33 +8,15 @@ forever, and ``read`` on lease showed every name attached to any lease.
 
 from __future__ import annotations
 
-import json
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from registry.client import SyncClient
 from registry.errors import PermissionDenied
-from tests.conftest import started_cluster
-from tests.support.cluster import Cluster, regctl_executable
+from tests.support.cluster import Cluster, acl_bootstrap
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def acl_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    yield from started_cluster(tmp_path, request, extra_args=("--acl",))
-
-
-def bootstrap(cluster: Cluster) -> str:
-    proc = subprocess.run([regctl_executable(), "--endpoints", ",".join(cluster.endpoints), "-o", "json", "acl",
-                           "bootstrap"], capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    secret: str = json.loads(proc.stdout)["secret"]
-    return secret
 
 
 def agent(cluster: Cluster, admin: SyncClient, role: str, rules: list[str]) -> SyncClient:
@@ -45,7 +27,7 @@ def agent(cluster: Cluster, admin: SyncClient, role: str, rules: list[str]) -> S
 
 def test_one_agent_cannot_use_another_agents_lease(acl_cluster: Cluster) -> None:
     c = acl_cluster
-    admin = c.client(token=bootstrap(c))
+    admin = c.client(token=acl_bootstrap(c))
     db = agent(c, admin, "db-agent", ["service:db*=read,register", "lease=read,write", "key:db/=read,write"])
     web = agent(c, admin, "web-agent", ["service:web*=read,register", "lease=read,write", "key:web/=read,write"])
     lease = db.lease_grant(10_000)

@@ -7,6 +7,7 @@ left, and the fixture calls it even when the test fails.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -247,3 +248,12 @@ class Cluster:
             if node.log_path.exists():
                 out.append(f"--- {node.node_id} ---\n" + node.log_path.read_text(errors="replace")[-4000:])
         return "\n".join(out)
+
+
+def acl_bootstrap(cluster: Cluster) -> str:
+    """``regctl acl bootstrap`` against ``cluster``: the management token's secret."""
+    proc = subprocess.run([regctl_executable(), "--endpoints", ",".join(cluster.endpoints), "-o", "json", "acl",
+                           "bootstrap"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    secret: str = json.loads(proc.stdout)["secret"]
+    return secret
