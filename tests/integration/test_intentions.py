@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.support.agents import Fleet, ask, port_open
@@ -31,9 +29,8 @@ def test_intention_deny_blocks_proxied_connections_and_delete_lets_them_through(
     admin = cluster.client()
 
     admin.call("intention_put", {"source": "client", "destination": "echo", "action": "deny"})
-    denied_at = time.monotonic()
+    # Through the agent's intentions watch: a deadline on the condition, not a timing assert.
     wait_until(lambda: refused(port), 5, "the deny to reach the agent", interval_s=0.02)
-    assert time.monotonic() - denied_at < 1.5
     assert refused(port)
     # Other pairs are untouched, and the CLI-visible check agrees.
     assert admin.call("intention_check", {"source": "client", "destination": "echo"})[1]["action"] == "deny"
