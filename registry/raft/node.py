@@ -88,6 +88,7 @@ from registry.raft.log import LogRefused, LogWriteFailed, RaftLog, SyncObserver
 from registry.raft.pysyncobj_patch import install as install_journal_factory
 from registry.raft.send_gate import GatedTransport, SendGate
 from registry.raft.snapshot import SNAPSHOT_FORMAT, SNAPSHOT_MAGIC, open_private, read_snapshot_file
+from registry.raft.tcp import WireCounters
 
 __all__ = ["StateHolder", "RaftNode", "BatchOutcome", "Listener", "RaftStatus", "apply_entry", "submit_error"]
 
@@ -713,6 +714,8 @@ class RaftNode:
         #: The Raft log on disk and the gate every Raft message leaves through.
         self.wal: RaftLog = self._core.wal
         self.send_gate: SendGate = self._core.send_gate
+        #: What the Raft port's guards refused (registry/raft/tcp.py), for the node's metrics.
+        self.wire_counters: WireCounters = self._core._SyncObj__transport.wire_counters
 
     # -- proposals and applied batches ----------------------------------------------
 

@@ -13,6 +13,7 @@ import importlib.metadata
 import platform
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import ClassVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from registry.build import build_kind
 
-__all__ = ["NodeMetrics", "RequestStats", "WalStats", "build_info"]
+__all__ = ["NodeMetrics", "RaftWireStats", "RequestStats", "WalStats", "build_info"]
 
 _LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -151,6 +152,27 @@ class WalStats(Collector):
                                    "torn records cut from the end of the Raft log when this node started")
         torn.add_metric([], self.torn_tails_truncated)
         yield torn
+
+
+class RaftWireStats(Collector):
+    """``regctl_raft_wire_refused_total{reason}``: what the Raft port's guards refused or survived
+    (registry/raft/tcp.py counts them in the Raft thread; a scrape reads the plain ints)."""
+
+    #: reason label -> WireCounters attribute.
+    REASONS: ClassVar[dict[str, str]] = {"frame_too_large": "frames_refused", "message_refused": "messages_refused",
+               "handshake_expired": "handshakes_expired", "handshake_evicted": "handshakes_evicted",
+               "accept_error": "accept_errors"}
+
+    def __init__(self, counters: object) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("regctl_raft_wire_refused",
+                                     "Raft port: frames, messages and connections refused, and failed accepts",
+                                     labels=["reason"])
+        for reason, attribute in self.REASONS.items():
+            family.add_metric([reason], getattr(self._counters, attribute))
+        yield family
 
 
 def _version(distribution: str) -> str:

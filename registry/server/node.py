@@ -35,7 +35,7 @@ from registry.server.gc_tuning import GcSettings, GcTuner
 from registry.server.http import HTTPServer
 from registry.server.lease_service import LeaseService
 from registry.server.logs import configure_logging
-from registry.server.metrics import NodeMetrics
+from registry.server.metrics import NodeMetrics, RaftWireStats
 from registry.server.proposer import Proposer
 from registry.server.server import APIServer
 from registry.server.watch_service import WatchService
@@ -237,6 +237,7 @@ def build_node(config: NodeConfig) -> Node:
     )
     raft = RaftNode(config, holder, incarnation, guard, on_fsync=metrics.wal.observe)
     metrics.wal.torn_tails_truncated = raft.wal.torn_tails_truncated
+    metrics.registry.register(RaftWireStats(raft.wire_counters))
     if seed is not None:
         # Make our own snapshot (which includes the seed) soon, so nodes
         # that join later receive the seeded state, not an empty log.

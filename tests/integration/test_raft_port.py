@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,14 @@ def test_a_drip_that_never_authenticates_is_closed(cluster: Cluster) -> None:
     assert steady(cluster) == before
 
 
+def refused(node: NodeProc, reason: str) -> float:
+    """``regctl_raft_wire_refused_total{reason}`` on ``node``'s /metrics (0 before any)."""
+    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf'^regctl_raft_wire_refused_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -165,7 +175,8 @@ def test_running_out_of_file_descriptors_does_not_close_the_raft_listener(cluste
             with contextlib.suppress(BlockingIOError):
                 sock.connect_ex((host, port))
             attackers.append(sock)
-        time.sleep(2.0)  # let the node run into EMFILE for a while
+        # The node runs into EMFILE again and again (each failed accept is counted), and keeps listening.
+        wait_until(lambda: refused(target, "accept_error") >= 3, 20.0, "n1 to fail accepts with EMFILE")
         assert listening(port) == {f"{host}:{port}"}, "the Raft listener closed under EMFILE"
     finally:
         for sock in attackers:
