@@ -6,6 +6,7 @@ Scrapes each node's HTTP port of a ``cluster`` of real processes.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import pytest
@@ -20,9 +21,15 @@ _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def get(addr: str, path: str) -> bytes:
-    with _HTTP.open(f"http://{addr}{path}", timeout=5.0) as resp:
-        body: bytes = resp.read()
-        return body
+    try:
+        with _HTTP.open(f"http://{addr}{path}", timeout=5.0) as resp:
+            body: bytes = resp.read()
+            return body
+    except urllib.error.HTTPError as err:
+        # An error status (a node not ready yet) holds its response open; wait_until keeps the
+        # error as its last one, so close it here or its socket is left for the GC to warn about.
+        err.close()
+        raise
 
 
 def samples(node: NodeProc) -> dict[str, float]:
