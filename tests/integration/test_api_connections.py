@@ -22,7 +22,7 @@ import pytest
 
 from registry.config import NodeConfig, parse_hostport
 from registry.protocol import PROTOCOL_VERSION, ClientConnection, Hello
-from tests.support.cluster import Cluster, NodeProc, wait_until
+from tests.support.cluster import Cluster, NodeProc, closed_by_peer, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,27 +45,12 @@ def attacker_socket(node: NodeProc) -> socket.socket:
     return sock
 
 
-def closed_within(sock: socket.socket, deadline_s: float) -> bool:
-    """True once the node closed ``sock`` (EOF or reset) within ``deadline_s``; what it sends first is ignored."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        sock.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            if sock.recv(65536) == b"":
-                return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
-    return False
-
-
 def test_a_connection_that_never_says_hello_is_closed(cluster: Cluster) -> None:
     node = cluster.nodes[0]
     before = refused(node, "hello_timeout")
     with attacker_socket(node) as sock:
         started = time.monotonic()
-        assert closed_within(sock, DEFAULTS.hello_timeout_s + 5.0), "a silent connection was kept"
+        assert closed_by_peer(sock, DEFAULTS.hello_timeout_s + 5.0), "a silent connection was kept"
         assert time.monotonic() - started >= DEFAULTS.hello_timeout_s - 0.5
     assert refused(node, "hello_timeout") == before + 1
 
@@ -80,7 +65,7 @@ def test_bytes_before_the_hello_are_capped(cluster: Cluster) -> None:
         except (BrokenPipeError, ConnectionResetError):
             pass
         # Closed for the bytes, well before the hello deadline.
-        assert closed_within(sock, DEFAULTS.hello_timeout_s / 2), "the node buffered a partial frame before hello"
+        assert closed_by_peer(sock, DEFAULTS.hello_timeout_s / 2), "the node buffered a partial frame before hello"
     assert refused(node, "prehello_bytes") >= 1
 
 
@@ -98,7 +83,7 @@ def test_one_address_cannot_take_every_connection(cluster: Cluster) -> None:
             sock.sendall(hello)
         # One more from the same address is closed at once ...
         with attacker_socket(node) as extra:
-            assert closed_within(extra, 3.0), "the per-source cap let one more connection in"
+            assert closed_by_peer(extra, 3.0), "the per-source cap let one more connection in"
         assert refused(node, "per_source") >= 1
         # ... while a client from another address is served.
         status = cluster.status(node)
@@ -109,6 +94,6 @@ def test_one_address_cannot_take_every_connection(cluster: Cluster) -> None:
     # And the slots come back once they are closed.
     def admitted() -> bool:
         with attacker_socket(node) as sock:
-            return not closed_within(sock, 0.3)
+            return not closed_by_peer(sock, 0.3)
 
     wait_until(admitted, 10.0, "a slot for 127.0.0.2 again")

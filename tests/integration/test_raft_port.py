@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from registry.config import parse_hostport
-from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
+from tests.support.cluster import Cluster, NodeProc, closed_by_peer, regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -60,21 +60,6 @@ def steady(cluster: Cluster) -> dict[str, tuple[int, str | None]]:
 
 def raft_endpoint(node: NodeProc) -> tuple[str, int]:
     return parse_hostport(node.raft)
-
-
-def closed_by_peer(sock: socket.socket, deadline_s: float) -> bool:
-    """True once the node closed ``sock`` (EOF or reset) within ``deadline_s``; data it sends is ignored."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        sock.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            if sock.recv(4096) == b"":
-                return True
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
-    return False
 
 
 def test_raft_port_listens_only_on_the_address_asked_for(cluster: Cluster) -> None:

@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -257,3 +258,18 @@ def acl_bootstrap(cluster: Cluster) -> str:
     assert proc.returncode == 0, proc.stderr
     secret: str = json.loads(proc.stdout)["secret"]
     return secret
+
+
+def closed_by_peer(sock: socket.socket, deadline_s: float) -> bool:
+    """True once the other end closed ``sock`` (EOF or reset) within ``deadline_s``; data it sends is ignored."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        sock.settimeout(max(0.01, end - time.monotonic()))
+        try:
+            if sock.recv(65536) == b"":
+                return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+    return False
