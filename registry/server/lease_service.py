@@ -232,8 +232,9 @@ class LeaseService:
         # from a deposed one's: keep trying for as long as this term lasts.
         while self._term == term and self.keeper.active:
             try:
+                # ungated: the proposer holds every other write until this one has applied.
                 await self._proposer.write({"op": "leader_epoch", "epoch": term,
-                                            "state_bytes_max": self._state_bytes_max})
+                                            "state_bytes_max": self._state_bytes_max}, ungated=True)
                 return
             except RegistryError as err:
                 log.warning("could not commit leader epoch %d (retrying): %s", term, err.message)

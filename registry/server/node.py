@@ -105,6 +105,7 @@ class Node:
 
     def _on_applied(self, revision: int, events: list[dict[str, Any]], entry_bytes: int) -> None:
         self._waiters.applied(revision)
+        self._proposer.applied()
         if self._consul_tracker is not None:
             # Before the hub: a blocking query woken by these events must find them tracked.
             self._consul_tracker.observe(revision, events)
@@ -119,6 +120,7 @@ class Node:
             self._consul_tracker.restored(restored_revision)
         self.watches.restored()
         self.leases.on_restore()
+        self._proposer.applied()
 
     def _live_numbers(self) -> dict[str, Any]:
         return {
@@ -278,6 +280,8 @@ def build_node(config: NodeConfig) -> Node:
         batch_inflight_max=config.batch_inflight_max,
         pending_max=config.proposals_pending_max,
         timeout_s=config.request_timeout_s,
+        # The leader of the current term has announced itself (its leader_epoch applied here).
+        ready=lambda: holder.state.epoch >= raft.term(),
     )
     info = NodeInfo(
         node_id=config.node_id,

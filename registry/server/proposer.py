@@ -19,6 +19,16 @@ commit, so its reads time out instead of answering stale.
 Results come back from the Raft thread with one ``call_soon_threadsafe`` per
 batch.
 
+Writes wait for the leader's first entry.  A new leader's first command,
+``leader_epoch``, carries the state byte budget every replica enforces (and
+fences a deposed leader's lease expiries).  A write proposed before it
+applied here would land ahead of it, under the previous term's budget (or,
+on a new cluster, no budget), so writes are *held* while ``ready()`` is
+false and released, in arrival order, by ``applied()`` once it is true.  A
+held write that outlives its deadline fails with ``Unavailable``: it was
+never proposed.  Barriers and ``ungated`` commands (the announcement
+itself) are never held.
+
 Timeouts.  A caller that waits longer than ``timeout_s`` gets ``Timeout``.
 Rather than one ``asyncio.wait_for`` per command (a timer, a wrapper future
 and callbacks each: ~10 us, a few percent of a node's CPU under load), every
@@ -39,7 +49,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from registry.errors import CODES, LimitExceeded, RegistryError, Timeout
+from registry.errors import CODES, LimitExceeded, RegistryError, Timeout, Unavailable
 from registry.fsm.commands import validate_command
 from registry.raft.node import submit_error
 from registry.server.metrics import NodeMetrics
@@ -67,12 +77,14 @@ def outcome_result(outcome: Any) -> dict[str, Any]:
 
 
 class _Waiter:
-    __slots__ = ("command", "deadline", "encoded", "future")
+    __slots__ = ("command", "deadline", "encoded", "future", "held")
 
     def __init__(self, command: dict[str, Any] | None, future: asyncio.Future[Any], deadline: float) -> None:
         self.command = command
         self.future = future
         self.deadline = deadline
+        #: Waiting for ``ready()`` (see the module docstring), not yet proposed.
+        self.held = False
         #: The command's msgpack bytes, once a batch has encoded it (kept if it had to wait for the next one).
         self.encoded: bytes | None = None
 
@@ -89,6 +101,7 @@ class Proposer:
         batch_inflight_max: int,
         pending_max: int,
         timeout_s: float,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self._submitter = submitter
         self._loop = loop
@@ -99,7 +112,10 @@ class Proposer:
         self._inflight_max = batch_inflight_max
         self._pending_max = pending_max
         self._timeout_s = timeout_s
+        self._ready = ready
         self._pending: deque[_Waiter] = deque()
+        #: Writes waiting for ``ready()``, in arrival order.
+        self._held: deque[_Waiter] = deque()
         #: Every waiter not yet known to be done, in arrival (= deadline) order, for the sweep.
         self._waiting: deque[_Waiter] = deque()
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -109,19 +125,22 @@ class Proposer:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._held)
 
-    async def write(self, command: dict[str, Any], *, validated: bool = False) -> dict[str, Any]:
+    async def write(self, command: dict[str, Any], *, validated: bool = False,
+                    ungated: bool = False) -> dict[str, Any]:
         """Commit one command; return its result or raise its error.
 
         Every command is validated here, on the proposing node, before it
         enters the log (``validated=True``: the caller already did, with
         ``validate_command``): replicas then apply log entries without
-        validating again (``RegistryState.apply(trusted=True)``).
+        validating again (``RegistryState.apply(trusted=True)``).  ``ungated``:
+        propose even before ``ready()`` (only the leader's announcement).
         """
-        return outcome_result(await self.propose(command, validated=validated))
+        return outcome_result(await self.propose(command, validated=validated, ungated=ungated))
 
-    def propose(self, command: dict[str, Any], *, validated: bool = False) -> asyncio.Future[Any]:
+    def propose(self, command: dict[str, Any], *, validated: bool = False,
+                ungated: bool = False) -> asyncio.Future[Any]:
         """``write`` without a coroutine: the future of the command's outcome (see ``outcome_result``).
 
         For callers that answer from a done-callback instead of a task (the
@@ -130,7 +149,7 @@ class Proposer:
         """
         if not validated:
             command = validate_command(command)
-        return self._add(command)
+        return self._add(command, gated=not ungated)
 
     async def barrier(self) -> None:
         """Return once an entry proposed after this call has committed and applied here."""
@@ -140,18 +159,38 @@ class Proposer:
         """``barrier`` without a coroutine: a future done once the barrier has applied here."""
         return self._add(None)
 
-    def _add(self, command: dict[str, Any] | None) -> asyncio.Future[Any]:
+    def applied(self) -> None:
+        """Called on the loop after every applied batch: release held writes once ``ready()``."""
+        if self._held and self._ready():
+            self._release()
+
+    def _release(self) -> None:
+        held = self._held
+        while held:
+            waiter = held.popleft()
+            waiter.held = False
+            if not waiter.future.done():
+                self._pending.append(waiter)
+        self._schedule_flush()
+
+    def _add(self, command: dict[str, Any] | None, *, gated: bool = True) -> asyncio.Future[Any]:
         if self._closed:
             raise Timeout("node is shutting down")
-        if len(self._pending) >= self._pending_max:
+        if len(self._pending) + len(self._held) >= self._pending_max:
             raise LimitExceeded(f"more than {self._pending_max} proposals pending on this node; retry later")
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
         waiter = _Waiter(command, future, loop.time() + self._timeout_s)
-        self._pending.append(waiter)
         self._waiting.append(waiter)
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(_SWEEP_S, self._sweep)
+        if command is not None and gated and not self._ready():
+            waiter.held = True
+            self._held.append(waiter)
+            return future
+        if self._held and command is not None and gated:
+            self._release()  # ready again: the held writes go first, in arrival order
+        self._pending.append(waiter)
         self._schedule_flush()
         return future
 
@@ -164,10 +203,16 @@ class Proposer:
             if not waiter.future.done():
                 if waiter.deadline > now:
                     break
-                waiter.future.set_exception(Timeout(
-                    f"not committed within {self._timeout_s:g}s (no quorum or no leader?); "
-                    "outcome unknown, a retry with the same request id is safe"
-                ))
+                if waiter.held:
+                    waiter.future.set_exception(Unavailable(
+                        f"not proposed: no leader's first entry applied on this node within "
+                        f"{self._timeout_s:g}s (an election, or this node lags); nothing was written, retry"
+                    ))
+                else:
+                    waiter.future.set_exception(Timeout(
+                        f"not committed within {self._timeout_s:g}s (no quorum or no leader?); "
+                        "outcome unknown, a retry with the same request id is safe"
+                    ))
             waiting.popleft()
         if waiting and not self._closed:
             self._sweep_handle = self._loop.call_later(_SWEEP_S, self._sweep)
@@ -260,7 +305,8 @@ class Proposer:
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
-        while self._pending:
-            waiter = self._pending.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(Timeout("node is shutting down"))
+        for queue in (self._pending, self._held):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.future.done():
+                    waiter.future.set_exception(Timeout("node is shutting down"))
