@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from registry.server.ports import free_ports
+from tests.fuzz.campaign import EXAMPLES, for_a_while
 from tests.support.cluster import regctl_executable, wait_until
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 
 ROUTES = ["/metrics", "/healthz", "/readyz", "/v1/status", "/v1/services", "/v1/services/{}", "/v1/sd", "/{}"]
 texts = st.text(max_size=30)
@@ -59,6 +59,7 @@ def _get(host: str, port: int, method: str, path: str, headers: dict[str, str]) 
 
 
 @pytest.mark.slow
+@for_a_while
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     route=st.sampled_from(ROUTES),

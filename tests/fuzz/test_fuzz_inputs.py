@@ -6,7 +6,6 @@ sets the examples per target (default 300).
 
 from __future__ import annotations
 
-import os
 import pickle
 import socket
 import struct
@@ -26,10 +25,10 @@ from registry.protocol import PROTOCOL_VERSION, BadMessage, Closed, Hello, NeedD
 from registry.protocol.frames import FrameDecoder
 from registry.raft.cipher import RaftCipher
 from registry.raft.tcp import GuardedTcpConnection, RaftWireLimits, WireCounters
+from tests.fuzz.campaign import EXAMPLES, for_a_while
 
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 
 # -- values: msgpack-able data of every shape, some of it close to real commands ----------------
@@ -64,6 +63,7 @@ requests = st.builds(lambda i, op, args: _frame({"t": "req", "id": i, "op": op, 
 
 
 @pytest.mark.slow
+@for_a_while
 @FUZZ
 @given(st.lists(st.binary(max_size=200), max_size=10))
 def test_frame_decoder_never_raises_but_typed_errors(chunks: list[bytes]) -> None:
@@ -78,6 +78,7 @@ def test_frame_decoder_never_raises_but_typed_errors(chunks: list[bytes]) -> Non
 
 
 @pytest.mark.slow
+@for_a_while
 @FUZZ
 @given(st.booleans(), st.lists(st.one_of(st.binary(max_size=200), values.map(_frame), requests), max_size=10))
 def test_server_protocol_never_raises_but_typed_errors(hello_first: bool, chunks: list[bytes]) -> None:
@@ -98,6 +99,7 @@ def test_server_protocol_never_raises_but_typed_errors(hello_first: bool, chunks
 
 
 @pytest.mark.slow
+@for_a_while
 @FUZZ
 @given(commands)
 def test_validator_refuses_with_typed_errors_and_is_a_fixed_point(command: dict[str, Any]) -> None:
@@ -109,6 +111,7 @@ def test_validator_refuses_with_typed_errors_and_is_a_fixed_point(command: dict[
 
 
 @pytest.mark.slow
+@for_a_while
 @FUZZ
 @given(st.lists(commands, max_size=25), st.integers(min_value=0, max_value=25))
 def test_apply_keeps_invariants_and_a_restored_replica_agrees(cmds: list[dict[str, Any]], cut: int) -> None:
@@ -130,6 +133,7 @@ def test_apply_keeps_invariants_and_a_restored_replica_agrees(cmds: list[dict[st
 
 
 @pytest.mark.slow
+@for_a_while
 @FUZZ
 @given(st.lists(commands, max_size=15), st.data())
 def test_snapshot_loader_refuses_corruption_with_bad_request(cmds: list[dict[str, Any]], data: st.DataObject) -> None:
@@ -171,6 +175,7 @@ def _raft_frame(obj: Any) -> bytes:
 
 
 @pytest.mark.slow
+@for_a_while
 @FUZZ
 @given(st.lists(st.one_of(st.binary(max_size=300), st.builds(_raft_frame, values),
                           st.binary(max_size=8).map(lambda b: struct.pack("i", 1 << 30) + b)), max_size=8))
