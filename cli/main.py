@@ -31,6 +31,47 @@ from .up import up
 # -- server / up ----------------------------------------------------------------
 
 
+def _with_connection_limits(config: NodeConfig, *, connections_max: int | None,
+                            connections_per_source_max: int | None, hello_timeout_ms: float | None,
+                            hello_bytes_max: int | None, raft_message_bytes_max: int | None,
+                            raft_handshake_bytes_max: int | None, raft_handshake_timeout_ms: float | None,
+                            raft_unauthenticated_max: int | None) -> NodeConfig:
+    """The client-port and Raft-port limits given on the command line (``validate`` checks them)."""
+    client: dict[str, Any] = {
+        "connections_max": connections_max,
+        "connections_per_source_max": connections_per_source_max,
+        "hello_timeout_s": None if hello_timeout_ms is None else hello_timeout_ms / 1000,
+        "hello_bytes_max": hello_bytes_max,
+    }
+    wire: dict[str, Any] = {
+        "message_bytes_max": raft_message_bytes_max,
+        "handshake_message_bytes_max": raft_handshake_bytes_max,
+        "handshake_deadline_s": None if raft_handshake_timeout_ms is None else raft_handshake_timeout_ms / 1000,
+        "unauthenticated_connections_max": raft_unauthenticated_max,
+    }
+    raft_wire = dataclasses.replace(config.raft_wire, **{k: v for k, v in wire.items() if v is not None})
+    return config.replace(raft_wire=raft_wire, **{k: v for k, v in client.items() if v is not None})
+
+
+#: Config fields that a ``server`` flag sets, for errors that name the field (``NodeConfig.validate``).
+_FLAG_OF_FIELD = {
+    "connections_per_source_max": "--max-client-connections-per-source",
+    "connections_max": "--max-client-connections",
+    "hello_bytes_max": "--max-hello-bytes",
+    "raft_wire.message_bytes_max": "--max-raft-message-bytes",
+    "handshake_message_bytes_max": "--max-raft-handshake-bytes",
+    "message_bytes_max": "--max-raft-message-bytes",
+}
+
+
+def _name_flags(message: str) -> str:
+    """``message`` with each config field a flag sets followed by that flag."""
+    for field_name, flag in _FLAG_OF_FIELD.items():
+        if message.startswith(field_name + " "):
+            return f"{flag}: {message}"
+    return message
+
+
 @cli.command()
 @click.option("--id", "node_id", required=True, help="Node id (unique in the cluster).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
@@ -61,6 +102,27 @@ from .up import up
 @click.option("--max-state-bytes", "state_bytes_max", type=click.IntRange(min=1 << 20), default=None,
               help="Budget of the replicated state in (estimated) bytes; writes past it fail with LIMIT_EXCEEDED "
                    "[default: 2 GiB]. Give every node the same value.")
+@click.option("--max-client-connections", "connections_max", type=click.IntRange(min=1), default=None,
+              help="Client API connections at once; more are closed at accept [default: 10000].")
+@click.option("--max-client-connections-per-source", "connections_per_source_max", type=click.IntRange(min=1),
+              default=None, help="Client API connections at once from one address [default: 1024].")
+@click.option("--hello-timeout-ms", type=click.FloatRange(min=0, max=60_000, min_open=True), default=None,
+              help="A client connection that has not sent its hello this long after connecting is closed "
+                   "[default: 5000; at most 60000].")
+@click.option("--max-hello-bytes", "hello_bytes_max", type=click.IntRange(min=1024), default=None,
+              help="Bytes a client connection may send before its hello [default: 65536; 1 KiB..the frame cap].")
+@click.option("--max-raft-message-bytes", "raft_message_bytes_max", type=click.IntRange(min=1), default=None,
+              help="Largest Raft message accepted from a peer [default: 268435456 (256 MiB); must exceed the "
+                   "largest Raft entry by 1 MiB].")
+@click.option("--max-raft-handshake-bytes", "raft_handshake_bytes_max", type=click.IntRange(512, 1 << 20),
+              default=None,
+              help="Largest Raft frame before a connection has authenticated [default: 4096; 512 B..1 MiB].")
+@click.option("--raft-handshake-timeout-ms", type=click.FloatRange(min=0, max=60_000, min_open=True), default=None,
+              help="A Raft connection that has not authenticated this long after connecting is closed "
+                   "[default: 5000; at most 60000].")
+@click.option("--max-raft-unauthenticated-connections", "raft_unauthenticated_max", type=click.IntRange(1, 10_000),
+              default=None, help="Raft connections still in their handshake at once; the oldest is closed to "
+                                 "make room [default: 64; at most 10000].")
 @click.option("--acl", "acl_enabled", is_flag=True,
               help="Enforce ACLs: every request needs a token (bootstrap with `regctl acl bootstrap`).")
 @click.option("--tls-cert", "tls_cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -92,7 +154,8 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            watch_queue_events: int | None, acl_enabled: bool, tls_cert: Path | None, tls_key: Path | None,
            tls_client_ca: Path | None, dns_addr: str | None, dns_domain: str, dns_ttl_s: int,
            dns_token_file: Path | None, consul_http_addrs: tuple[str, ...], unsafe_no_fsync: bool,
-           state_bytes_max: int | None, http_tls_cert: Path | None, http_tls_key: Path | None) -> None:
+           state_bytes_max: int | None, http_tls_cert: Path | None, http_tls_key: Path | None,
+           **limit_flags: Any) -> None:
     """Run one registry node in the foreground."""
     from registry.raft.incarnation import load_or_create
     from registry.server.node import http_ssl_context, run_node, server_ssl_context
@@ -136,13 +199,14 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         config = config.replace(watch_limits=limits, dns=_dns_settings(dns_addr, dns_domain, dns_ttl_s, dns_token_file))
         if state_bytes_max is not None:
             config = config.replace(state_bytes_max=state_bytes_max)
+        config = _with_connection_limits(config, **limit_flags)
         config = config.replace(http_tls_cert=http_tls_cert, http_tls_key=http_tls_key)
         if consul_http_addrs:
             config = config.replace(consul_http=tuple(parse_hostport(a, what="--consul-http")
                                                       for a in consul_http_addrs))
         config.validate()
     except RegistryError as err:
-        raise click.UsageError(err.message) from None
+        raise click.UsageError(_name_flags(err.message)) from None
     try:
         server_ssl_context(config)  # load once here: a bad file is a usage error, not a traceback at bind time
     except OSError as err:  # a missing file, or ssl.SSLError (an OSError) for a bad PEM
