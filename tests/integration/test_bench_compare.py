@@ -148,3 +148,27 @@ def test_scale_tiny(tmp_path: Path) -> None:
     # The restart brought every write back, on every node.
     assert ours["state_restored"] is True and ours["state_after_restart"] == ours["state_before_restart"]
     assert "| measure |" in (out / "scale.md").read_text()
+
+
+def test_timeline_tiny(tmp_path: Path) -> None:
+    """bench/README.md's `python -m bench.timeline`: a lone write's stages line up across the three nodes."""
+    from registry.build import build_kind
+
+    if build_kind() != "pure":
+        pytest.skip("bench.timeline wraps classes, which needs the pure-Python build (it says so and exits 1)")
+    argv = shlex.split(find_command(REPO / "bench" / "README.md", "python -m bench.timeline").text)
+    out = tmp_path / "timeline.json"
+    cmd = [sys.executable, *argv[1:], "--writes", "40", "--root", str(tmp_path / "root"), "--json", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    # Heartbeats and elections can break a chain now and then; most writes must line up.
+    assert result["lined_up"] >= 20, result
+    stages = result["stages"]
+    names = list(stages)
+    assert names[0] == "client sends" and names[-1] == "client receives"
+    assert "follower's fdatasync ends" in stages and "leader applied" in stages
+    assert all(step >= 0 for _offset, step in stages.values()), stages
+    assert stages["client receives"][0] >= stages["leader applied"][0] > 0
+    assert "| leader applies |" in done.stdout
+    assert _running_with(str(tmp_path / "root")) == []
