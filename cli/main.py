@@ -147,6 +147,11 @@ def _name_flags(message: str) -> str:
 @click.option("--consul-http", "consul_http_addrs", multiple=True,
               help="Serve Consul's HTTP API (catalog, health, agent, KV, blocking queries) on this HOST:PORT, "
                    "for Prometheus, Traefik and Consul clients (docs/consul.md); repeat for more listeners.")
+@click.option("--consul-http-tls-cert", "consul_tls_cert", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Serve Consul's HTTP API (--consul-http) over TLS with this certificate chain "
+                                 "(PEM): it takes tokens.")
+@click.option("--consul-http-tls-key", "consul_tls_key", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Private key of --consul-http-tls-cert (PEM).")
 def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: str, http_addr: str,
            peer_apis: tuple[str, ...], cluster_key_file: Path | None, dev: bool, log_format: str,
            log_level: str, compaction_entries: int | None, commit_notify_delay_ms: float | None,
@@ -155,10 +160,10 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
            tls_client_ca: Path | None, dns_addr: str | None, dns_domain: str, dns_ttl_s: int,
            dns_token_file: Path | None, consul_http_addrs: tuple[str, ...], unsafe_no_fsync: bool,
            state_bytes_max: int | None, http_tls_cert: Path | None, http_tls_key: Path | None,
-           **limit_flags: Any) -> None:
+           consul_tls_cert: Path | None, consul_tls_key: Path | None, **limit_flags: Any) -> None:
     """Run one registry node in the foreground."""
     from registry.raft.incarnation import load_or_create
-    from registry.server.node import http_ssl_context, run_node, server_ssl_context
+    from registry.server.node import consul_ssl_context, http_ssl_context, run_node, server_ssl_context
 
     key: str | None = None
     if cluster_key_file is not None:
@@ -200,7 +205,8 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         if state_bytes_max is not None:
             config = config.replace(state_bytes_max=state_bytes_max)
         config = _with_connection_limits(config, **limit_flags)
-        config = config.replace(http_tls_cert=http_tls_cert, http_tls_key=http_tls_key)
+        config = config.replace(http_tls_cert=http_tls_cert, http_tls_key=http_tls_key,
+                                consul_tls_cert=consul_tls_cert, consul_tls_key=consul_tls_key)
         if consul_http_addrs:
             config = config.replace(consul_http=tuple(parse_hostport(a, what="--consul-http")
                                                       for a in consul_http_addrs))
@@ -215,6 +221,10 @@ def server(node_id: str, data_dir: Path, raft_addr: str, peers: str, api_addr: s
         http_ssl_context(config)
     except OSError as err:
         raise click.UsageError(f"cannot load TLS files (--http-tls-cert/--http-tls-key): {err}") from None
+    try:
+        consul_ssl_context(config)
+    except OSError as err:
+        raise click.UsageError(f"cannot load TLS files (--consul-http-tls-cert/--consul-http-tls-key): {err}") from None
     try:
         # The data directory's identity (made on first use); a corrupt one is a usage error, not a traceback.
         load_or_create(Path(config.data_dir))

@@ -223,6 +223,9 @@ class NodeConfig:
     #: HTTP endpoints (/metrics, JSON, Bearer tokens) over TLS: certificate chain and key.
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    #: Serve Consul's HTTP API (``consul_http``) over TLS with this certificate chain and key: it takes tokens.
+    consul_tls_cert: Path | None = None
+    consul_tls_key: Path | None = None
     #: DNS for services (A, AAAA, SRV) on UDP and TCP; None: off.
     dns: DnsSettings | None = None
     #: Faults for tests (registry.failpoints); a node with any on says so loudly at start and in its status.
@@ -286,6 +289,10 @@ class NodeConfig:
             raise InvalidArgument("--tls-cert and --tls-key go together")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):
             raise InvalidArgument("--http-tls-cert and --http-tls-key go together")
+        if (self.consul_tls_cert is None) != (self.consul_tls_key is None):
+            raise InvalidArgument("--consul-http-tls-cert and --consul-http-tls-key go together")
+        if self.consul_tls_cert is not None and not self.consul_http:
+            raise InvalidArgument("--consul-http-tls-cert needs --consul-http")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key")
         if self.log_format not in ("text", "json"):

@@ -96,7 +96,7 @@ class Node:
         await self._http.start(config.http_host, config.http_port, ssl_context=http_ssl_context(config))
         self._dns = await start_dns(config.dns, self.holder, self.dns_stats, acl=config.acl)
         if self.consul is not None:
-            await self.consul.start(config.consul_http)
+            await self.consul.start(config.consul_http, ssl_context=consul_ssl_context(config))
             log.info("node %s serving Consul's HTTP API on %s", config.node_id, ", ".join(config.consul_http_addrs))
         log.info(
             "node %s serving: api %s, raft %s, http %s, data %s",
@@ -377,11 +377,20 @@ def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
 
 def http_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
     """TLS for the HTTP endpoints when --http-tls-cert is given: they accept Bearer tokens."""
-    if config.http_tls_cert is None or config.http_tls_key is None:
+    return _serving_context(config.http_tls_cert, config.http_tls_key)
+
+
+def consul_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
+    """TLS for Consul's HTTP API when --consul-http-tls-cert is given: it accepts tokens too."""
+    return _serving_context(config.consul_tls_cert, config.consul_tls_key)
+
+
+def _serving_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None or key is None:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(config.http_tls_cert), str(config.http_tls_key))
+    ctx.load_cert_chain(str(cert), str(key))
     return ctx
 
 

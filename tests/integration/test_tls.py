@@ -170,3 +170,60 @@ def test_http_endpoints_serve_tls_with_their_own_certificate(tmp_path: Path) -> 
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_consul_http_api_serves_tls_with_its_own_certificate(tmp_path: Path) -> None:
+    # Issue #20, finding 6, for the Consul API: it takes tokens (X-Consul-Token, ?token=) and served plaintext only.
+    import consul
+    import requests
+
+    cert, key = make_cert(tmp_path, "consul")
+    api, raft, http, consul_port = free_ports(4)
+    with open(tmp_path / "node.log", "wb") as log:
+        proc = subprocess.Popen(
+            [regctl_executable(), "server", "--id", "t1", "--data-dir", str(tmp_path / "data"), "--raft",
+             f"127.0.0.1:{raft}", "--api", f"127.0.0.1:{api}", "--http", f"127.0.0.1:{http}", "--dev",
+             "--consul-http", f"127.0.0.1:{consul_port}",
+             "--consul-http-tls-cert", str(cert), "--consul-http-tls-key", str(key)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        # Consul's own client, told to trust the certificate: registers and reads back over TLS.
+        client = consul.Consul(host="127.0.0.1", port=consul_port, scheme="https", verify=str(cert))
+
+        def leader_known() -> bool:
+            try:
+                return bool(client.status.leader())
+            except (requests.RequestException, consul.ConsulException):
+                return False
+
+        wait_until(leader_known, 30, "the Consul API over TLS")
+        assert client.agent.service.register("web", service_id="web-1", address="10.0.0.1", port=80)
+        _index, nodes = client.catalog.service("web")
+        assert [n["ServiceID"] for n in nodes] == ["web-1"]
+        # A client that does not trust it refuses, and plaintext HTTP is not answered on that port.
+        untrusting = consul.Consul(host="127.0.0.1", port=consul_port, scheme="https", verify=True)
+        with pytest.raises(requests.exceptions.SSLError):
+            untrusting.status.leader()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{consul_port}/v1/status/leader", timeout=2).read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--consul-http-tls-cert", "c.pem"), "go together"),
+        (("--consul-http-tls-cert", "c.pem", "--consul-http-tls-key", "k.pem"), "needs --consul-http"),
+        (("--consul-http", "127.0.0.1:1", "--consul-http-tls-cert", "missing.pem", "--consul-http-tls-key",
+          "missing.key"), "cannot load TLS files (--consul-http-tls-cert/--consul-http-tls-key)"),
+    ],
+)
+def test_consul_tls_flags_are_checked_before_start(tmp_path: Path, flags: tuple[str, ...], message: str) -> None:
+    result = subprocess.run([regctl_executable(), "server", "--id", "n1", "--data-dir", str(tmp_path / "d"),
+                             "--raft", "127.0.0.1:1", "--dev", *flags], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert message in result.stderr

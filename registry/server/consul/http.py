@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -173,12 +174,13 @@ class ConsulHTTP:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
-        """Listen on each (host, port), bound to exactly that host."""
+    async def start(self, addresses: Sequence[tuple[str, int]], ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on each (host, port), bound to exactly that host; over TLS with ``ssl_context``."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         for host, port in addresses:
-            await web.TCPSite(self._runner, host, port, reuse_address=True, shutdown_timeout=SHUTDOWN_S).start()
+            await web.TCPSite(self._runner, host, port, reuse_address=True, shutdown_timeout=SHUTDOWN_S,
+                              ssl_context=ssl_context).start()
 
     @property
     def waiting(self) -> int:
