@@ -11,18 +11,16 @@ loopback), so the test's own client on 127.0.0.1 is another source.
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from registry.config import NodeConfig, parse_hostport
+from registry.config import NodeConfig
 from registry.protocol import PROTOCOL_VERSION, ClientConnection, Hello
-from tests.support.cluster import Cluster, NodeProc, closed_by_peer, wait_until
+from tests.support.cluster import Cluster, NodeProc, closed_by_peer, refusals, socket_from, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +29,11 @@ DEFAULTS = NodeConfig(node_id="n", data_dir=Path("."), raft_addr="127.0.0.1:1", 
 
 
 def refused(node: NodeProc, reason: str) -> float:
-    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf'^regctl_client_connections_refused_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return refusals(node, "regctl_client_connections_refused", reason)
 
 
 def attacker_socket(node: NodeProc) -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.2", 0))
-    sock.settimeout(5.0)
-    sock.connect(parse_hostport(node.api))
-    return sock
+    return socket_from(node.api)
 
 
 def test_a_connection_that_never_says_hello_is_closed(cluster: Cluster) -> None:

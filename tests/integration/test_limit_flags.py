@@ -9,12 +9,10 @@ value out of range is a usage error that names the flag.
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pytest
 from registry.config import parse_hostport
 from registry.protocol import PROTOCOL_VERSION, ClientConnection, Hello
 from tests.conftest import started_cluster
-from tests.support.cluster import Cluster, NodeProc, closed_by_peer, regctl_executable
+from tests.support.cluster import Cluster, closed_by_peer, refusals, regctl_executable, socket_from
 
 pytestmark = pytest.mark.integration
 
@@ -45,29 +43,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     yield from started_cluster(tmp_path_factory.mktemp("limit-flags"), request, extra_args=FLAGS)
 
 
-def counter(node: NodeProc, family: str, reason: str) -> float:
-    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf'^{family}_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
-def attacker(addr: str) -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.2", 0))
-    sock.settimeout(5.0)
-    sock.connect(parse_hostport(addr))
-    return sock
-
-
 def test_hello_timeout_flag(cluster: Cluster) -> None:
     node = cluster.nodes[0]
-    before = counter(node, "regctl_client_connections_refused", "hello_timeout")
-    with attacker(node.api) as sock:
+    before = refusals(node, "regctl_client_connections_refused", "hello_timeout")
+    with socket_from(node.api) as sock:
         started = time.monotonic()
         assert closed_by_peer(sock, DEFAULT_DEADLINE_S - 1.0), "closed only at the default hello deadline"
         assert time.monotonic() - started >= HELLO_TIMEOUT_S - 0.1
-    assert counter(node, "regctl_client_connections_refused", "hello_timeout") == before + 1
+    assert refusals(node, "regctl_client_connections_refused", "hello_timeout") == before + 1
 
 
 def test_per_source_flag(cluster: Cluster) -> None:
@@ -76,37 +59,37 @@ def test_per_source_flag(cluster: Cluster) -> None:
     held = []
     try:
         for _ in range(PER_SOURCE):
-            sock = attacker(node.api)
+            sock = socket_from(node.api)
             sock.sendall(hello)
             held.append(sock)
         for sock in held:
             assert not closed_by_peer(sock, 0.2), "a connection under the per-source cap was closed"
-        with attacker(node.api) as extra:
+        with socket_from(node.api) as extra:
             assert closed_by_peer(extra, 3.0), f"a connection past --max-client-connections-per-source {PER_SOURCE}"
     finally:
         for sock in held:
             sock.close()
-    assert counter(node, "regctl_client_connections_refused", "per_source") >= 1
+    assert refusals(node, "regctl_client_connections_refused", "per_source") >= 1
 
 
 def test_raft_handshake_timeout_flag(cluster: Cluster) -> None:
     node = cluster.nodes[2]
-    before = counter(node, "regctl_raft_wire_refused", "handshake_expired")
+    before = refusals(node, "regctl_raft_wire_refused", "handshake_expired")
     with socket.create_connection(parse_hostport(node.raft), timeout=5.0) as sock:
         started = time.monotonic()
         assert closed_by_peer(sock, DEFAULT_DEADLINE_S - 1.0), "closed only at the default handshake deadline"
         assert time.monotonic() - started >= HANDSHAKE_TIMEOUT_S - 0.1
-    assert counter(node, "regctl_raft_wire_refused", "handshake_expired") >= before + 1
+    assert refusals(node, "regctl_raft_wire_refused", "handshake_expired") >= before + 1
 
 
 def test_raft_handshake_bytes_flag(cluster: Cluster) -> None:
     node = cluster.nodes[0]
-    before = counter(node, "regctl_raft_wire_refused", "frame_too_large")
+    before = refusals(node, "regctl_raft_wire_refused", "frame_too_large")
     with socket.create_connection(parse_hostport(node.raft), timeout=5.0) as sock:
         # 600 bytes: under the default 4 KiB handshake cap, over the flag's 512.
         sock.sendall(struct.pack("i", 600))
         assert closed_by_peer(sock, 2.0 * HANDSHAKE_TIMEOUT_S + 1.0)
-    assert counter(node, "regctl_raft_wire_refused", "frame_too_large") == before + 1
+    assert refusals(node, "regctl_raft_wire_refused", "frame_too_large") == before + 1
     cluster.client().register("after", "i1", "127.0.0.1", 8080)  # the cluster's own Raft traffic still flows
 
 

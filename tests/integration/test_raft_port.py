@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import socket
 import struct
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from registry.config import parse_hostport
-from tests.support.cluster import Cluster, NodeProc, closed_by_peer, regctl_executable, wait_until
+from tests.support.cluster import Cluster, NodeProc, closed_by_peer, refusals, regctl_executable, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -126,10 +124,7 @@ def test_a_drip_that_never_authenticates_is_closed(cluster: Cluster) -> None:
 
 def refused(node: NodeProc, reason: str) -> float:
     """``regctl_raft_wire_refused_total{reason}`` on ``node``'s /metrics (0 before any)."""
-    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf'^regctl_raft_wire_refused_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return refusals(node, "regctl_raft_wire_refused", reason)
 
 
 def open_fds(pid: int) -> int:

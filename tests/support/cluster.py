@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,3 +275,22 @@ def closed_by_peer(sock: socket.socket, deadline_s: float) -> bool:
         except TimeoutError:
             return False
     return False
+
+
+def refusals(node: NodeProc, family: str, reason: str) -> float:
+    """``<family>_total{reason="..."}`` on ``node``'s /metrics: what a port's guards refused (0 before any)."""
+    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf'^{family}_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def socket_from(addr: str, source: str = "127.0.0.2") -> socket.socket:
+    """A TCP connection to ``addr`` from another loopback address (Linux routes all of 127/8 to lo), so an
+    attack's connections count as a source of their own, apart from the test's clients on 127.0.0.1."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(5.0)
+    host, _, port = addr.rpartition(":")
+    sock.connect((host, int(port)))
+    return sock
