@@ -67,6 +67,12 @@ CHAIN: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
+#: Stages a run may lack: without fsync (``--unsafe-no-fsync``) no fdatasync is called.  A missing one is
+#: left out of its write's line, and the stage after it counts its step from the last stage found.
+OPTIONAL = frozenset({"leader's fdatasync starts", "leader's fdatasync ends", "follower's fdatasync starts",
+                      "follower's fdatasync ends"})
+
+
 class Stages:
     """One node's records: stage -> sorted times (ns)."""
 
@@ -94,9 +100,11 @@ def line_up(send: int, receive: int, leader: Stages, followers: Sequence[Stages]
         at: dict[str, int] = {"client sends": send}
         for name, role, stage, after_name in CHAIN:
             node = leader if role == "L" else follower
-            after = at.get(after_name)
+            after = at.get(_found_before(after_name, at))
             found = None if after is None else node.first_after(stage, after, receive)
             if found is None:
+                if name in OPTIONAL:
+                    continue
                 break
             at[name] = found
         else:
@@ -106,6 +114,15 @@ def line_up(send: int, receive: int, leader: Stages, followers: Sequence[Stages]
     if best is None:
         return None
     return {name: t - send for name, t in best.items()}
+
+
+def _found_before(name: str, at: dict[str, int]) -> str:
+    """``name`` if it was found, else the nearest stage before it in the chain that was."""
+    names = ["client sends", *(n for n, *_ in CHAIN)]
+    i = names.index(name)
+    while names[i] not in at and i > 0:
+        i -= 1
+    return names[i]
 
 
 @dataclass
@@ -123,11 +140,12 @@ def summarize(windows: Sequence[tuple[int, int]], leader: Stages, followers: Seq
     follows["client receives"] = "answer written"
     stages: dict[str, tuple[float, float]] = {}
     for name in order:
-        if not lines:
-            break
-        offset = statistics.median(line[name] for line in lines)
+        having = [line for line in lines if name in line]
+        if not having:
+            continue
+        offset = statistics.median(line[name] for line in having)
         before = follows.get(name)
-        step = statistics.median(line[name] - line[before] for line in lines) if before else 0.0
+        step = statistics.median(line[name] - line[_found_before(before, line)] for line in having) if before else 0.0
         stages[name] = (offset, step)
     return Summary(len(windows), len(lines), stages)
 
@@ -140,7 +158,10 @@ def render(summary: Summary, title: str) -> str:
     follows = {name: after for name, _role, _stage, after in CHAIN}
     follows["client receives"] = "answer written"
     for name, (offset, step) in summary.stages.items():
-        out.append(f"| {name} | {offset / 1000:.0f} | {follows.get(name, '')} | {step / 1000:.0f} |")
+        before = follows.get(name, "")
+        if before:
+            before = _found_before(before, {n: 0 for n in summary.stages})
+        out.append(f"| {name} | {offset / 1000:.0f} | {before} | {step / 1000:.0f} |")
     return "\n".join(out)
 
 
