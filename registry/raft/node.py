@@ -743,6 +743,10 @@ class RaftNode:
     def term(self) -> int:
         return int(self._core.raftCurrentTerm)
 
+    def leader_known(self) -> bool:
+        """True if this node knows a leader (itself or a peer) in its current term."""
+        return self._core._getLeader() is not None
+
     def raft_status(self) -> RaftStatus:
         return self._core.raft_status()
 

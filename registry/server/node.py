@@ -282,6 +282,7 @@ def build_node(config: NodeConfig) -> Node:
         timeout_s=config.request_timeout_s,
         # The leader of the current term has announced itself (its leader_epoch applied here).
         ready=lambda: holder.state.epoch >= raft.term(),
+        leader_known=raft.leader_known,
     )
     info = NodeInfo(
         node_id=config.node_id,

@@ -26,8 +26,11 @@ applied here would land ahead of it, under the previous term's budget (or,
 on a new cluster, no budget), so writes are *held* while ``ready()`` is
 false and released, in arrival order, by ``applied()`` once it is true.  A
 held write that outlives its deadline fails with ``Unavailable``: it was
-never proposed.  Barriers and ``ungated`` commands (the announcement
-itself) are never held.
+never proposed.  While the node knows no leader at all (``leader_known()``
+false: an election, a partition) a write is refused at once with
+``Unavailable`` instead, as pysyncobj refuses it, so a client moves on to
+another node without waiting out its timeout.  Barriers and ``ungated``
+commands (the announcement itself) are never held.
 
 Timeouts.  A caller that waits longer than ``timeout_s`` gets ``Timeout``.
 Rather than one ``asyncio.wait_for`` per command (a timer, a wrapper future
@@ -102,6 +105,7 @@ class Proposer:
         pending_max: int,
         timeout_s: float,
         ready: Callable[[], bool] = lambda: True,
+        leader_known: Callable[[], bool] = lambda: True,
     ) -> None:
         self._submitter = submitter
         self._loop = loop
@@ -113,6 +117,7 @@ class Proposer:
         self._pending_max = pending_max
         self._timeout_s = timeout_s
         self._ready = ready
+        self._leader_known = leader_known
         self._pending: deque[_Waiter] = deque()
         #: Writes waiting for ``ready()``, in arrival order.
         self._held: deque[_Waiter] = deque()
@@ -176,6 +181,9 @@ class Proposer:
     def _add(self, command: dict[str, Any] | None, *, gated: bool = True) -> asyncio.Future[Any]:
         if self._closed:
             raise Timeout("node is shutting down")
+        gated = gated and command is not None
+        if gated and not self._held and not self._ready() and not self._leader_known():
+            raise Unavailable("no raft leader at the moment; nothing was written, retry")
         if len(self._pending) + len(self._held) >= self._pending_max:
             raise LimitExceeded(f"more than {self._pending_max} proposals pending on this node; retry later")
         loop = self._loop
@@ -184,11 +192,11 @@ class Proposer:
         self._waiting.append(waiter)
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(_SWEEP_S, self._sweep)
-        if command is not None and gated and not self._ready():
+        if gated and not self._ready():
             waiter.held = True
             self._held.append(waiter)
             return future
-        if self._held and command is not None and gated:
+        if self._held and gated:
             self._release()  # ready again: the held writes go first, in arrival order
         self._pending.append(waiter)
         self._schedule_flush()

@@ -53,10 +53,11 @@ async def settle(recorder: Recorder) -> None:
         recorder.commit()
 
 
-def make(recorder: Recorder, ready: Callable[[], bool], timeout_s: float = 5.0) -> Proposer:
+def make(recorder: Recorder, ready: Callable[[], bool], timeout_s: float = 5.0,
+         leader_known: Callable[[], bool] = lambda: True) -> Proposer:
     return Proposer(recorder, asyncio.get_running_loop(), NodeMetrics(), batch_commands_max=64,
                     batch_bytes_max=1 << 20, batch_inflight_max=1, pending_max=100, timeout_s=timeout_s,
-                    ready=ready)
+                    ready=ready, leader_known=leader_known)
 
 
 def test_writes_wait_for_the_announcement_and_keep_their_order() -> None:
@@ -122,3 +123,25 @@ def test_held_writes_count_toward_pending_max_and_fail_on_close() -> None:
         assert recorder.sent == []
 
     asyncio.run(run())
+
+
+def test_with_no_leader_known_a_write_is_refused_at_once_not_held() -> None:
+    # During an election or a partition there is no announcement to wait for: the client should
+    # move on to another node now, not after its timeout (as pysyncobj refused such writes before).
+    async def run() -> Recorder:
+        recorder = Recorder()
+        leader = [False]
+        proposer = make(recorder, lambda: False, leader_known=lambda: leader[0])
+        with pytest.raises(Unavailable, match="no raft leader"):
+            proposer.propose(put("k/0"), validated=True)
+        assert proposer.pending == 0
+        barrier = proposer.barrier_future()  # reads are not gated: they fail or succeed in Raft
+        leader[0] = True
+        held = proposer.propose(put("k/1"), validated=True)
+        await settle(recorder)
+        assert barrier.done() and not held.done() and proposer.pending == 1
+        proposer.close()
+        return recorder
+
+    recorder = asyncio.run(run())
+    assert recorder.ops() == ["barrier"]
