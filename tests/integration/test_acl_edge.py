@@ -9,26 +9,16 @@ caller's remembered answer.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import urllib.request
 from typing import Any
 
 import pytest
 
 from registry.client import Client
 from registry.errors import Conflict, LimitExceeded, RegistryError, Unauthenticated
-from tests.support.cluster import Cluster, NodeProc, acl_bootstrap
+from tests.support.cluster import Cluster, NodeProc, acl_bootstrap, metric
 
 pytestmark = pytest.mark.integration
-
-
-def metric(node: NodeProc, name: str) -> float:
-    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def commands_proposed(node: NodeProc) -> float:

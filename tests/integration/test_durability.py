@@ -8,10 +8,8 @@ flipped on disk by hand, a tmpfs fills up.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,20 +18,12 @@ import pytest
 from registry.client import SyncClient
 from registry.errors import RegistryError
 from registry.raft.log import scan_segment
-from tests.support.cluster import Cluster, NodeProc, wait_until
+from tests.support.cluster import Cluster, NodeProc, metric, wait_until
 
 pytestmark = pytest.mark.integration
 
 #: Exit status of a node whose Raft log cannot be written (registry.raft.node.EXIT_LOG_FAILED).
 EXIT_LOG_FAILED = 74
-
-
-def metric(node: NodeProc, name: str) -> float:
-    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def last_segment(node: NodeProc) -> Path:

@@ -8,8 +8,6 @@ LIMIT_EXCEEDED near 1 MiB, every node stays up, and deleting frees room.
 
 from __future__ import annotations
 
-import re
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 
 from registry.errors import LimitExceeded
 from tests.conftest import started_cluster
-from tests.support.cluster import Cluster, NodeProc
+from tests.support.cluster import Cluster, metric
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +25,6 @@ BUDGET = 1 << 20
 @pytest.fixture
 def small_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     yield from started_cluster(tmp_path, request, extra_args=("--max-state-bytes", str(BUDGET)))
-
-
-def gauge(node: NodeProc, name: str) -> float:
-    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_writes_stop_at_the_state_budget(small_cluster: Cluster) -> None:
@@ -49,7 +39,7 @@ def test_writes_stop_at_the_state_budget(small_cluster: Cluster) -> None:
     for node in c.nodes:
         assert node.proc is not None and node.proc.poll() is None
     leader = c.wait_leader()
-    assert 0 < gauge(leader, "regctl_state_bytes") <= BUDGET
-    assert gauge(leader, "regctl_state_bytes_max") == BUDGET
+    assert 0 < metric(leader, "regctl_state_bytes") <= BUDGET
+    assert metric(leader, "regctl_state_bytes_max") == BUDGET
     client.call("key_delete", {"key": "blob/0"})
     client.call("key_put", {"key": "blob/again", "value": "x" * 60_000})

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from registry.errors import RegistryError
 from registry.protocol import PROTOCOL_VERSION, FrameDecoder, Hello, Request, encode_frame
 from registry.protocol.messages import HelloOk, parse_server_message
 from tests.support.cluster import Cluster, NodeProc, regctl_executable, wait_until
+from tests.support.cluster import metric as shared_metric
 
 pytestmark = pytest.mark.integration
 
@@ -253,13 +253,7 @@ def wait_more_acks(writer: Writer, watch: WatchThread, count: int, deadline_s: f
 
 def metric(node: NodeProc, name: str, labels: str = "") -> float:
     """One sample of the node's /metrics (0 if absent)."""
-    with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    wanted = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.split()[-1])
-    return 0.0
+    return shared_metric(node, f"{name}{{{labels}}}" if labels else name, default=0.0)
 
 
 def rss_mb(node: NodeProc) -> float:

@@ -277,12 +277,23 @@ def closed_by_peer(sock: socket.socket, deadline_s: float) -> bool:
     return False
 
 
-def refusals(node: NodeProc, family: str, reason: str) -> float:
-    """``<family>_total{reason="..."}`` on ``node``'s /metrics: what a port's guards refused (0 before any)."""
+def metric(node: NodeProc, sample: str, default: float | None = None) -> float:
+    """One sample of ``node``'s /metrics by its full name, labels included (``name{a="b"}``).
+
+    Absent: ``default``, or a failed assertion without one.
+    """
     with urllib.request.urlopen(f"http://{node.http}/metrics", timeout=5) as response:
         text = response.read().decode()
-    match = re.search(rf'^{family}_total{{reason="{reason}"}} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    if match is None:
+        assert default is not None, f"{sample} not in /metrics"
+        return default
+    return float(match.group(1))
+
+
+def refusals(node: NodeProc, family: str, reason: str) -> float:
+    """``<family>_total{reason="..."}`` on ``node``'s /metrics: what a port's guards refused (0 before any)."""
+    return metric(node, f'{family}_total{{reason="{reason}"}}', default=0.0)
 
 
 def socket_from(addr: str, source: str = "127.0.0.2") -> socket.socket:
