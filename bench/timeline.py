@@ -116,13 +116,16 @@ def line_up(send: int, receive: int, leader: Stages, followers: Sequence[Stages]
     return {name: t - send for name, t in best.items()}
 
 
+#: Every stage of a line in chain order.
+_NAMES = ("client sends", *(n for n, *_ in CHAIN))
+
+
 def _found_before(name: str, at: dict[str, int]) -> str:
     """``name`` if it was found, else the nearest stage before it in the chain that was."""
-    names = ["client sends", *(n for n, *_ in CHAIN)]
-    i = names.index(name)
-    while names[i] not in at and i > 0:
+    i = _NAMES.index(name)
+    while _NAMES[i] not in at and i > 0:
         i -= 1
-    return names[i]
+    return _NAMES[i]
 
 
 @dataclass

@@ -182,7 +182,8 @@ class Proposer:
         if self._closed:
             raise Timeout("node is shutting down")
         gated = gated and command is not None
-        if gated and not self._held and not self._ready() and not self._leader_known():
+        hold = gated and not self._ready()
+        if hold and not self._held and not self._leader_known():
             raise Unavailable("no raft leader at the moment; nothing was written, retry")
         if len(self._pending) + len(self._held) >= self._pending_max:
             raise LimitExceeded(f"more than {self._pending_max} proposals pending on this node; retry later")
@@ -192,7 +193,7 @@ class Proposer:
         self._waiting.append(waiter)
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(_SWEEP_S, self._sweep)
-        if gated and not self._ready():
+        if hold:
             waiter.held = True
             self._held.append(waiter)
             return future
